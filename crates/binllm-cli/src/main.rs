@@ -1,1 +1,39 @@
-fn main() {}
+//! `binllm`: turn a pretrained LLM into a true 1-bit LLM, evaluate it, export it, run it.
+
+mod inspect;
+#[cfg(feature = "torch")]
+mod generate;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "binllm", version, about = "Pretrained LLM -> true 1-bit LLM: convert, evaluate, export, run.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's architecture, parameter counts by group, tensor types and tokenizer.
+    Inspect(inspect::Args),
+    /// Generate text from a full-precision model on libtorch (CPU or CUDA), streaming tokens.
+    #[cfg(feature = "torch")]
+    Generate(generate::Args),
+}
+
+fn main() {
+    #[cfg(feature = "torch")]
+    binllm_train::load_cuda_backend();
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+        #[cfg(feature = "torch")]
+        Command::Generate(args) => generate::run(args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,287 @@
+//! The block linear layer every q/k/v/o/gate/up/down projection uses, and the weight forms
+//! it can take: the full-precision weight, the Stage-1 binarized form, the paper's
+//! progressive form, the final sign form, and the baselines (STE, ternary, OneBit).
+//!
+//! All forms compute one effective weight `[out, in]` and then a plain `x @ W^T (+ b)`:
+//! the Stage-1 input scale `s` multiplies the weight's columns rather than the activations,
+//! which is the same function (`Q(W/s) @ (s*x) = (Q(W/s) diag(s)) @ x`) at a fraction of the
+//! memory traffic during training.
+
+use tch::{Kind, Tensor};
+
+/// `F(x, t) = tanh(t x) / tanh(t)`: the identity as t -> 0, sign(x) as t -> inf.
+/// Written with ordinary differentiable ops, so autograd gives the exact derivative
+/// `t (1 - tanh(t x)^2) / tanh(t)` (no straight-through estimator).
+pub fn progressive_sign(x: &Tensor, t: f64) -> Tensor {
+    if t <= 1e-6 {
+        // tanh(t x)/tanh(t) -> x; dividing two vanishing numbers would only add rounding.
+        return x.shallow_clone();
+    }
+    // tanh saturates to exactly +-1 for large t: no overflow, no NaN.
+    (x * t).tanh() / t.tanh()
+}
+
+/// sign with sign(0) = +1, so every weight is exactly +-1.
+pub fn sign_pm1(x: &Tensor) -> Tensor {
+    x.ge(0.0).to_kind(x.kind()) * 2.0 - 1.0
+}
+
+/// Forward sign(x), backward the clipped straight-through estimator (gradient 1 where
+/// |x| <= 1, else 0).
+pub fn ste_sign(x: &Tensor) -> Tensor {
+    let clipped = x.clamp(-1.0, 1.0);
+    &clipped + (sign_pm1(x) - &clipped).detach()
+}
+
+/// Per-row mean of |W|: the analytical scale S_a.
+pub fn row_abs_mean(w: &Tensor) -> Tensor {
+    w.abs().mean_dim(&[-1i64][..], true, w.kind())
+}
+
+/// How a block linear turns its parameters into the weight it multiplies by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WeightForm {
+    /// The latent weight as it is, `W~ diag(s)`: the full-precision function.
+    Full,
+    /// Stage 1 (binary-aware initialisation): `Q(W/s) diag(s)` with `Q(V) = mean|V| sign(V)`,
+    /// the gradient reaching `s` through `surrogate`.
+    Stage1 { surrogate: Stage1Surrogate },
+    /// The paper's Stage-2 form: `S_l S_a F(W~/S_a, t) diag(s)`.
+    Progressive { t: f64 },
+    /// The exported form: `(S_l S_a) sign(W~) diag(s)`.
+    Sign,
+    /// Baseline: the sign form in the forward pass, clipped straight-through backward.
+    Ste,
+    /// Baseline: BitNet b1.58 absmean ternary weights with a straight-through estimator.
+    Ternary,
+    /// Baseline: OneBit's `diag(a) sign(W~) diag(b)`, straight-through through the sign.
+    OneBit,
+}
+
+/// How Stage 1 lets the gradient through `sign`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Stage1Surrogate {
+    /// Straight-through, clipped to |V / S_a| <= 1 (our default).
+    ClippedSte,
+    /// The progressive function F with a large t (its exact gradient).
+    Progressive { t: f64 },
+}
+
+/// Which per-row scales the binary forms use (an ablation switch of the paper).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleMode {
+    /// S_l (learned, init 1) times S_a (recomputed from W~ every forward): the paper's.
+    Dual,
+    /// S_a only; S_l stays 1 and is not trained.
+    Analytical,
+    /// One learned scale per row: S_l times S_a frozen at its initial value.
+    Learnable,
+}
+
+/// A named parameter tensor. Names follow the Hugging Face layout (`...q_proj.weight`) with
+/// binllm's additions (`...q_proj.row_scale`, `...q_proj.input_scale`).
+#[derive(Debug)]
+pub struct Param {
+    pub name: String,
+    pub tensor: Tensor,
+}
+
+impl Param {
+    pub fn new(name: String, tensor: Tensor) -> Self {
+        Param { name, tensor }
+    }
+
+    fn share(&self) -> Param {
+        Param::new(self.name.clone(), self.tensor.shallow_clone())
+    }
+}
+
+/// One block linear: the latent weight `W~` (`[out, in]`), its optional bias, and the
+/// vectors the binary forms add.
+#[derive(Debug)]
+pub struct BlockLinear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    /// Stage-1 input scale `s` (`[in]`); possibly shared with sibling linears (q/k/v,
+    /// gate/up) so it can fold into the preceding RMSNorm at export.
+    pub input_scale: Option<Param>,
+    /// Learned row scale S_l (`[out, 1]`), or OneBit's output vector `a`.
+    pub row_scale: Option<Param>,
+    /// S_a frozen at initialisation ([`ScaleMode::Learnable`]), `[out, 1]`.
+    pub frozen_abs_mean: Option<Tensor>,
+    /// OneBit's input vector `b` (`[in]`).
+    pub column_scale: Option<Param>,
+    pub detach_abs_mean: bool,
+}
+
+impl BlockLinear {
+    pub fn new(weight: Param, bias: Option<Param>) -> Self {
+        BlockLinear {
+            weight,
+            bias,
+            input_scale: None,
+            row_scale: None,
+            frozen_abs_mean: None,
+            column_scale: None,
+            detach_abs_mean: false,
+        }
+    }
+
+    pub fn out_features(&self) -> i64 {
+        self.weight.tensor.size()[0]
+    }
+
+    pub fn in_features(&self) -> i64 {
+        self.weight.tensor.size()[1]
+    }
+
+    /// S_a as the current scale mode defines it.
+    fn analytical_scale(&self, latent: &Tensor) -> Tensor {
+        match &self.frozen_abs_mean {
+            Some(frozen) => frozen.shallow_clone(),
+            None if self.detach_abs_mean => row_abs_mean(latent).detach(),
+            None => row_abs_mean(latent),
+        }
+    }
+
+    /// S_l S_a: the per-row scale of the binary forms.
+    fn binary_row_scale(&self, latent: &Tensor) -> Tensor {
+        let sa = self.analytical_scale(latent);
+        match &self.row_scale {
+            Some(sl) => &sl.tensor * sa,
+            None => sa,
+        }
+    }
+
+    /// The weight this layer multiplies by under `form`.
+    pub fn effective_weight(&self, form: WeightForm) -> Tensor {
+        let latent = &self.weight.tensor;
+        let weight = match form {
+            WeightForm::Full => latent.shallow_clone(),
+            WeightForm::Stage1 { surrogate } => {
+                // Stage 1 keeps W fixed and learns s: V = W / s, binarized, then * s below.
+                let v = match &self.input_scale {
+                    Some(s) => latent / &s.tensor,
+                    None => latent.shallow_clone(),
+                };
+                let sa = row_abs_mean(&v);
+                let unit = &v / &sa;
+                let signs = match surrogate {
+                    Stage1Surrogate::ClippedSte => ste_sign(&unit),
+                    Stage1Surrogate::Progressive { t } => progressive_sign(&unit, t),
+                };
+                sa * signs
+            }
+            WeightForm::Progressive { t } => {
+                let sa = self.analytical_scale(latent);
+                let scale = match &self.row_scale {
+                    Some(sl) => &sl.tensor * &sa,
+                    None => sa.shallow_clone(),
+                };
+                scale * progressive_sign(&(latent / &sa), t)
+            }
+            WeightForm::Sign => self.binary_row_scale(latent) * sign_pm1(latent),
+            WeightForm::Ste => {
+                let sa = self.analytical_scale(latent);
+                let scale = match &self.row_scale {
+                    Some(sl) => &sl.tensor * &sa,
+                    None => sa.shallow_clone(),
+                };
+                scale * ste_sign(&(latent / &sa))
+            }
+            WeightForm::Ternary => {
+                // BitNet b1.58: one absmean scale per matrix, round-clip to {-1, 0, 1}.
+                let gamma = latent.abs().mean(latent.kind()) + 1e-8;
+                let ternary = (latent / &gamma).round().clamp(-1.0, 1.0) * &gamma;
+                latent + (ternary - latent).detach()
+            }
+            WeightForm::OneBit => {
+                let a = &self.row_scale.as_ref().expect("OneBit needs its row vector").tensor;
+                let b = &self.column_scale.as_ref().expect("OneBit needs its column vector").tensor;
+                let sa = row_abs_mean(latent).detach();
+                a * ste_sign(&(latent / sa)) * b.unsqueeze(0)
+            }
+        };
+        match (&self.input_scale, form) {
+            (Some(s), _) => weight * s.tensor.unsqueeze(0),
+            (None, _) => weight,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, form: WeightForm) -> Tensor {
+        let w = self.effective_weight(form);
+        x.linear(&w, self.bias.as_ref().map(|b| &b.tensor))
+    }
+
+    /// Relative Frobenius error of the Stage-1 binarized weight against the full one.
+    pub fn binary_reconstruction_error(&self, surrogate: Stage1Surrogate) -> f64 {
+        tch::no_grad(|| {
+            let full = self.effective_weight(WeightForm::Full);
+            let binary = self.effective_weight(WeightForm::Stage1 { surrogate });
+            let err = (&binary - &full).norm().double_value(&[]);
+            err / full.norm().double_value(&[]).max(1e-30)
+        })
+    }
+
+    /// All parameters of this layer, in a fixed order (shared input scales included: the
+    /// caller de-duplicates by name).
+    pub fn params(&self) -> Vec<&Param> {
+        [Some(&self.weight), self.bias.as_ref(), self.input_scale.as_ref(), self.row_scale.as_ref(), self.column_scale.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        [Some(&mut self.weight), self.bias.as_mut(), self.input_scale.as_mut(), self.row_scale.as_mut(), self.column_scale.as_mut()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Adds the Stage-1 input scale (ones), shared through `shared` when given.
+    pub fn attach_input_scale(&mut self, shared: Option<&Param>, name: String) {
+        self.input_scale = Some(match shared {
+            Some(p) => p.share(),
+            None => Param::new(name, Tensor::ones([self.in_features()], (Kind::Float, self.weight.tensor.device()))),
+        });
+    }
+
+    /// Adds S_l (ones) and, for [`ScaleMode::Learnable`], freezes S_a at its current value.
+    pub fn attach_row_scale(&mut self, mode: ScaleMode, detach_abs_mean: bool) {
+        let device = self.weight.tensor.device();
+        self.detach_abs_mean = detach_abs_mean;
+        if mode == ScaleMode::Learnable {
+            self.frozen_abs_mean = Some(tch::no_grad(|| row_abs_mean(&self.weight.tensor)));
+        }
+        if mode != ScaleMode::Analytical {
+            let name = self.weight.name.replace(".weight", ".row_scale");
+            self.row_scale = Some(Param::new(name, Tensor::ones([self.out_features(), 1], (Kind::Float, device))));
+        }
+    }
+
+    /// OneBit's initialisation: `|W| ~ a b^T` (rank one, by power iteration on |W|, whose
+    /// leading singular vectors are non-negative), so `W ~ diag(a) sign(W) diag(b)`.
+    pub fn attach_onebit_vectors(&mut self) {
+        let (a, b) = tch::no_grad(|| {
+            let abs = self.weight.tensor.abs().to_kind(Kind::Double);
+            let mut v = Tensor::ones([self.in_features()], (Kind::Double, abs.device()));
+            v = &v / v.norm();
+            let mut u = abs.mv(&v);
+            for _ in 0..50 {
+                u = abs.mv(&v);
+                u = &u / u.norm();
+                v = abs.tr().mv(&u);
+                v = &v / v.norm();
+            }
+            let sigma = u.dot(&abs.mv(&v));
+            let root = sigma.sqrt();
+            ((&u * &root).unsqueeze(1).to_kind(Kind::Float), (&v * &root).to_kind(Kind::Float))
+        });
+        let row = self.weight.name.replace(".weight", ".row_scale");
+        let col = self.weight.name.replace(".weight", ".column_scale");
+        self.row_scale = Some(Param::new(row, a));
+        self.column_scale = Some(Param::new(col, b));
+    }
+}

@@ -1,0 +1,314 @@
+//! The LLaMA-family decoder on libtorch, readable top to bottom: embedding, then per layer
+//! RMSNorm -> attention (RoPE, GQA, optional q/k norm and q/k/v bias) -> residual,
+//! RMSNorm -> SwiGLU MLP -> residual; final RMSNorm and the LM head.
+//!
+//! One code path for CPU and CUDA, fp32 and bf16. The block linears are
+//! [`BlockLinear`]s, so the same model runs full precision, any binary training form, or
+//! the final sign form, chosen by [`Llama::form`].
+
+use anyhow::{Context, Result};
+use binllm_format::names::{self, BlockLinear as Which};
+use binllm_format::{HostTensor, ModelConfig, PretrainedModel, TensorData};
+use tch::{Device, Kind, Tensor};
+
+use crate::linear::{BlockLinear, Param, WeightForm};
+
+pub struct Block {
+    pub attn_norm: Param,
+    pub q: BlockLinear,
+    pub k: BlockLinear,
+    pub v: BlockLinear,
+    pub o: BlockLinear,
+    pub q_norm: Option<Param>,
+    pub k_norm: Option<Param>,
+    pub mlp_norm: Param,
+    pub gate: BlockLinear,
+    pub up: BlockLinear,
+    pub down: BlockLinear,
+}
+
+impl Block {
+    pub fn linear(&self, which: Which) -> &BlockLinear {
+        match which {
+            Which::Q => &self.q,
+            Which::K => &self.k,
+            Which::V => &self.v,
+            Which::O => &self.o,
+            Which::Gate => &self.gate,
+            Which::Up => &self.up,
+            Which::Down => &self.down,
+        }
+    }
+
+    pub fn linear_mut(&mut self, which: Which) -> &mut BlockLinear {
+        match which {
+            Which::Q => &mut self.q,
+            Which::K => &mut self.k,
+            Which::V => &mut self.v,
+            Which::O => &mut self.o,
+            Which::Gate => &mut self.gate,
+            Which::Up => &mut self.up,
+            Which::Down => &mut self.down,
+        }
+    }
+}
+
+/// Keys and values of every layer for the positions seen so far.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: (0..num_layers).map(|_| None).collect(),
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> i64 {
+        self.layers[0].as_ref().map_or(0, |(k, _)| k.size()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Llama {
+    pub config: ModelConfig,
+    pub embed: Param,
+    pub layers: Vec<Block>,
+    pub final_norm: Param,
+    /// None when the head is tied to the embedding.
+    pub lm_head: Option<Param>,
+    /// The weight form every block linear uses in the forward pass.
+    pub form: WeightForm,
+    inv_freq: Tensor,
+}
+
+/// `x / sqrt(mean(x^2) + eps) * weight`, computed in f32 as transformers does.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let kind = x.kind();
+    let x32 = x.to_kind(Kind::Float);
+    let variance = x32.pow_tensor_scalar(2).mean_dim(&[-1i64][..], true, Kind::Float);
+    let normed = x32 * (variance + eps).rsqrt();
+    weight * normed.to_kind(kind)
+}
+
+/// Rotary embedding in the rotate-half layout: pairs (i, i + head_dim/2).
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let rotated = Tensor::cat(&[-x2, x1], 3);
+    x * cos + rotated * sin
+}
+
+pub fn host_to_tensor(t: &HostTensor, device: Device, kind: Kind) -> Tensor {
+    let src_kind = match t.data {
+        TensorData::F32(_) => Kind::Float,
+        TensorData::F16(_) => Kind::Half,
+        TensorData::BF16(_) => Kind::BFloat16,
+    };
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    Tensor::from_data_size(t.as_bytes(), &shape, src_kind)
+        .to_device(device)
+        .to_kind(kind)
+}
+
+impl Llama {
+    /// Builds the model from a loaded pretrained description, on `device`, with parameters
+    /// of type `kind` (Float for training masters and exact checks, BFloat16 for inference).
+    pub fn from_pretrained(model: &PretrainedModel, device: Device, kind: Kind) -> Result<Self> {
+        let config = model.config.clone();
+        let param = |name: &str| -> Result<Param> {
+            let host = model
+                .tensors
+                .get(name)
+                .with_context(|| format!("{}: tensor '{name}' missing", model.path.display()))?;
+            Ok(Param::new(name.to_string(), host_to_tensor(host, device, kind)))
+        };
+        let linear = |layer: usize, which: Which| -> Result<BlockLinear> {
+            let weight = param(&names::linear_weight(layer, which))?;
+            let bias = if which.has_bias(&config) {
+                Some(param(&names::linear_bias(layer, which))?)
+            } else {
+                None
+            };
+            Ok(BlockLinear::new(weight, bias))
+        };
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for layer in 0..config.num_layers {
+            layers.push(Block {
+                attn_norm: param(&names::attn_norm(layer))?,
+                q: linear(layer, Which::Q)?,
+                k: linear(layer, Which::K)?,
+                v: linear(layer, Which::V)?,
+                o: linear(layer, Which::O)?,
+                q_norm: config.qk_norm.then(|| param(&names::q_norm(layer))).transpose()?,
+                k_norm: config.qk_norm.then(|| param(&names::k_norm(layer))).transpose()?,
+                mlp_norm: param(&names::mlp_norm(layer))?,
+                gate: linear(layer, Which::Gate)?,
+                up: linear(layer, Which::Up)?,
+                down: linear(layer, Which::Down)?,
+            });
+        }
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(param(names::LM_HEAD)?)
+        };
+        let inv_freq: Vec<f32> = config.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        Ok(Llama {
+            embed: param(names::EMBED)?,
+            final_norm: param(names::FINAL_NORM)?,
+            lm_head,
+            layers,
+            form: WeightForm::Full,
+            inv_freq: Tensor::from_slice(&inv_freq).to_device(device),
+            config,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed.tensor.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.embed.tensor.kind()
+    }
+
+    /// cos and sin tables `[1, 1, len, head_dim]` for positions `start..start+len`,
+    /// computed in f32 like transformers' rotary embedding.
+    fn rope_tables(&self, start: i64, len: i64, kind: Kind) -> (Tensor, Tensor) {
+        let positions = Tensor::arange_start(start, start + len, (Kind::Float, self.device()));
+        let freqs = positions.unsqueeze(1) * self.inv_freq.unsqueeze(0);
+        let angles = Tensor::cat(&[&freqs, &freqs], 1).view([1, 1, len, -1]);
+        (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+    }
+
+    fn attention(&self, block: &Block, x: &Tensor, rope: &(Tensor, Tensor), cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
+        let c = &self.config;
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (heads, kv_heads, head_dim) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
+        let mut q = block.q.forward(x, self.form).view([b, t, heads, head_dim]);
+        let mut k = block.k.forward(x, self.form).view([b, t, kv_heads, head_dim]);
+        let v = block.v.forward(x, self.form).view([b, t, kv_heads, head_dim]).transpose(1, 2);
+        if let (Some(qn), Some(kn)) = (&block.q_norm, &block.k_norm) {
+            q = rms_norm(&q, &qn.tensor, c.rms_norm_eps);
+            k = rms_norm(&k, &kn.tensor, c.rms_norm_eps);
+        }
+        let q = apply_rope(&q.transpose(1, 2), &rope.0, &rope.1);
+        let k = apply_rope(&k.transpose(1, 2), &rope.0, &rope.1);
+        let (past, k, v) = match cache {
+            Some(slot) => {
+                let past = slot.as_ref().map_or(0, |(pk, _)| pk.size()[2]);
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some((k.shallow_clone(), v.shallow_clone()));
+                (past, k, v)
+            }
+            None => (0, k, v),
+        };
+        // Causal attention. With cached keys, one new query sees everything; several new
+        // queries need an explicit mask (query i sees keys up to past + i).
+        let (mask, is_causal) = if past == 0 {
+            (None, t > 1)
+        } else if t == 1 {
+            (None, false)
+        } else {
+            let rows = Tensor::arange(t, (Kind::Int64, x.device())).unsqueeze(1) + past;
+            let cols = Tensor::arange(past + t, (Kind::Int64, x.device())).unsqueeze(0);
+            (Some(cols.le_tensor(&rows)), false)
+        };
+        let attn = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, None, kv_heads != heads);
+        let attn = attn.transpose(1, 2).reshape([b, t, heads * head_dim]);
+        block.o.forward(&attn, self.form)
+    }
+
+    fn mlp(&self, block: &Block, x: &Tensor) -> Tensor {
+        let gate = block.gate.forward(x, self.form).silu();
+        let up = block.up.forward(x, self.form);
+        block.down.forward(&(gate * up), self.form)
+    }
+
+    /// Hidden states after the final norm, `[batch, len, hidden]`. With a cache, `tokens`
+    /// continue the cached positions and are appended to the cache.
+    pub fn forward_hidden(&self, tokens: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
+        let t = tokens.size()[1];
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let mut h = Tensor::embedding(&self.embed.tensor, tokens, -1, false, false);
+        let rope = self.rope_tables(start, t, h.kind());
+        let eps = self.config.rms_norm_eps;
+        for (i, block) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            h = &h + self.attention(block, &rms_norm(&h, &block.attn_norm.tensor, eps), &rope, slot);
+            h = &h + self.mlp(block, &rms_norm(&h, &block.mlp_norm.tensor, eps));
+        }
+        rms_norm(&h, &self.final_norm.tensor, eps)
+    }
+
+    /// LM head: `[.., hidden]` -> `[.., vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        hidden.linear::<Tensor>(&head.tensor, None)
+    }
+
+    /// Logits for every position, `[batch, len, vocab]`.
+    pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        self.logits(&self.forward_hidden(tokens, cache))
+    }
+
+    /// Every parameter once, in a fixed order (shared tensors by their first name).
+    pub fn params(&self) -> Vec<&Param> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = vec![&self.embed];
+        for block in &self.layers {
+            out.push(&block.attn_norm);
+            out.extend(block.q_norm.iter());
+            out.extend(block.k_norm.iter());
+            out.push(&block.mlp_norm);
+            for which in Which::ALL {
+                out.extend(block.linear(which).params());
+            }
+        }
+        out.push(&self.final_norm);
+        out.extend(self.lm_head.iter());
+        out.retain(|p| seen.insert(p.name.clone()));
+        out
+    }
+
+    /// Every parameter slot, shared tensors once per holder (see [`Llama::map_params`]).
+    fn param_slots_mut(&mut self) -> Vec<&mut Param> {
+        let mut out = vec![&mut self.embed, &mut self.final_norm];
+        out.extend(self.lm_head.iter_mut());
+        for block in &mut self.layers {
+            out.push(&mut block.attn_norm);
+            out.push(&mut block.mlp_norm);
+            out.extend(block.q_norm.iter_mut());
+            out.extend(block.k_norm.iter_mut());
+            for linear in [&mut block.q, &mut block.k, &mut block.v, &mut block.o, &mut block.gate, &mut block.up, &mut block.down] {
+                out.extend(linear.params_mut());
+            }
+        }
+        out
+    }
+
+    /// Replaces every parameter by `f(parameter)`, once per name, so tensors shared between
+    /// layers (tied Stage-1 input scales) stay shared.
+    pub fn map_params(&mut self, f: impl Fn(&Tensor) -> Tensor) {
+        let mut mapped: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
+        for slot in self.param_slots_mut() {
+            let new = mapped.entry(slot.name.clone()).or_insert_with(|| f(&slot.tensor));
+            slot.tensor = new.shallow_clone();
+        }
+    }
+
+    /// Moves every parameter to `kind` (e.g. bf16 for inference), without gradients.
+    pub fn to_kind(&mut self, kind: Kind) {
+        self.map_params(|t| t.detach().to_kind(kind));
+    }
+}
