@@ -15,6 +15,8 @@ pub mod hf;
 pub mod llama2c;
 pub mod model;
 pub mod names;
+#[doc(hidden)]
+pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;
 
