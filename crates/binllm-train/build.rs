@@ -3,8 +3,12 @@
 //! and the CLI find it without LD_LIBRARY_PATH.
 
 fn main() {
-    let lib_dir = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports its libtorch lib dir");
-    let root = std::path::Path::new(&lib_dir).parent().expect("libtorch root").to_path_buf();
+    let lib_dir =
+        std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports its libtorch lib dir");
+    let root = std::path::Path::new(&lib_dir)
+        .parent()
+        .expect("libtorch root")
+        .to_path_buf();
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     cc::Build::new()
         .cpp(true)

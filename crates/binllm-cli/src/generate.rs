@@ -61,7 +61,12 @@ pub fn run(args: Args) -> Result<()> {
         None => tch::Kind::Float,
         Some(other) => anyhow::bail!("unknown --dtype '{other}' (expected f32 or bf16)"),
     };
-    let pretrained = PretrainedModel::load(&args.model, &LoadOptions { tokenizer: args.tokenizer.clone() })?;
+    let pretrained = PretrainedModel::load(
+        &args.model,
+        &LoadOptions {
+            tokenizer: args.tokenizer.clone(),
+        },
+    )?;
     let tokenizer = pretrained.tokenizer()?;
     let text = if args.chat {
         let mut messages = Vec::new();

@@ -53,12 +53,17 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "rope           theta {}{}",
         c.rope_theta,
-        c.rope_scaling.map_or(String::new(), |s| format!(", llama3 scaling x{}", s.factor))
+        c.rope_scaling
+            .map_or(String::new(), |s| format!(", llama3 scaling x{}", s.factor))
     );
     println!("norm eps       {:e}", c.rms_norm_eps);
     println!(
         "head           {}",
-        if c.tie_word_embeddings { "tied to the embedding" } else { "separate" }
+        if c.tie_word_embeddings {
+            "tied to the embedding"
+        } else {
+            "separate"
+        }
     );
     if c.attention_bias {
         println!("attention      q/k/v bias");
@@ -68,9 +73,17 @@ pub fn run(args: Args) -> Result<()> {
     }
     println!("parameters     {total} ({:.1} M)", total as f64 / 1e6);
     for (group, n) in &counts {
-        println!("  {:<13}{n:>12}  {:5.1} %", group.label(), 100.0 * *n as f64 / total as f64);
+        println!(
+            "  {:<13}{n:>12}  {:5.1} %",
+            group.label(),
+            100.0 * *n as f64 / total as f64
+        );
     }
-    let types: Vec<String> = model.stored_types().iter().map(|(t, n)| format!("{n} {t}")).collect();
+    let types: Vec<String> = model
+        .stored_types()
+        .iter()
+        .map(|(t, n)| format!("{n} {t}"))
+        .collect();
     println!("tensor types   {}", types.join(", "));
     match &model.tokenizer {
         Some(t) => println!(
@@ -82,7 +95,14 @@ pub fn run(args: Args) -> Result<()> {
         ),
         None => println!("tokenizer      none found"),
     }
-    println!("chat template  {}", if model.chat_template.is_some() { "yes" } else { "no" });
+    println!(
+        "chat template  {}",
+        if model.chat_template.is_some() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
     for note in &model.notes {
         println!("note           {note}");
     }

@@ -1,14 +1,18 @@
 //! `binllm`: turn a pretrained LLM into a true 1-bit LLM, evaluate it, export it, run it.
 
-mod inspect;
 #[cfg(feature = "torch")]
 mod generate;
+mod inspect;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "binllm", version, about = "Pretrained LLM -> true 1-bit LLM: convert, evaluate, export, run.")]
+#[command(
+    name = "binllm",
+    version,
+    about = "Pretrained LLM -> true 1-bit LLM: convert, evaluate, export, run."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

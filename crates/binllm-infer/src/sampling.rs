@@ -52,7 +52,11 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             for &id in history {
                 if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }

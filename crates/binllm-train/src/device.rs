@@ -35,7 +35,10 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             bail!("device '{spec}' requested but libtorch sees no CUDA device (is libtorch_cuda.so on LD_LIBRARY_PATH?)");
         }
         if i >= tch::Cuda::device_count() as usize {
-            bail!("device '{spec}' requested but only {} CUDA devices exist", tch::Cuda::device_count());
+            bail!(
+                "device '{spec}' requested but only {} CUDA devices exist",
+                tch::Cuda::device_count()
+            );
         }
     }
     Ok(device)

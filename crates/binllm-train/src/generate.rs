@@ -37,7 +37,11 @@ impl GenerationStats {
 }
 
 fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
-    let last = logits.select(1, -1).squeeze_dim(0).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+    let last = logits
+        .select(1, -1)
+        .squeeze_dim(0)
+        .to_kind(Kind::Float)
+        .to_device(tch::Device::Cpu);
     Ok(Vec::<f32>::try_from(&last)?)
 }
 

@@ -197,8 +197,16 @@ impl BlockLinear {
                 latent + (ternary - latent).detach()
             }
             WeightForm::OneBit => {
-                let a = &self.row_scale.as_ref().expect("OneBit needs its row vector").tensor;
-                let b = &self.column_scale.as_ref().expect("OneBit needs its column vector").tensor;
+                let a = &self
+                    .row_scale
+                    .as_ref()
+                    .expect("OneBit needs its row vector")
+                    .tensor;
+                let b = &self
+                    .column_scale
+                    .as_ref()
+                    .expect("OneBit needs its column vector")
+                    .tensor;
                 let sa = row_abs_mean(latent).detach();
                 a * ste_sign(&(latent / sa)) * b.unsqueeze(0)
             }
@@ -227,24 +235,42 @@ impl BlockLinear {
     /// All parameters of this layer, in a fixed order (shared input scales included: the
     /// caller de-duplicates by name).
     pub fn params(&self) -> Vec<&Param> {
-        [Some(&self.weight), self.bias.as_ref(), self.input_scale.as_ref(), self.row_scale.as_ref(), self.column_scale.as_ref()]
-            .into_iter()
-            .flatten()
-            .collect()
+        [
+            Some(&self.weight),
+            self.bias.as_ref(),
+            self.input_scale.as_ref(),
+            self.row_scale.as_ref(),
+            self.column_scale.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     pub fn params_mut(&mut self) -> Vec<&mut Param> {
-        [Some(&mut self.weight), self.bias.as_mut(), self.input_scale.as_mut(), self.row_scale.as_mut(), self.column_scale.as_mut()]
-            .into_iter()
-            .flatten()
-            .collect()
+        [
+            Some(&mut self.weight),
+            self.bias.as_mut(),
+            self.input_scale.as_mut(),
+            self.row_scale.as_mut(),
+            self.column_scale.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// Adds the Stage-1 input scale (ones), shared through `shared` when given.
     pub fn attach_input_scale(&mut self, shared: Option<&Param>, name: String) {
         self.input_scale = Some(match shared {
             Some(p) => p.share(),
-            None => Param::new(name, Tensor::ones([self.in_features()], (Kind::Float, self.weight.tensor.device()))),
+            None => Param::new(
+                name,
+                Tensor::ones(
+                    [self.in_features()],
+                    (Kind::Float, self.weight.tensor.device()),
+                ),
+            ),
         });
     }
 
@@ -257,7 +283,10 @@ impl BlockLinear {
         }
         if mode != ScaleMode::Analytical {
             let name = self.weight.name.replace(".weight", ".row_scale");
-            self.row_scale = Some(Param::new(name, Tensor::ones([self.out_features(), 1], (Kind::Float, device))));
+            self.row_scale = Some(Param::new(
+                name,
+                Tensor::ones([self.out_features(), 1], (Kind::Float, device)),
+            ));
         }
     }
 
@@ -277,7 +306,10 @@ impl BlockLinear {
             }
             let sigma = u.dot(&abs.mv(&v));
             let root = sigma.sqrt();
-            ((&u * &root).unsqueeze(1).to_kind(Kind::Float), (&v * &root).to_kind(Kind::Float))
+            (
+                (&u * &root).unsqueeze(1).to_kind(Kind::Float),
+                (&v * &root).to_kind(Kind::Float),
+            )
         });
         let row = self.weight.name.replace(".weight", ".row_scale");
         let col = self.weight.name.replace(".weight", ".column_scale");

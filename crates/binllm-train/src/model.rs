@@ -91,7 +91,9 @@ pub struct Llama {
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     let kind = x.kind();
     let x32 = x.to_kind(Kind::Float);
-    let variance = x32.pow_tensor_scalar(2).mean_dim(&[-1i64][..], true, Kind::Float);
+    let variance = x32
+        .pow_tensor_scalar(2)
+        .mean_dim(&[-1i64][..], true, Kind::Float);
     let normed = x32 * (variance + eps).rsqrt();
     weight * normed.to_kind(kind)
 }
@@ -127,7 +129,10 @@ impl Llama {
                 .tensors
                 .get(name)
                 .with_context(|| format!("{}: tensor '{name}' missing", model.path.display()))?;
-            Ok(Param::new(name.to_string(), host_to_tensor(host, device, kind)))
+            Ok(Param::new(
+                name.to_string(),
+                host_to_tensor(host, device, kind),
+            ))
         };
         let linear = |layer: usize, which: Which| -> Result<BlockLinear> {
             let weight = param(&names::linear_weight(layer, which))?;
@@ -146,8 +151,14 @@ impl Llama {
                 k: linear(layer, Which::K)?,
                 v: linear(layer, Which::V)?,
                 o: linear(layer, Which::O)?,
-                q_norm: config.qk_norm.then(|| param(&names::q_norm(layer))).transpose()?,
-                k_norm: config.qk_norm.then(|| param(&names::k_norm(layer))).transpose()?,
+                q_norm: config
+                    .qk_norm
+                    .then(|| param(&names::q_norm(layer)))
+                    .transpose()?,
+                k_norm: config
+                    .qk_norm
+                    .then(|| param(&names::k_norm(layer)))
+                    .transpose()?,
                 mlp_norm: param(&names::mlp_norm(layer))?,
                 gate: linear(layer, Which::Gate)?,
                 up: linear(layer, Which::Up)?,
@@ -188,13 +199,27 @@ impl Llama {
         (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
     }
 
-    fn attention(&self, block: &Block, x: &Tensor, rope: &(Tensor, Tensor), cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
+    fn attention(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let c = &self.config;
         let (b, t) = (x.size()[0], x.size()[1]);
-        let (heads, kv_heads, head_dim) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
+        let (heads, kv_heads, head_dim) =
+            (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
         let mut q = block.q.forward(x, self.form).view([b, t, heads, head_dim]);
-        let mut k = block.k.forward(x, self.form).view([b, t, kv_heads, head_dim]);
-        let v = block.v.forward(x, self.form).view([b, t, kv_heads, head_dim]).transpose(1, 2);
+        let mut k = block
+            .k
+            .forward(x, self.form)
+            .view([b, t, kv_heads, head_dim]);
+        let v = block
+            .v
+            .forward(x, self.form)
+            .view([b, t, kv_heads, head_dim])
+            .transpose(1, 2);
         if let (Some(qn), Some(kn)) = (&block.q_norm, &block.k_norm) {
             q = rms_norm(&q, &qn.tensor, c.rms_norm_eps);
             k = rms_norm(&k, &kn.tensor, c.rms_norm_eps);
@@ -224,7 +249,16 @@ impl Llama {
             let cols = Tensor::arange(past + t, (Kind::Int64, x.device())).unsqueeze(0);
             (Some(cols.le_tensor(&rows)), false)
         };
-        let attn = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, None, kv_heads != heads);
+        let attn = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            mask,
+            0.0,
+            is_causal,
+            None,
+            kv_heads != heads,
+        );
         let attn = attn.transpose(1, 2).reshape([b, t, heads * head_dim]);
         block.o.forward(&attn, self.form)
     }
@@ -245,7 +279,13 @@ impl Llama {
         let eps = self.config.rms_norm_eps;
         for (i, block) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            h = &h + self.attention(block, &rms_norm(&h, &block.attn_norm.tensor, eps), &rope, slot);
+            h = &h
+                + self.attention(
+                    block,
+                    &rms_norm(&h, &block.attn_norm.tensor, eps),
+                    &rope,
+                    slot,
+                );
             h = &h + self.mlp(block, &rms_norm(&h, &block.mlp_norm.tensor, eps));
         }
         rms_norm(&h, &self.final_norm.tensor, eps)
@@ -290,7 +330,15 @@ impl Llama {
             out.push(&mut block.mlp_norm);
             out.extend(block.q_norm.iter_mut());
             out.extend(block.k_norm.iter_mut());
-            for linear in [&mut block.q, &mut block.k, &mut block.v, &mut block.o, &mut block.gate, &mut block.up, &mut block.down] {
+            for linear in [
+                &mut block.q,
+                &mut block.k,
+                &mut block.v,
+                &mut block.o,
+                &mut block.gate,
+                &mut block.up,
+                &mut block.down,
+            ] {
                 out.extend(linear.params_mut());
             }
         }
@@ -300,9 +348,12 @@ impl Llama {
     /// Replaces every parameter by `f(parameter)`, once per name, so tensors shared between
     /// layers (tied Stage-1 input scales) stay shared.
     pub fn map_params(&mut self, f: impl Fn(&Tensor) -> Tensor) {
-        let mut mapped: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
+        let mut mapped: std::collections::HashMap<String, Tensor> =
+            std::collections::HashMap::new();
         for slot in self.param_slots_mut() {
-            let new = mapped.entry(slot.name.clone()).or_insert_with(|| f(&slot.tensor));
+            let new = mapped
+                .entry(slot.name.clone())
+                .or_insert_with(|| f(&slot.tensor));
             slot.tensor = new.shallow_clone();
         }
     }

@@ -34,18 +34,26 @@ fn check(err: *mut c_char, what: &str) -> Result<()> {
         return Ok(());
     }
     // SAFETY: the shim returns a NUL-terminated malloc'd string, freed right after copying.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let msg = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { binllm_free_error(err) };
     bail!("{what}: {msg}")
 }
 
 fn pointers(tensors: &[&Tensor]) -> Vec<*mut C_tensor> {
-    tensors.iter().map(|t| t.as_ptr() as *mut C_tensor).collect()
+    tensors
+        .iter()
+        .map(|t| t.as_ptr() as *mut C_tensor)
+        .collect()
 }
 
 /// Makes autocast use bf16 (tch enables autocast at fp16 only).
 pub fn set_autocast_bf16() -> Result<()> {
-    check(unsafe { binllm_set_autocast_bf16() }, "setting autocast to bf16")
+    check(
+        unsafe { binllm_set_autocast_bf16() },
+        "setting autocast to bf16",
+    )
 }
 
 /// Runs `f` under bf16 autocast.
@@ -66,9 +74,21 @@ pub struct AdamState<'a> {
 }
 
 /// One fused AdamW update (PyTorch's `_fused_adamw_`) over all `states`.
-pub fn fused_adamw(states: &[AdamState], lr: f64, betas: (f64, f64), weight_decay: f64, eps: f64) -> Result<()> {
-    fn collect<'a>(states: &'a [AdamState<'a>], f: fn(&AdamState<'a>) -> &'a Tensor) -> Vec<*mut C_tensor> {
-        states.iter().map(|s| f(s).as_ptr() as *mut C_tensor).collect()
+pub fn fused_adamw(
+    states: &[AdamState],
+    lr: f64,
+    betas: (f64, f64),
+    weight_decay: f64,
+    eps: f64,
+) -> Result<()> {
+    fn collect<'a>(
+        states: &'a [AdamState<'a>],
+        f: fn(&AdamState<'a>) -> &'a Tensor,
+    ) -> Vec<*mut C_tensor> {
+        states
+            .iter()
+            .map(|s| f(s).as_ptr() as *mut C_tensor)
+            .collect()
     }
     let (p, g, m, v, s) = (
         collect(states, |s| s.param),
