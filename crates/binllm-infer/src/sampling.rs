@@ -25,25 +25,55 @@ impl Default for SamplingParams {
     }
 }
 
+/// splitmix64: a tiny seedable generator, good enough for sampling and shuffling, and the
+/// same on every platform so seeded runs repeat exactly.
+#[derive(Debug, Clone)]
+pub struct SplitMix64 {
+    state: u64,
+}
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64 {
+            state: seed ^ 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 24 bits.
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+    }
+
+    /// Fisher-Yates shuffle.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i + 1));
+        }
+    }
+}
+
 pub struct Sampler {
     params: SamplingParams,
-    rng_state: u64,
+    rng: SplitMix64,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let rng_state = params.seed ^ 0x9E37_79B9_7F4A_7C15;
-        Sampler { params, rng_state }
-    }
-
-    /// A uniform number in [0, 1) from splitmix64: tiny, seedable, good enough for sampling.
-    fn next_uniform(&mut self) -> f32 {
-        self.rng_state = self.rng_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng_state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32
+        let rng = SplitMix64::new(params.seed);
+        Sampler { params, rng }
     }
 
     /// Picks the next token from `logits` (one row, vocabulary-sized), given the tokens so far.
@@ -89,7 +119,7 @@ impl Sampler {
             let kept: f32 = probs.iter().sum();
             probs.iter_mut().for_each(|q| *q /= kept);
         }
-        let r = self.next_uniform();
+        let r = self.rng.next_f32();
         let mut cumulative = 0.0;
         for (i, q) in probs.iter().enumerate() {
             cumulative += q;
