@@ -311,10 +311,21 @@ impl GgufFile {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// The raw bytes of a tensor (bounds were checked when the file was opened).
-    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
-        let start = (self.data_offset + info.offset) as usize;
-        &self.mmap[start..start + info.n_bytes as usize]
+    /// The raw bytes of a tensor. Infos from this file were bounds-checked when it was
+    /// opened; the check here guards against an info that came from elsewhere.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<&[u8]> {
+        let start = self.data_offset.checked_add(info.offset);
+        let end = start.and_then(|s| s.checked_add(info.n_bytes));
+        match (start, end) {
+            (Some(start), Some(end)) if end <= self.mmap.len() as u64 => {
+                Ok(&self.mmap[start as usize..end as usize])
+            }
+            _ => bail!(
+                "{}: tensor '{}' lies outside the file",
+                self.path.display(),
+                info.name
+            ),
+        }
     }
 
     /// A tensor decoded to host memory in ggml's own layout (row-major shape = dims
@@ -331,7 +342,7 @@ impl GgufFile {
         }
         let data = dequant::dequantize(
             info.ggml_type,
-            self.tensor_bytes(info),
+            self.tensor_bytes(info)?,
             info.numel() as usize,
         )
         .with_context(|| format!("{}: tensor '{}'", self.path.display(), info.name))?;
