@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use crate::hf::le_values;
 use crate::model::{LoadOptions, PretrainedModel, SourceFormat};
 use crate::names::{self, BlockLinear};
-use crate::tensor::{HostTensor, TensorMap};
+use crate::tensor::{interleaved_to_rotate_half, HostTensor, TensorMap};
 use crate::tokenizer::{sentencepiece_bpe, PieceKind, SentencePiece};
 use crate::{Architecture, ModelConfig, TextTokenizer};
 
@@ -79,7 +79,7 @@ fn parse_checkpoint(bytes: &[u8]) -> Result<(ModelConfig, TensorMap)> {
     if header
         .iter()
         .enumerate()
-        .any(|(i, &v)| v == 0 || (v < 0 && !(i == 5 && !v1)))
+        .any(|(i, &v)| v == 0 || (v < 0 && (v1 || i != 5)))
     {
         bail!("header {header:?} has a zero or negative field: not a llama2.c checkpoint");
     }
@@ -224,24 +224,6 @@ fn parse_checkpoint(bytes: &[u8]) -> Result<(ModelConfig, TensorMap)> {
         put(names::LM_HEAD.into(), vec![vocab, dim], head);
     }
     Ok((config, tensors))
-}
-
-/// Reorders the rows of a q or k projection from llama2.c's (Meta's) interleaved RoPE pairs
-/// (2i, 2i+1) to the rotate-half pairs (i, i + head_dim/2) — transformers' `permute`.
-fn interleaved_to_rotate_half(w: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
-    let half = head_dim / 2;
-    let mut out = vec![0.0f32; w.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for (j, new_row) in [(0, i), (1, half + i)] {
-                let old_row = h * head_dim + 2 * i + j;
-                let new_row = h * head_dim + new_row;
-                out[new_row * cols..(new_row + 1) * cols]
-                    .copy_from_slice(&w[old_row * cols..(old_row + 1) * cols]);
-            }
-        }
-    }
-    out
 }
 
 /// Reads a llama2.c `tok*.bin` or a SentencePiece `.model` (chosen by the extension).

@@ -76,3 +76,30 @@ impl HostTensor {
         }
     }
 }
+
+/// Reorders the rows of a q or k projection (or its bias: `cols == 1`) from Meta's
+/// interleaved RoPE pairs (2i, 2i+1) to the rotate-half pairs (i, i + head_dim/2) of the
+/// Hugging Face layout: transformers' `permute` undone, as its GGUF loader's
+/// `reverse_permute_weights` does. llama2.c checkpoints and llama.cpp's GGUF conversions
+/// both store q/k in the interleaved order.
+pub(crate) fn interleaved_to_rotate_half<T: Copy>(
+    w: &[T],
+    heads: usize,
+    head_dim: usize,
+    cols: usize,
+) -> Vec<T> {
+    debug_assert_eq!(w.len(), heads * head_dim * cols);
+    let half = head_dim / 2;
+    let mut out = w.to_vec();
+    for h in 0..heads {
+        for i in 0..half {
+            for (j, new_row) in [(0, i), (1, half + i)] {
+                let old_row = h * head_dim + 2 * i + j;
+                let new_row = h * head_dim + new_row;
+                out[new_row * cols..(new_row + 1) * cols]
+                    .copy_from_slice(&w[old_row * cols..(old_row + 1) * cols]);
+            }
+        }
+    }
+    out
+}
