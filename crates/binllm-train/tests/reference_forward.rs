@@ -99,8 +99,9 @@ fn smollm2_gguf_matches_transformers() {
     let pretrained = PretrainedModel::load(&gguf, &LoadOptions::default()).unwrap();
     let tokenizer = pretrained.tokenizer().unwrap();
     let model = Llama::from_pretrained(&pretrained, Device::Cpu, Kind::Float).unwrap();
+    let prompts: serde_json::Value = serde_json::from_str(&fixture.metadata["prompts"]).unwrap();
     for (i, seq) in fixture.sequences.iter().enumerate() {
-        let prompt = &fixture.metadata[&format!("prompt_{i}")];
+        let prompt = prompts[i]["text"].as_str().unwrap();
         let ids = tokenizer.encode(prompt, true).unwrap();
         assert_eq!(ids, seq.ids, "token ids of prompt {i} ({prompt:?})");
         let ours = logits_of(&model, &seq.ids[..seq.positions]);
