@@ -8,6 +8,7 @@
 //!
 //! Pure Rust: no libtorch, so the packed runtime can depend on it.
 
+pub mod atomic;
 pub mod chat;
 pub mod config;
 pub mod gguf;
@@ -15,6 +16,7 @@ pub mod hf;
 pub mod llama2c;
 pub mod model;
 pub mod names;
+pub mod packed;
 #[doc(hidden)]
 pub mod synthetic;
 pub mod tensor;

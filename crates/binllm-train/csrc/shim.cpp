@@ -46,6 +46,8 @@ char *binllm_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **e
     auto p = gather(params, n), g = gather(grads, n), m = gather(exp_avgs, n),
          v = gather(exp_avg_sqs, n), s = gather(steps, n);
     std::vector<at::Tensor> no_max;
+    // As torch.optim does: the kernel reads the already-incremented step for bias correction.
+    at::_foreach_add_(s, 1);
     at::_fused_adamw_(p, g, m, v, no_max, s, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false);
     return nullptr;

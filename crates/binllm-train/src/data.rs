@@ -163,10 +163,8 @@ fn cache_key(paths: &[PathBuf], tokenizer: &TextTokenizer) -> Result<String> {
     hasher.update(tokenizer.to_json()?.as_bytes());
     hasher.update(format!("{:?}{:?}", tokenizer.bos_id, tokenizer.eos_ids).as_bytes());
     for path in paths {
-        let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        let mut file_hasher = Sha256::new();
-        std::io::copy(&mut file, &mut file_hasher).with_context(|| format!("{}: cannot read", path.display()))?;
-        hasher.update(file_hasher.finalize());
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        hasher.update(Sha256::digest(&bytes));
     }
     Ok(hasher.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect())
 }
@@ -189,7 +187,7 @@ fn write_cache(path: &Path, stream: &TokenStream) -> Result<()> {
     for t in &stream.tokens {
         bytes.extend_from_slice(&t.to_le_bytes());
     }
-    crate::checkpoint::write_atomically(path, &bytes)
+    binllm_format::atomic::write_atomically(path, &bytes)
 }
 
 /// The token stream cut into windows of `seq_len + 1` tokens (inputs and shifted targets),

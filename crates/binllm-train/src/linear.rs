@@ -108,8 +108,8 @@ pub struct BlockLinear {
     pub input_scale: Option<Param>,
     /// Learned row scale S_l (`[out, 1]`), or OneBit's output vector `a`.
     pub row_scale: Option<Param>,
-    /// S_a frozen at initialisation ([`ScaleMode::Learnable`]), `[out, 1]`.
-    pub frozen_abs_mean: Option<Tensor>,
+    /// S_a frozen at initialisation ([`ScaleMode::Learnable`]), `[out, 1]`; never trained.
+    pub frozen_abs_mean: Option<Param>,
     /// OneBit's input vector `b` (`[in]`).
     pub column_scale: Option<Param>,
     pub detach_abs_mean: bool,
@@ -139,7 +139,7 @@ impl BlockLinear {
     /// S_a as the current scale mode defines it.
     fn analytical_scale(&self, latent: &Tensor) -> Tensor {
         match &self.frozen_abs_mean {
-            Some(frozen) => frozen.shallow_clone(),
+            Some(frozen) => frozen.tensor.shallow_clone(),
             None if self.detach_abs_mean => row_abs_mean(latent).detach(),
             None => row_abs_mean(latent),
         }
@@ -279,7 +279,8 @@ impl BlockLinear {
         let device = self.weight.tensor.device();
         self.detach_abs_mean = detach_abs_mean;
         if mode == ScaleMode::Learnable {
-            self.frozen_abs_mean = Some(tch::no_grad(|| row_abs_mean(&self.weight.tensor)));
+            let name = self.weight.name.replace(".weight", ".frozen_abs_mean");
+            self.frozen_abs_mean = Some(Param::new(name, tch::no_grad(|| row_abs_mean(&self.weight.tensor))));
         }
         if mode != ScaleMode::Analytical {
             let name = self.weight.name.replace(".weight", ".row_scale");

@@ -1,0 +1,385 @@
+//! The packed 1-bit model container (`docs/FORMAT.md`): a safetensors file that standard
+//! tools can open, holding per block linear the sign bits, one scale per output row and an
+//! optional input-scale vector; everything else (embeddings, norms, head, biases) dense; and
+//! the config, tokenizer, chat template and provenance in the metadata.
+//!
+//! One container serves two stages: `binllm convert` writes the *sign model* (f32 scales,
+//! Stage-1 input scales kept separate, exactly the trained function) and `binllm export`
+//! rewrites it for deployment (f16 scales, input scales folded where exact).
+//!
+//! Sign-bit layout: row-major, each row padded to whole 64-bit words stored little-endian;
+//! bit `j` (least significant = 0) of word `w` of row `r` is element `(r, 64 w + j)`;
+//! 1 means +1 and 0 means -1; padding bits are 0.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+use crate::hf::le_values;
+use crate::names::{self, BlockLinear};
+use crate::tensor::{HostTensor, TensorData, TensorMap};
+use crate::{ModelConfig, TextTokenizer};
+
+pub const FORMAT_NAME: &str = "binllm-packed";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Words per packed row.
+pub fn words_per_row(cols: usize) -> usize {
+    cols.div_ceil(64)
+}
+
+/// Packs the signs of a row-major `rows x cols` matrix (sign(0) = +1).
+pub fn pack_signs(values: &[f32], rows: usize, cols: usize) -> Vec<u64> {
+    assert_eq!(values.len(), rows * cols, "pack_signs: shape mismatch");
+    let wpr = words_per_row(cols);
+    let mut bits = vec![0u64; rows * wpr];
+    for r in 0..rows {
+        for c in 0..cols {
+            if values[r * cols + c] >= 0.0 {
+                bits[r * wpr + c / 64] |= 1u64 << (c % 64);
+            }
+        }
+    }
+    bits
+}
+
+/// The +-1 matrix the bits encode.
+pub fn unpack_signs(bits: &[u64], rows: usize, cols: usize) -> Vec<f32> {
+    let wpr = words_per_row(cols);
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for c in 0..cols {
+            let bit = (bits[r * wpr + c / 64] >> (c % 64)) & 1;
+            out.push(if bit == 1 { 1.0 } else { -1.0 });
+        }
+    }
+    out
+}
+
+/// How scale vectors and dense tensors are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+/// One binarized linear: `y = row_scale * (B (input_scale * x)) + bias`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedLinear {
+    pub rows: usize,
+    pub cols: usize,
+    pub sign_bits: Vec<u64>,
+    pub row_scale: Vec<f32>,
+    pub input_scale: Option<Vec<f32>>,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl PackedLinear {
+    /// The dense weight this linear computes with: `row_scale[r] * B[r,c] * input_scale[c]`.
+    pub fn dense_weight(&self) -> Vec<f32> {
+        let mut w = unpack_signs(&self.sign_bits, self.rows, self.cols);
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                let s = self.input_scale.as_ref().map_or(1.0, |v| v[c]);
+                w[r * self.cols + c] *= self.row_scale[r] * s;
+            }
+        }
+        w
+    }
+}
+
+/// Who made the model and how (free-form JSON in the file; these fields are always there).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub method: String,
+    pub source_model: String,
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+/// Bits per weight, honestly counted (METHOD.md): the body (block linears with their
+/// vectors) and the whole file's parameters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct BitsPerWeight {
+    pub body: f64,
+    pub embeddings_and_head: f64,
+    pub whole_model: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PackedModel {
+    pub config: ModelConfig,
+    /// Keyed by (layer, linear).
+    pub linears: BTreeMap<(usize, BlockLinear), PackedLinear>,
+    /// Embedding, norms, q/k norms, LM head (when untied), under canonical names.
+    pub dense: TensorMap,
+    pub tokenizer_json: Option<String>,
+    pub chat_template: Option<String>,
+    pub provenance: Provenance,
+    /// Storage of scale vectors and dense tensors when written.
+    pub precision: Precision,
+}
+
+fn module_prefix(layer: usize, linear: BlockLinear) -> String {
+    format!("{}.{}", names::layer_prefix(layer), linear.module())
+}
+
+impl PackedModel {
+    pub fn tokenizer(&self) -> Result<Option<TextTokenizer>> {
+        let Some(json) = &self.tokenizer_json else {
+            return Ok(None);
+        };
+        let mut tok = TextTokenizer::from_json_bytes(json.as_bytes())?;
+        tok.bos_id = self.config.bos_token_id;
+        tok.eos_ids = self.config.eos_token_ids.clone();
+        Ok(Some(tok))
+    }
+
+    /// Bits per weight as stored (scales and input scales counted at their precision).
+    pub fn bits_per_weight(&self) -> BitsPerWeight {
+        let vector_bits = match self.precision {
+            Precision::F32 => 32.0,
+            Precision::F16 => 16.0,
+        };
+        let (mut body_weights, mut body_bits) = (0f64, 0f64);
+        for l in self.linears.values() {
+            body_weights += (l.rows * l.cols) as f64;
+            body_bits += (l.rows * l.cols) as f64
+                + vector_bits * (l.rows + l.input_scale.as_ref().map_or(0, |v| v.len())) as f64;
+        }
+        let (mut dense_weights, mut dense_bits, mut emb_weights, mut emb_bits) = (0f64, 0f64, 0f64, 0f64);
+        for (name, t) in &self.dense {
+            let bits = match t.data {
+                TensorData::F32(_) => 32.0,
+                _ => 16.0,
+            } * t.numel() as f64;
+            dense_weights += t.numel() as f64;
+            dense_bits += bits;
+            if name == names::EMBED || name == names::LM_HEAD {
+                emb_weights += t.numel() as f64;
+                emb_bits += bits;
+            }
+        }
+        let biases: f64 = self.linears.values().map(|l| l.bias.as_ref().map_or(0, |b| b.len()) as f64).sum();
+        BitsPerWeight {
+            body: body_bits / body_weights.max(1.0),
+            embeddings_and_head: emb_bits / emb_weights.max(1.0),
+            whole_model: (body_bits + dense_bits + vector_bits * biases) / (body_weights + dense_weights + biases),
+        }
+    }
+
+    /// Checks shapes against the config (every linear present, every dense tensor right).
+    pub fn validate(&self) -> Result<()> {
+        self.config.validate()?;
+        for layer in 0..self.config.num_layers {
+            for which in BlockLinear::ALL {
+                let l = self
+                    .linears
+                    .get(&(layer, which))
+                    .with_context(|| format!("missing packed linear {}", module_prefix(layer, which)))?;
+                let [rows, cols] = which.shape(&self.config);
+                ensure!(
+                    l.rows == rows && l.cols == cols,
+                    "{}: {}x{} but the config implies {rows}x{cols}",
+                    module_prefix(layer, which),
+                    l.rows,
+                    l.cols
+                );
+                ensure!(l.sign_bits.len() == rows * words_per_row(cols), "{}: wrong number of sign words", module_prefix(layer, which));
+                ensure!(l.row_scale.len() == rows, "{}: wrong row_scale length", module_prefix(layer, which));
+                if let Some(s) = &l.input_scale {
+                    ensure!(s.len() == cols, "{}: wrong input_scale length", module_prefix(layer, which));
+                }
+                ensure!(
+                    l.bias.is_some() == which.has_bias(&self.config),
+                    "{}: bias presence disagrees with the config",
+                    module_prefix(layer, which)
+                );
+            }
+        }
+        let expected = names::expected_tensors(&self.config);
+        for (name, shape) in expected.iter().filter(|(n, _)| !n.contains("_proj.")) {
+            let t = self.dense.get(name).with_context(|| format!("missing dense tensor '{name}'"))?;
+            ensure!(&t.shape == shape, "dense tensor '{name}' has shape {:?}, expected {shape:?}", t.shape);
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        self.validate().context("refusing to write an inconsistent packed model")?;
+        let mut blobs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let vector = |values: &[f32]| -> (safetensors::Dtype, Vec<u8>) {
+            match self.precision {
+                Precision::F32 => (safetensors::Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                Precision::F16 => (
+                    safetensors::Dtype::F16,
+                    values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+                ),
+            }
+        };
+        for (&(layer, which), l) in &self.linears {
+            let prefix = module_prefix(layer, which);
+            let words: Vec<u8> = l.sign_bits.iter().flat_map(|w| w.to_le_bytes()).collect();
+            blobs.push((format!("{prefix}.sign_bits"), safetensors::Dtype::U64, vec![l.rows, words_per_row(l.cols)], words));
+            let (dt, b) = vector(&l.row_scale);
+            blobs.push((format!("{prefix}.row_scale"), dt, vec![l.rows], b));
+            if let Some(s) = &l.input_scale {
+                let (dt, b) = vector(s);
+                blobs.push((format!("{prefix}.input_scale"), dt, vec![l.cols], b));
+            }
+            if let Some(bias) = &l.bias {
+                let (dt, b) = vector(bias);
+                blobs.push((format!("{prefix}.bias"), dt, vec![l.rows], b));
+            }
+        }
+        for (name, t) in &self.dense {
+            let (dt, b) = match (&t.data, self.precision) {
+                (TensorData::F16(v), _) => (safetensors::Dtype::F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                (TensorData::BF16(v), _) => (safetensors::Dtype::BF16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                (TensorData::F32(v), _) => vector(v),
+            };
+            blobs.push((name.clone(), dt, t.shape.clone(), b));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = blobs
+            .iter()
+            .map(|(name, dt, shape, bytes)| {
+                safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| anyhow!("tensor '{name}': {e}"))
+            })
+            .collect::<Result<_>>()?;
+        let mut meta = HashMap::new();
+        meta.insert("binllm.format".to_string(), FORMAT_NAME.to_string());
+        meta.insert("binllm.version".to_string(), FORMAT_VERSION.to_string());
+        meta.insert("binllm.config".to_string(), serde_json::to_string(&self.config)?);
+        meta.insert("binllm.provenance".to_string(), serde_json::to_string(&self.provenance)?);
+        meta.insert("binllm.precision".to_string(), serde_json::to_string(&self.precision)?);
+        meta.insert("binllm.bits_per_weight".to_string(), serde_json::to_string(&self.bits_per_weight())?);
+        if let Some(t) = &self.tokenizer_json {
+            meta.insert("binllm.tokenizer".to_string(), t.clone());
+        }
+        if let Some(t) = &self.chat_template {
+            meta.insert("binllm.chat_template".to_string(), t.clone());
+        }
+        let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| anyhow!("serializing: {e}"))?;
+        crate::atomic::write_atomically(path, &bytes)
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open packed model", path.display()))?;
+        // SAFETY: read-only map, dropped before returning.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+        Self::from_bytes(&mmap).with_context(|| format!("{}: not a valid binllm packed model", path.display()))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("bad safetensors header (truncated or corrupt file?): {e}"))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| anyhow!("truncated or corrupt safetensors data: {e}"))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let field = |key: &str| meta.get(key).with_context(|| format!("metadata lacks '{key}'"));
+        ensure!(field("binllm.format")? == FORMAT_NAME, "metadata binllm.format is not '{FORMAT_NAME}'");
+        let version: u32 = field("binllm.version")?.parse().context("bad binllm.version")?;
+        ensure!(version == FORMAT_VERSION, "format version {version} is not supported (this binllm reads {FORMAT_VERSION})");
+        let config: ModelConfig = serde_json::from_str(field("binllm.config")?).context("bad binllm.config")?;
+        let provenance: Provenance = serde_json::from_str(field("binllm.provenance")?).context("bad binllm.provenance")?;
+        let precision: Precision = serde_json::from_str(field("binllm.precision")?).context("bad binllm.precision")?;
+
+        let floats = |name: &str| -> Result<Vec<f32>> {
+            let v = st.tensor(name).map_err(|e| anyhow!("tensor '{name}': {e}"))?;
+            match v.dtype() {
+                safetensors::Dtype::F32 => Ok(le_values(v.data(), f32::from_le_bytes)),
+                safetensors::Dtype::F16 => Ok(le_values(v.data(), |b| f16::from_le_bytes(b).to_f32())),
+                other => bail!("tensor '{name}' has type {other:?}; expected F32 or F16"),
+            }
+        };
+        let mut linears = BTreeMap::new();
+        let names_present: std::collections::HashSet<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        for layer in 0..config.num_layers {
+            for which in BlockLinear::ALL {
+                let prefix = module_prefix(layer, which);
+                let [rows, cols] = which.shape(&config);
+                let bits_name = format!("{prefix}.sign_bits");
+                let bits_view = st.tensor(&bits_name).map_err(|e| anyhow!("tensor '{bits_name}': {e}"))?;
+                ensure!(bits_view.dtype() == safetensors::Dtype::U64, "'{bits_name}' must be U64");
+                ensure!(
+                    bits_view.shape() == [rows, words_per_row(cols)],
+                    "'{bits_name}' has shape {:?}, expected [{rows}, {}]",
+                    bits_view.shape(),
+                    words_per_row(cols)
+                );
+                let optional = |suffix: &str| -> Result<Option<Vec<f32>>> {
+                    let name = format!("{prefix}.{suffix}");
+                    if names_present.contains(&name) {
+                        floats(&name).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                };
+                linears.insert(
+                    (layer, which),
+                    PackedLinear {
+                        rows,
+                        cols,
+                        sign_bits: le_values(bits_view.data(), u64::from_le_bytes),
+                        row_scale: floats(&format!("{prefix}.row_scale"))?,
+                        input_scale: optional("input_scale")?,
+                        bias: optional("bias")?,
+                    },
+                );
+            }
+        }
+        let mut dense = TensorMap::new();
+        for (name, _) in names::expected_tensors(&config).into_iter().filter(|(n, _)| !n.contains("_proj.")) {
+            let v = st.tensor(&name).map_err(|e| anyhow!("tensor '{name}': {e}"))?;
+            let data = match v.dtype() {
+                safetensors::Dtype::F32 => TensorData::F32(le_values(v.data(), f32::from_le_bytes)),
+                safetensors::Dtype::F16 => TensorData::F16(le_values(v.data(), f16::from_le_bytes)),
+                safetensors::Dtype::BF16 => TensorData::BF16(le_values(v.data(), half::bf16::from_le_bytes)),
+                other => bail!("tensor '{name}' has type {other:?}"),
+            };
+            dense.insert(
+                name.clone(),
+                HostTensor {
+                    shape: v.shape().to_vec(),
+                    data,
+                    stored_as: format!("{:?}", v.dtype()),
+                },
+            );
+        }
+        let model = PackedModel {
+            config,
+            linears,
+            dense,
+            tokenizer_json: meta.get("binllm.tokenizer").cloned(),
+            chat_template: meta.get("binllm.chat_template").cloned(),
+            provenance,
+            precision,
+        };
+        model.validate()?;
+        Ok(model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signs_round_trip_with_padding_zeroed() {
+        let (rows, cols) = (3, 70);
+        let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 11) as f32) - 5.0).collect();
+        let bits = pack_signs(&values, rows, cols);
+        assert_eq!(bits.len(), rows * 2);
+        let back = unpack_signs(&bits, rows, cols);
+        for (v, b) in values.iter().zip(&back) {
+            assert_eq!(*b, if *v >= 0.0 { 1.0 } else { -1.0 });
+        }
+        for r in 0..rows {
+            assert_eq!(bits[r * 2 + 1] >> 6, 0, "padding bits of row {r} must be zero");
+        }
+    }
+}

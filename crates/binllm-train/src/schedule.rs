@@ -1,0 +1,85 @@
+//! Schedules: the progressive temperature t per phase (the paper's exponential, and the
+//! ablation shapes), and the learning rate (warm-up then cosine).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TSchedule {
+    /// The paper's `t(c) = 1.3 e^{0.22 c} - 1.3`, constant within phase c = 1..P.
+    Exp,
+    /// Linear from t(1) to t(P) of the exponential schedule, per phase.
+    Linear,
+    /// Cosine ramp between the same end points, per phase.
+    Cosine,
+    /// The exponential evaluated at the fractional phase of every step (no jumps).
+    Smooth,
+}
+
+/// The paper's exponential schedule at (possibly fractional) phase `c`.
+pub fn exp_t(c: f64) -> f64 {
+    1.3 * (0.22 * c).exp() - 1.3
+}
+
+impl TSchedule {
+    /// t for a step at `progress` in [0, 1) through Stage 2, with `phases` phases (phase c
+    /// = floor(progress * phases) + 1).
+    pub fn t(self, progress: f64, phases: usize) -> f64 {
+        let p = phases as f64;
+        let c = (progress * p).floor().min(p - 1.0) + 1.0;
+        // The per-phase shapes span the same range as the paper's 20-phase schedule,
+        // stretched to `phases` phases.
+        let c20 = 1.0 + (c - 1.0) * 19.0 / (p - 1.0).max(1.0);
+        let (first, last) = (exp_t(1.0), exp_t(20.0));
+        let frac = (c20 - 1.0) / 19.0;
+        match self {
+            TSchedule::Exp => exp_t(c20),
+            TSchedule::Linear => first + (last - first) * frac,
+            TSchedule::Cosine => first + (last - first) * 0.5 * (1.0 - (std::f64::consts::PI * frac).cos()),
+            TSchedule::Smooth => exp_t(1.0 + progress * 19.0 * p / (p - 1.0).max(1.0)).min(last),
+        }
+    }
+}
+
+/// Learning rate at `step` of `total`: linear warm-up, then cosine from `peak` to `floor`.
+pub fn learning_rate(step: usize, total: usize, warmup: usize, peak: f64, floor: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let progress = ((step - warmup) as f64 / span).min(1.0);
+    floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exponential_schedule_matches_the_paper() {
+        // METHOD.md: t(1) = 0.32, t(10) = 10.4, t(20) = 104.6.
+        assert!((exp_t(1.0) - 0.32).abs() < 0.005);
+        assert!((exp_t(10.0) - 10.4).abs() < 0.05);
+        assert!((exp_t(20.0) - 104.6).abs() < 0.05);
+        assert_eq!(TSchedule::Exp.t(0.0, 20), exp_t(1.0));
+        assert_eq!(TSchedule::Exp.t(0.999, 20), exp_t(20.0));
+        assert_eq!(TSchedule::Exp.t(0.5, 20), exp_t(11.0));
+    }
+
+    #[test]
+    fn ablation_schedules_share_the_end_points_and_increase() {
+        for s in [TSchedule::Exp, TSchedule::Linear, TSchedule::Cosine, TSchedule::Smooth] {
+            let ts: Vec<f64> = (0..200).map(|i| s.t(i as f64 / 200.0, 20)).collect();
+            assert!(ts.windows(2).all(|w| w[1] >= w[0]), "{s:?} must not decrease");
+            assert!((ts[0] - exp_t(1.0)).abs() < 1e-9, "{s:?} starts at t(1)");
+            assert!((ts[199] - exp_t(20.0)).abs() < 1.0, "{s:?} ends near t(20): {}", ts[199]);
+        }
+    }
+
+    #[test]
+    fn learning_rate_warms_up_then_decays_to_the_floor() {
+        assert!((learning_rate(0, 100, 10, 1e-4, 2e-6) - 1e-5).abs() < 1e-12);
+        assert!((learning_rate(10, 100, 10, 1e-4, 2e-6) - 1e-4).abs() < 1e-12);
+        assert!((learning_rate(100, 100, 10, 1e-4, 2e-6) - 2e-6).abs() < 1e-12);
+    }
+}
