@@ -1,0 +1,238 @@
+//! GEMV and GEMM drivers: input preparation, row splitting across threads, and tiling over
+//! input vectors so that GEMM reads each weight word once per tile of vectors, not per vector.
+//!
+//! Layouts: `x` has exactly `cols` floats; GEMM inputs `xs` are `n x cols` row-major (one token
+//! per row) and outputs `ys` are `n x rows` row-major.
+
+use crate::kernel::{lut_block_sums, scalar_row_dot, selected_sums, Kernel};
+use crate::layout::{PackedMatrix, BITS_PER_WORD};
+use crate::lut::{build_tables, LutMatrix, LUT_BLOCK_ROWS};
+use crate::parallel::{for_each_range, SharedOut};
+use std::ops::Range;
+
+/// Copies `x` into `buf` zero-padded to `padded_len` (so SIMD loads stay in bounds and padding
+/// bits select zeros) and returns `sum_j x[j]` for the `2 * s1 - sum x` identity.
+fn pad_input(x: &[f32], padded_len: usize, buf: &mut [f32]) -> f32 {
+    buf[..x.len()].copy_from_slice(x);
+    buf[x.len()..padded_len].fill(0.0);
+    x.iter().sum()
+}
+
+pub(crate) fn gemv_row_major(
+    kernel: Kernel,
+    m: &PackedMatrix,
+    x: &[f32],
+    y: &mut [f32],
+    threads: usize,
+) {
+    let out = SharedOut::new(y);
+    if kernel == Kernel::Scalar {
+        for_each_range(m.rows, threads, |rows| {
+            // SAFETY: row ranges from `for_each_range` are disjoint.
+            let out = unsafe { out.slice(rows.start, rows.len()) };
+            crate::scalar::gemv_rows(m, x, rows.start, out);
+        });
+        return;
+    }
+    let padded_len = m.words_per_row * BITS_PER_WORD;
+    let mut padded = vec![0.0f32; padded_len];
+    let total = pad_input(x, padded_len, &mut padded);
+    for_each_range(m.rows, threads, |rows| {
+        // SAFETY: row ranges from `for_each_range` are disjoint.
+        let out = unsafe { out.slice(rows.start, rows.len()) };
+        for (out, r) in out.iter_mut().zip(rows) {
+            let [selected] = selected_sums::<1>(kernel, m.row_bits(r), &[&padded]);
+            *out = m.scales[r] * (2.0 * selected - total);
+        }
+    });
+}
+
+pub(crate) fn gemm_row_major(
+    kernel: Kernel,
+    m: &PackedMatrix,
+    xs: &[f32],
+    n: usize,
+    ys: &mut [f32],
+    threads: usize,
+) {
+    let out = SharedOut::new(ys);
+    let cols = m.cols;
+    for_each_range(m.rows, threads, |rows| {
+        if kernel == Kernel::Scalar {
+            for v in 0..n {
+                // SAFETY: each task owns its row range in every output vector.
+                let out = unsafe { out.slice(v * m.rows + rows.start, rows.len()) };
+                for (out, r) in out.iter_mut().zip(rows.clone()) {
+                    *out = m.scales[r] * scalar_row_dot(m, r, &xs[v * cols..(v + 1) * cols]);
+                }
+            }
+            return;
+        }
+        let tile = kernel.gemm_tile();
+        let padded_len = m.words_per_row * BITS_PER_WORD;
+        // Each task pads its own copy: cheap next to the product, and no sync between tiles.
+        let mut padded = vec![0.0f32; tile * padded_len];
+        let mut totals = vec![0.0f32; tile];
+        let mut first = 0;
+        while first < n {
+            let count = tile.min(n - first);
+            for t in 0..count {
+                let x = &xs[(first + t) * cols..(first + t + 1) * cols];
+                totals[t] = pad_input(
+                    x,
+                    padded_len,
+                    &mut padded[t * padded_len..(t + 1) * padded_len],
+                );
+            }
+            let tile_job = RowMajorTile {
+                kernel,
+                m,
+                padded: &padded,
+                padded_len,
+                totals: &totals,
+                first,
+                out: &out,
+            };
+            match count {
+                1 => tile_job.run::<1>(rows.clone()),
+                2 => tile_job.run::<2>(rows.clone()),
+                3 => tile_job.run::<3>(rows.clone()),
+                4 => tile_job.run::<4>(rows.clone()),
+                _ => unreachable!("gemm tile wider than 4"),
+            }
+            first += count;
+        }
+    });
+}
+
+struct RowMajorTile<'a> {
+    kernel: Kernel,
+    m: &'a PackedMatrix,
+    padded: &'a [f32],
+    padded_len: usize,
+    totals: &'a [f32],
+    /// Index of the tile's first input vector.
+    first: usize,
+    out: &'a SharedOut,
+}
+
+impl RowMajorTile<'_> {
+    fn run<const T: usize>(&self, rows: Range<usize>) {
+        let xs: [&[f32]; T] =
+            std::array::from_fn(|t| &self.padded[t * self.padded_len..(t + 1) * self.padded_len]);
+        for r in rows {
+            let selected = selected_sums::<T>(self.kernel, self.m.row_bits(r), &xs);
+            for (t, &selected) in selected.iter().enumerate() {
+                // SAFETY: each task owns its row range in every output vector.
+                let out = unsafe { self.out.slice((self.first + t) * self.m.rows + r, 1) };
+                out[0] = self.m.scales[r] * (2.0 * selected - self.totals[t]);
+            }
+        }
+    }
+}
+
+/// Writes the scaled sums of block `block` to `out[out_offset + row]`; padding rows of the
+/// last block are dropped.
+fn write_block(
+    lm: &LutMatrix,
+    block: usize,
+    sums: &[f32; LUT_BLOCK_ROWS],
+    out: &SharedOut,
+    out_offset: usize,
+) {
+    let first_row = block * LUT_BLOCK_ROWS;
+    let count = LUT_BLOCK_ROWS.min(lm.rows - first_row);
+    // SAFETY: blocks are owned by exactly one task, so their row ranges are disjoint.
+    let out = unsafe { out.slice(out_offset + first_row, count) };
+    for (i, out) in out.iter_mut().enumerate() {
+        *out = lm.scales[first_row + i] * sums[i];
+    }
+}
+
+pub(crate) fn gemv_lut(kernel: Kernel, lm: &LutMatrix, x: &[f32], y: &mut [f32], threads: usize) {
+    // One set of tables per input vector, built once and shared read-only by all threads.
+    let mut tables = vec![0.0f32; lm.tables_len()];
+    build_tables(x, lm.chunks, &mut tables);
+    let out = SharedOut::new(y);
+    for_each_range(lm.row_blocks, threads, |blocks| {
+        for block in blocks {
+            let [sums] = lut_block_sums::<1>(kernel, lm.block(block), &[&tables]);
+            write_block(lm, block, &sums, &out, 0);
+        }
+    });
+}
+
+pub(crate) fn gemm_lut(
+    kernel: Kernel,
+    lm: &LutMatrix,
+    xs: &[f32],
+    n: usize,
+    ys: &mut [f32],
+    threads: usize,
+) {
+    let out = SharedOut::new(ys);
+    let cols = lm.cols;
+    for_each_range(lm.row_blocks, threads, |blocks| {
+        let tile = kernel.gemm_tile();
+        let tables_len = lm.tables_len();
+        // Each task builds the tables of a tile itself: a few percent of the lookups' cost,
+        // and tasks never wait on each other.
+        let mut tables = vec![0.0f32; tile * tables_len];
+        let mut first = 0;
+        while first < n {
+            let count = tile.min(n - first);
+            for t in 0..count {
+                let x = &xs[(first + t) * cols..(first + t + 1) * cols];
+                build_tables(
+                    x,
+                    lm.chunks,
+                    &mut tables[t * tables_len..(t + 1) * tables_len],
+                );
+            }
+            let tile_job = LutTile {
+                kernel,
+                lm,
+                tables: &tables,
+                tables_len,
+                first,
+                out: &out,
+            };
+            match count {
+                1 => tile_job.run::<1>(blocks.clone()),
+                2 => tile_job.run::<2>(blocks.clone()),
+                3 => tile_job.run::<3>(blocks.clone()),
+                4 => tile_job.run::<4>(blocks.clone()),
+                _ => unreachable!("gemm tile wider than 4"),
+            }
+            first += count;
+        }
+    });
+}
+
+struct LutTile<'a> {
+    kernel: Kernel,
+    lm: &'a LutMatrix,
+    tables: &'a [f32],
+    tables_len: usize,
+    first: usize,
+    out: &'a SharedOut,
+}
+
+impl LutTile<'_> {
+    fn run<const T: usize>(&self, blocks: Range<usize>) {
+        let tables: [&[f32]; T] =
+            std::array::from_fn(|t| &self.tables[t * self.tables_len..(t + 1) * self.tables_len]);
+        for block in blocks {
+            let sums = lut_block_sums::<T>(self.kernel, self.lm.block(block), &tables);
+            for (t, sums) in sums.iter().enumerate() {
+                write_block(
+                    self.lm,
+                    block,
+                    sums,
+                    self.out,
+                    (self.first + t) * self.lm.rows,
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Which implementation computes a product, and run-time dispatch to it.
+
+use crate::lut::{self, LUT_BLOCK_ROWS};
+use crate::scalar;
+
+/// A 1-bit GEMV/GEMM implementation. `Lut*` kernels use the [`crate::LutMatrix`] layout, the
+/// others the canonical [`crate::PackedMatrix`] layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Element-by-element reference ([`crate::scalar`]).
+    Scalar,
+    /// x86-64 AVX2 + FMA, bits expanded to lane masks by variable shifts.
+    Avx2,
+    /// x86-64 AVX-512F, bits used directly as k-masks.
+    Avx512,
+    /// aarch64 NEON, bits expanded by `vtst`.
+    Neon,
+    /// Lookup tables of 4-activation partial sums, portable code.
+    LutScalar,
+    /// Lookup tables, AVX2 (`vpermps` over two 8-entry halves).
+    LutAvx2,
+    /// Lookup tables, AVX-512F (`vpermps` over 16 rows at once).
+    LutAvx512,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 7] = [
+        Kernel::Scalar,
+        Kernel::Avx2,
+        Kernel::Avx512,
+        Kernel::Neon,
+        Kernel::LutScalar,
+        Kernel::LutAvx2,
+        Kernel::LutAvx512,
+    ];
+
+    /// Whether this CPU can run the kernel (checked at run time).
+    pub fn is_available(self) -> bool {
+        match self {
+            Kernel::Scalar | Kernel::LutScalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 | Kernel::LutAvx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 | Kernel::LutAvx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// All kernels this CPU can run.
+    pub fn available() -> Vec<Kernel> {
+        Kernel::ALL
+            .into_iter()
+            .filter(|k| k.is_available())
+            .collect()
+    }
+
+    /// The fastest available kernel, in the order `gemv_bench` measured (LUT paths are faster
+    /// than mask expansion on both AVX-512 and AVX2 at SmolLM2 shapes).
+    pub fn best() -> Kernel {
+        [
+            Kernel::LutAvx512,
+            Kernel::LutAvx2,
+            Kernel::Neon,
+            Kernel::LutScalar,
+        ]
+        .into_iter()
+        .find(|k| k.is_available())
+        .unwrap_or(Kernel::Scalar)
+    }
+
+    /// The fastest available kernel that works on the canonical layout (no re-tiling).
+    pub fn best_row_major() -> Kernel {
+        [Kernel::Avx512, Kernel::Avx2, Kernel::Neon]
+            .into_iter()
+            .find(|k| k.is_available())
+            .unwrap_or(Kernel::Scalar)
+    }
+
+    /// Whether the kernel needs the [`crate::LutMatrix`] layout.
+    pub fn uses_lut_layout(self) -> bool {
+        matches!(
+            self,
+            Kernel::LutScalar | Kernel::LutAvx2 | Kernel::LutAvx512
+        )
+    }
+
+    /// Input vectors processed per pass over the weights in GEMM (bounded by registers).
+    pub(crate) fn gemm_tile(self) -> usize {
+        match self {
+            Kernel::Scalar => 1,
+            Kernel::Avx2 | Kernel::Neon => 2,
+            Kernel::Avx512 | Kernel::LutScalar | Kernel::LutAvx2 | Kernel::LutAvx512 => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+            Kernel::Neon => "neon",
+            Kernel::LutScalar => "lut-scalar",
+            Kernel::LutAvx2 => "lut-avx2",
+            Kernel::LutAvx512 => "lut-avx512",
+        }
+    }
+
+    pub(crate) fn assert_available(self) {
+        assert!(
+            self.is_available(),
+            "kernel {} is not available on this CPU",
+            self.name()
+        );
+    }
+}
+
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Kernel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Kernel::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown kernel {s:?}"))
+    }
+}
+
+/// Row-major kernels: per-vector sums of the activations whose bit is 1. `xs` are zero-padded
+/// to `64 * row.len()` floats. The kernel must be available and row-major (not Scalar).
+#[inline]
+pub(crate) fn selected_sums<const T: usize>(
+    kernel: Kernel,
+    row: &[u64],
+    xs: &[&[f32]; T],
+) -> [f32; T] {
+    match kernel {
+        // SAFETY: availability is checked by every public entry point (`assert_available`);
+        // the kernels assert the padded lengths themselves.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { crate::x86::selected_sums_avx512::<T>(row, xs) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => unsafe { crate::x86::selected_sums_avx2::<T>(row, xs) },
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon => unsafe { crate::neon::selected_sums_neon::<T>(row, xs) },
+        _ => unreachable!("selected_sums called with {kernel}"),
+    }
+}
+
+/// LUT kernels: per-row signed sums of one 16-row block for `T` vectors.
+#[inline]
+pub(crate) fn lut_block_sums<const T: usize>(
+    kernel: Kernel,
+    block: &[u32],
+    tables: &[&[f32]; T],
+) -> [[f32; LUT_BLOCK_ROWS]; T] {
+    match kernel {
+        // SAFETY: as in `selected_sums`; the kernels assert table lengths.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::LutAvx512 => unsafe { lut::block_sums_avx512::<T>(block, tables) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::LutAvx2 => unsafe { lut::block_sums_avx2::<T>(block, tables) },
+        Kernel::LutScalar => lut::block_sums_scalar::<T>(block, tables),
+        _ => unreachable!("lut_block_sums called with {kernel}"),
+    }
+}
+
+/// Reference row dot for the Scalar kernel (unpadded `x`).
+#[inline]
+pub(crate) fn scalar_row_dot(m: &crate::PackedMatrix, r: usize, x: &[f32]) -> f32 {
+    scalar::row_dot(m, r, x)
+}
