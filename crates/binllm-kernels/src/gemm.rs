@@ -40,8 +40,16 @@ pub(crate) fn gemv_row_major(
     for_each_range(m.rows, threads, |rows| {
         // SAFETY: row ranges from `for_each_range` are disjoint.
         let out = unsafe { out.slice(rows.start, rows.len()) };
-        for (out, r) in out.iter_mut().zip(rows) {
-            let [selected] = selected_sums::<1>(kernel, m.row_bits(r), &[&padded]);
+        let wpr = m.words_per_row;
+        let mut selected = vec![[0.0f32; 1]; rows.len()];
+        selected_sums::<1>(
+            kernel,
+            &m.bits[rows.start * wpr..rows.end * wpr],
+            wpr,
+            &[&padded],
+            &mut selected,
+        );
+        for ((out, [selected]), r) in out.iter_mut().zip(selected).zip(rows) {
             *out = m.scales[r] * (2.0 * selected - total);
         }
     });
@@ -120,12 +128,18 @@ impl RowMajorTile<'_> {
     fn run<const T: usize>(&self, rows: Range<usize>) {
         let xs: [&[f32]; T] =
             std::array::from_fn(|t| &self.padded[t * self.padded_len..(t + 1) * self.padded_len]);
-        for r in rows {
-            let selected = selected_sums::<T>(self.kernel, self.m.row_bits(r), &xs);
-            for (t, &selected) in selected.iter().enumerate() {
-                // SAFETY: each task owns its row range in every output vector.
-                let out = unsafe { self.out.slice((self.first + t) * self.m.rows + r, 1) };
-                out[0] = self.m.scales[r] * (2.0 * selected - self.totals[t]);
+        let wpr = self.m.words_per_row;
+        let mut selected = vec![[0.0f32; T]; rows.len()];
+        let bits = &self.m.bits[rows.start * wpr..rows.end * wpr];
+        selected_sums::<T>(self.kernel, bits, wpr, &xs, &mut selected);
+        for t in 0..T {
+            // SAFETY: each task owns its row range in every output vector.
+            let out = unsafe {
+                self.out
+                    .slice((self.first + t) * self.m.rows + rows.start, rows.len())
+            };
+            for ((out, selected), r) in out.iter_mut().zip(&selected).zip(rows.clone()) {
+                *out = self.m.scales[r] * (2.0 * selected[t] - self.totals[t]);
             }
         }
     }

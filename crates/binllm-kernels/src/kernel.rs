@@ -135,23 +135,32 @@ impl std::str::FromStr for Kernel {
     }
 }
 
-/// Row-major kernels: per-vector sums of the activations whose bit is 1. `xs` are zero-padded
-/// to `64 * row.len()` floats. The kernel must be available and row-major (not Scalar).
+/// Row-major kernels: per-row, per-vector sums of the activations whose bit is 1, for the
+/// rows whose words are `bits`. `xs` are zero-padded to `64 * words_per_row` floats. The kernel
+/// must be available and row-major (not Scalar).
 #[inline]
 pub(crate) fn selected_sums<const T: usize>(
     kernel: Kernel,
-    row: &[u64],
+    bits: &[u64],
+    words_per_row: usize,
     xs: &[&[f32]; T],
-) -> [f32; T] {
+    out: &mut [[f32; T]],
+) {
     match kernel {
         // SAFETY: availability is checked by every public entry point (`assert_available`);
         // the kernels assert the padded lengths themselves.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 => unsafe { crate::x86::selected_sums_avx512::<T>(row, xs) },
+        Kernel::Avx512 => unsafe {
+            crate::x86::selected_sums_avx512::<T>(bits, words_per_row, xs, out)
+        },
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { crate::x86::selected_sums_avx2::<T>(row, xs) },
+        Kernel::Avx2 => unsafe {
+            crate::x86::selected_sums_avx2::<T>(bits, words_per_row, xs, out)
+        },
         #[cfg(target_arch = "aarch64")]
-        Kernel::Neon => unsafe { crate::neon::selected_sums_neon::<T>(row, xs) },
+        Kernel::Neon => unsafe {
+            crate::neon::selected_sums_neon::<T>(bits, words_per_row, xs, out)
+        },
         _ => unreachable!("selected_sums called with {kernel}"),
     }
 }

@@ -6,16 +6,31 @@
 
 use std::arch::aarch64::*;
 
-/// Sums of the activations whose sign bit is 1, for `T` input vectors at once.
+/// Sums of the activations whose sign bit is 1, for `T` input vectors at once: `out[i][t]`
+/// receives the sum for row `i` of `bits` (`words_per_row` words per row) and vector `t`.
 ///
 /// # Safety
 /// The CPU must support NEON (always true on aarch64-unknown-linux-gnu), and every `xs[t]`
-/// must hold at least `64 * row.len()` floats.
+/// must hold at least `64 * words_per_row` floats.
 #[target_feature(enable = "neon")]
-pub unsafe fn selected_sums_neon<const T: usize>(row: &[u64], xs: &[&[f32]; T]) -> [f32; T] {
+pub unsafe fn selected_sums_neon<const T: usize>(
+    bits: &[u64],
+    words_per_row: usize,
+    xs: &[&[f32]; T],
+    out: &mut [[f32; T]],
+) {
+    assert_eq!(bits.len(), out.len() * words_per_row);
     for x in xs {
-        assert!(x.len() >= row.len() * 64);
+        assert!(x.len() >= words_per_row * 64);
     }
+    for (r, out) in out.iter_mut().enumerate() {
+        *out = row_neon(&bits[r * words_per_row..(r + 1) * words_per_row], xs);
+    }
+}
+
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn row_neon<const T: usize>(row: &[u64], xs: &[&[f32]; T]) -> [f32; T] {
     let low_nibble_bits: [u32; 4] = [1, 2, 4, 8];
     let high_nibble_bits: [u32; 4] = [16, 32, 64, 128];
     let low_bits = vld1q_u32(low_nibble_bits.as_ptr());
@@ -30,7 +45,7 @@ pub unsafe fn selected_sums_neon<const T: usize>(row: &[u64], xs: &[&[f32]; T]) 
             // Alternate accumulator pairs between even and odd bytes to hide the add latency.
             let pair = 2 * (byte & 1);
             for t in 0..T {
-                // SAFETY: base + 8 <= 64 * row.len() <= xs[t].len() (asserted).
+                // SAFETY: base + 8 <= 64 * row.len() <= xs[t].len() (asserted by the caller).
                 let x_low = vld1q_f32(xs[t].as_ptr().add(base));
                 let x_high = vld1q_f32(xs[t].as_ptr().add(base + 4));
                 let picked_low =
