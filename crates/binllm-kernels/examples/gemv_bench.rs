@@ -85,7 +85,13 @@ fn main() {
 
     println!("# binllm-kernels gemv_bench");
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("load average at start: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!(
+        "load average at start: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!(
         "cpu: {} ({} logical cpus), kernels available: {}, best: {}, dense best: {}",
         cpu_model(),
@@ -199,6 +205,61 @@ fn main() {
                     gbps(bytes, s) / dram_gbps
                 );
             }
+        }
+    }
+
+    println!();
+    println!("## int8-activation (W1A8) error against the f32 path");
+    println!(
+        "relative error = ||y_i8 - y_f32||_2 / ||y_f32||_2 over the rows; 'outliers' puts 1% of"
+    );
+    println!("activations at 20x the typical magnitude, as LLM hidden states have.");
+    println!();
+    println!("| shape | activations | relative L2 error | max abs error / max abs y |");
+    println!("|---|---|---|---|");
+    let i8_kernel = if Kernel::LutI8Avx512.is_available() {
+        Kernel::LutI8Avx512
+    } else {
+        Kernel::LutI8Scalar
+    };
+    for &(rows, cols, what) in &shapes[..4] {
+        let packed =
+            PackedMatrix::from_signs_and_scales(&rng.vec(rows * cols), rows, cols, rng.vec(rows));
+        let exact = PreparedMatrix::new(packed.clone(), Kernel::best());
+        let approximate = PreparedMatrix::new(packed, i8_kernel);
+        for outliers in [false, true] {
+            let mut x = rng.vec(cols);
+            if outliers {
+                for v in x.iter_mut().step_by(100) {
+                    *v *= 20.0;
+                }
+            }
+            let (mut y32, mut y8) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+            exact.gemv(&x, &mut y32, 1);
+            approximate.gemv(&x, &mut y8, 1);
+            let norm = y32.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            let err = y32
+                .iter()
+                .zip(&y8)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let max_err = y32
+                .iter()
+                .zip(&y8)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let max_y = y32.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+            println!(
+                "| {rows}x{cols} ({what}) | {} | {:.2e} | {:.2e} |",
+                if outliers {
+                    "uniform + 1% outliers"
+                } else {
+                    "uniform"
+                },
+                err / norm,
+                max_err / max_y
+            );
         }
     }
 

@@ -4,9 +4,10 @@
 //! Layouts: `x` has exactly `cols` floats; GEMM inputs `xs` are `n x cols` row-major (one token
 //! per row) and outputs `ys` are `n x rows` row-major.
 
-use crate::kernel::{lut_block_sums, scalar_row_dot, selected_sums, Kernel};
+use crate::kernel::{lut_block_sums, lut_i8_block_sums, scalar_row_dot, selected_sums, Kernel};
 use crate::layout::{PackedMatrix, BITS_PER_WORD};
 use crate::lut::{build_tables, LutMatrix, LUT_BLOCK_ROWS};
+use crate::lut_i8::{LutI8Matrix, I8_BLOCK_ROWS, I8_CHUNK_COLS};
 use crate::parallel::{for_each_range, SharedOut};
 use std::ops::Range;
 
@@ -246,6 +247,99 @@ impl LutTile<'_> {
                     self.out,
                     (self.first + t) * self.lm.rows,
                 );
+            }
+        }
+    }
+}
+
+/// Int8-activation LUT product (GEMV is `n = 1`): each task quantizes and builds tables for its
+/// tiles itself, as in [`gemm_lut`]; quantization is deterministic, so thread counts still give
+/// identical results.
+pub(crate) fn gemm_lut_i8(
+    kernel: Kernel,
+    lm: &LutI8Matrix,
+    xs: &[f32],
+    n: usize,
+    ys: &mut [f32],
+    threads: usize,
+) {
+    let out = SharedOut::new(ys);
+    let cols = lm.cols;
+    for_each_range(lm.row_blocks, threads, |blocks| {
+        let tile = kernel.gemm_tile();
+        let padded_len = lm.chunks * I8_CHUNK_COLS;
+        let tables_len = lm.tables_len();
+        let mut qs = vec![0i8; tile * padded_len];
+        let mut tables = vec![0i16; tile * tables_len];
+        let mut act_scales = vec![0.0f32; tile];
+        let mut first = 0;
+        while first < n {
+            let count = tile.min(n - first);
+            for t in 0..count {
+                let x = &xs[(first + t) * cols..(first + t + 1) * cols];
+                let q = &mut qs[t * padded_len..(t + 1) * padded_len];
+                act_scales[t] = crate::lut_i8::quantize(x, q);
+                if kernel != Kernel::LutI8Scalar {
+                    crate::lut_i8::build_tables(
+                        q,
+                        &mut tables[t * tables_len..(t + 1) * tables_len],
+                    );
+                }
+            }
+            let tile_job = LutI8Tile {
+                kernel,
+                lm,
+                qs: &qs,
+                padded_len,
+                tables: &tables,
+                tables_len,
+                act_scales: &act_scales,
+                first,
+                out: &out,
+            };
+            match count {
+                1 => tile_job.run::<1>(blocks.clone()),
+                2 => tile_job.run::<2>(blocks.clone()),
+                3 => tile_job.run::<3>(blocks.clone()),
+                4 => tile_job.run::<4>(blocks.clone()),
+                _ => unreachable!("gemm tile wider than 4"),
+            }
+            first += count;
+        }
+    });
+}
+
+struct LutI8Tile<'a> {
+    kernel: Kernel,
+    lm: &'a LutI8Matrix,
+    qs: &'a [i8],
+    padded_len: usize,
+    tables: &'a [i16],
+    tables_len: usize,
+    act_scales: &'a [f32],
+    first: usize,
+    out: &'a SharedOut,
+}
+
+impl LutI8Tile<'_> {
+    fn run<const T: usize>(&self, blocks: Range<usize>) {
+        let qs: [&[i8]; T] =
+            std::array::from_fn(|t| &self.qs[t * self.padded_len..(t + 1) * self.padded_len]);
+        let tables: [&[i16]; T] =
+            std::array::from_fn(|t| &self.tables[t * self.tables_len..(t + 1) * self.tables_len]);
+        for block in blocks {
+            let sums = lut_i8_block_sums::<T>(self.kernel, self.lm.block(block), &qs, &tables);
+            let first_row = block * I8_BLOCK_ROWS;
+            let count = I8_BLOCK_ROWS.min(self.lm.rows - first_row);
+            for (t, sums) in sums.iter().enumerate() {
+                // SAFETY: blocks are owned by exactly one task, so their row ranges are disjoint.
+                let out = unsafe {
+                    self.out
+                        .slice((self.first + t) * self.lm.rows + first_row, count)
+                };
+                for (i, out) in out.iter_mut().enumerate() {
+                    *out = self.lm.scales[first_row + i] * self.act_scales[t] * sums[i] as f32;
+                }
             }
         }
     }

@@ -21,10 +21,14 @@ pub enum Kernel {
     LutAvx2,
     /// Lookup tables, AVX-512F (`vpermps` over 16 rows at once).
     LutAvx512,
+    /// Int8 activations (W1A8, approximate): exact integer reference for the i8 paths.
+    LutI8Scalar,
+    /// Int8 activations, i16 lookup tables, AVX-512BW (`vpermw` over 32 rows at once).
+    LutI8Avx512,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::Scalar,
         Kernel::Avx2,
         Kernel::Avx512,
@@ -32,18 +36,24 @@ impl Kernel {
         Kernel::LutScalar,
         Kernel::LutAvx2,
         Kernel::LutAvx512,
+        Kernel::LutI8Scalar,
+        Kernel::LutI8Avx512,
     ];
 
     /// Whether this CPU can run the kernel (checked at run time).
     pub fn is_available(self) -> bool {
         match self {
-            Kernel::Scalar | Kernel::LutScalar => true,
+            Kernel::Scalar | Kernel::LutScalar | Kernel::LutI8Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 | Kernel::LutAvx2 => {
                 is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 | Kernel::LutAvx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::LutI8Avx512 => {
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+            }
             #[cfg(target_arch = "aarch64")]
             Kernel::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[allow(unreachable_patterns)]
@@ -89,12 +99,27 @@ impl Kernel {
         )
     }
 
+    /// Whether the kernel needs the [`crate::LutI8Matrix`] layout.
+    pub fn uses_i8_layout(self) -> bool {
+        matches!(self, Kernel::LutI8Scalar | Kernel::LutI8Avx512)
+    }
+
+    /// Whether results differ from the f32 reference by more than f32 rounding (int8
+    /// activations). [`Kernel::best`] never returns one of these.
+    pub fn is_approximate(self) -> bool {
+        self.uses_i8_layout()
+    }
+
     /// Input vectors processed per pass over the weights in GEMM (bounded by registers).
     pub(crate) fn gemm_tile(self) -> usize {
         match self {
-            Kernel::Scalar => 1,
+            Kernel::Scalar | Kernel::LutI8Scalar => 1,
             Kernel::Avx2 | Kernel::Neon => 2,
-            Kernel::Avx512 | Kernel::LutScalar | Kernel::LutAvx2 | Kernel::LutAvx512 => 4,
+            Kernel::Avx512
+            | Kernel::LutScalar
+            | Kernel::LutAvx2
+            | Kernel::LutAvx512
+            | Kernel::LutI8Avx512 => 4,
         }
     }
 
@@ -107,6 +132,8 @@ impl Kernel {
             Kernel::LutScalar => "lut-scalar",
             Kernel::LutAvx2 => "lut-avx2",
             Kernel::LutAvx512 => "lut-avx512",
+            Kernel::LutI8Scalar => "lut-i8-scalar",
+            Kernel::LutI8Avx512 => "lut-i8-avx512",
         }
     }
 
@@ -180,6 +207,24 @@ pub(crate) fn lut_block_sums<const T: usize>(
         Kernel::LutAvx2 => unsafe { lut::block_sums_avx2::<T>(block, tables) },
         Kernel::LutScalar => lut::block_sums_scalar::<T>(block, tables),
         _ => unreachable!("lut_block_sums called with {kernel}"),
+    }
+}
+
+/// Int8 LUT kernels: exact per-row integer sums of one 32-row block for `T` vectors. The
+/// scalar path takes quantized activations, the SIMD path their tables.
+#[inline]
+pub(crate) fn lut_i8_block_sums<const T: usize>(
+    kernel: Kernel,
+    block: &[u16],
+    qs: &[&[i8]; T],
+    tables: &[&[i16]; T],
+) -> [[i32; crate::lut_i8::I8_BLOCK_ROWS]; T] {
+    match kernel {
+        // SAFETY: as in `selected_sums`; the kernel asserts table lengths.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::LutI8Avx512 => unsafe { crate::lut_i8::block_sums_avx512bw::<T>(block, tables) },
+        Kernel::LutI8Scalar => crate::lut_i8::block_sums_scalar::<T>(block, qs),
+        _ => unreachable!("lut_i8_block_sums called with {kernel}"),
     }
 }
 

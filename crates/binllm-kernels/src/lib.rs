@@ -49,6 +49,7 @@ mod gemm;
 mod kernel;
 pub mod layout;
 pub mod lut;
+pub mod lut_i8;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 mod parallel;
@@ -60,6 +61,7 @@ pub use dense::{gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_with, DenseKernel};
 pub use kernel::Kernel;
 pub use layout::{pack_signs, words_per_row, PackedMatrix};
 pub use lut::LutMatrix;
+pub use lut_i8::LutI8Matrix;
 
 fn check_gemv_shapes(rows: usize, cols: usize, x: &[f32], y: &[f32]) {
     assert_eq!(x.len(), cols, "gemv: x.len() != cols");
@@ -89,6 +91,8 @@ pub fn gemv_with(kernel: Kernel, m: &PackedMatrix, x: &[f32], y: &mut [f32], thr
     kernel.assert_available();
     if kernel.uses_lut_layout() {
         gemm::gemv_lut(kernel, &LutMatrix::from_packed(m), x, y, threads)
+    } else if kernel.uses_i8_layout() {
+        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), x, 1, y, threads)
     } else {
         gemm::gemv_row_major(kernel, m, x, y, threads)
     }
@@ -107,6 +111,8 @@ pub fn gemm_with(
     kernel.assert_available();
     if kernel.uses_lut_layout() {
         gemm::gemm_lut(kernel, &LutMatrix::from_packed(m), xs, n, ys, threads)
+    } else if kernel.uses_i8_layout() {
+        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), xs, n, ys, threads)
     } else {
         gemm::gemm_row_major(kernel, m, xs, n, ys, threads)
     }
@@ -124,6 +130,7 @@ pub struct PreparedMatrix {
 enum Weights {
     RowMajor(PackedMatrix),
     Lut(LutMatrix),
+    LutI8(LutI8Matrix),
 }
 
 impl PreparedMatrix {
@@ -132,6 +139,8 @@ impl PreparedMatrix {
         kernel.assert_available();
         let weights = if kernel.uses_lut_layout() {
             Weights::Lut(LutMatrix::from_packed(&m))
+        } else if kernel.uses_i8_layout() {
+            Weights::LutI8(LutI8Matrix::from_packed(&m))
         } else {
             Weights::RowMajor(m)
         };
@@ -151,6 +160,7 @@ impl PreparedMatrix {
         match &self.weights {
             Weights::RowMajor(m) => m.rows,
             Weights::Lut(m) => m.rows,
+            Weights::LutI8(m) => m.rows,
         }
     }
 
@@ -158,6 +168,7 @@ impl PreparedMatrix {
         match &self.weights {
             Weights::RowMajor(m) => m.cols,
             Weights::Lut(m) => m.cols,
+            Weights::LutI8(m) => m.cols,
         }
     }
 
@@ -166,6 +177,7 @@ impl PreparedMatrix {
         match &self.weights {
             Weights::RowMajor(m) => m.packed_bytes(),
             Weights::Lut(m) => m.packed_bytes(),
+            Weights::LutI8(m) => m.packed_bytes(),
         }
     }
 
@@ -175,6 +187,7 @@ impl PreparedMatrix {
         match &self.weights {
             Weights::RowMajor(m) => gemm::gemv_row_major(self.kernel, m, x, y, threads),
             Weights::Lut(m) => gemm::gemv_lut(self.kernel, m, x, y, threads),
+            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, x, 1, y, threads),
         }
     }
 
@@ -184,6 +197,7 @@ impl PreparedMatrix {
         match &self.weights {
             Weights::RowMajor(m) => gemm::gemm_row_major(self.kernel, m, xs, n, ys, threads),
             Weights::Lut(m) => gemm::gemm_lut(self.kernel, m, xs, n, ys, threads),
+            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, xs, n, ys, threads),
         }
     }
 }
