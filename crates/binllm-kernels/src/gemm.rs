@@ -4,7 +4,7 @@
 //! Layouts: `x` has exactly `cols` floats; GEMM inputs `xs` are `n x cols` row-major (one token
 //! per row) and outputs `ys` are `n x rows` row-major.
 
-use crate::kernel::{lut_block_sums, lut_i8_block_sums, scalar_row_dot, selected_sums, Kernel};
+use crate::kernel::{lut_blocks_sums, lut_i8_blocks_sums, scalar_row_dot, selected_sums, Kernel};
 use crate::layout::{PackedMatrix, BITS_PER_WORD};
 use crate::lut::{build_tables, LutMatrix, LUT_BLOCK_ROWS};
 use crate::lut_i8::{LutI8Matrix, I8_BLOCK_ROWS, I8_CHUNK_COLS};
@@ -146,21 +146,21 @@ impl RowMajorTile<'_> {
     }
 }
 
-/// Writes the scaled sums of block `block` to `out[out_offset + row]`; padding rows of the
-/// last block are dropped.
-fn write_block(
-    lm: &LutMatrix,
-    block: usize,
-    sums: &[f32; LUT_BLOCK_ROWS],
+/// Scales unscaled block sums (`sums[i]` for matrix row `first_row + i`, padding rows included)
+/// into `out[first_row + i]` for the real rows.
+fn write_scaled(
+    sums: &[f32],
+    scales: &[f32],
+    rows: usize,
+    first_row: usize,
     out: &SharedOut,
     out_offset: usize,
 ) {
-    let first_row = block * LUT_BLOCK_ROWS;
-    let count = LUT_BLOCK_ROWS.min(lm.rows - first_row);
-    // SAFETY: blocks are owned by exactly one task, so their row ranges are disjoint.
+    let count = sums.len().min(rows.saturating_sub(first_row));
+    // SAFETY: row blocks are owned by exactly one task, so their row ranges are disjoint.
     let out = unsafe { out.slice(out_offset + first_row, count) };
-    for (i, out) in out.iter_mut().enumerate() {
-        *out = lm.scales[first_row + i] * sums[i];
+    for ((out, &sum), &row_scale) in out.iter_mut().zip(sums).zip(&scales[first_row..]) {
+        *out = row_scale * sum;
     }
 }
 
@@ -170,10 +170,22 @@ pub(crate) fn gemv_lut(kernel: Kernel, lm: &LutMatrix, x: &[f32], y: &mut [f32],
     build_tables(x, lm.chunks, &mut tables);
     let out = SharedOut::new(y);
     for_each_range(lm.row_blocks, threads, |blocks| {
-        for block in blocks {
-            let [sums] = lut_block_sums::<1>(kernel, lm.block(block), &[&tables]);
-            write_block(lm, block, &sums, &out, 0);
-        }
+        let mut sums = vec![0.0f32; blocks.len() * LUT_BLOCK_ROWS];
+        lut_blocks_sums::<1>(
+            kernel,
+            lm.blocks(blocks.clone()),
+            lm.chunks,
+            &[&tables],
+            &mut sums,
+        );
+        write_scaled(
+            &sums,
+            &lm.scales,
+            lm.rows,
+            blocks.start * LUT_BLOCK_ROWS,
+            &out,
+            0,
+        );
     });
 }
 
@@ -190,9 +202,11 @@ pub(crate) fn gemm_lut(
     for_each_range(lm.row_blocks, threads, |blocks| {
         let tile = kernel.gemm_tile();
         let tables_len = lm.tables_len();
+        let task_rows = blocks.len() * LUT_BLOCK_ROWS;
         // Each task builds the tables of a tile itself: a few percent of the lookups' cost,
         // and tasks never wait on each other.
         let mut tables = vec![0.0f32; tile * tables_len];
+        let mut sums = vec![0.0f32; tile * task_rows];
         let mut first = 0;
         while first < n {
             let count = tile.min(n - first);
@@ -204,52 +218,43 @@ pub(crate) fn gemm_lut(
                     &mut tables[t * tables_len..(t + 1) * tables_len],
                 );
             }
-            let tile_job = LutTile {
-                kernel,
-                lm,
-                tables: &tables,
-                tables_len,
-                first,
-                out: &out,
-            };
+            let sums = &mut sums[..count * task_rows];
+            let data = lm.blocks(blocks.clone());
+            let table = |t: usize| &tables[t * tables_len..(t + 1) * tables_len];
             match count {
-                1 => tile_job.run::<1>(blocks.clone()),
-                2 => tile_job.run::<2>(blocks.clone()),
-                3 => tile_job.run::<3>(blocks.clone()),
-                4 => tile_job.run::<4>(blocks.clone()),
+                1 => lut_blocks_sums::<1>(kernel, data, lm.chunks, &[table(0)], sums),
+                2 => lut_blocks_sums::<2>(kernel, data, lm.chunks, &[table(0), table(1)], sums),
+                3 => lut_blocks_sums::<3>(
+                    kernel,
+                    data,
+                    lm.chunks,
+                    &[table(0), table(1), table(2)],
+                    sums,
+                ),
+                4 => lut_blocks_sums::<4>(
+                    kernel,
+                    data,
+                    lm.chunks,
+                    &[table(0), table(1), table(2), table(3)],
+                    sums,
+                ),
                 _ => unreachable!("gemm tile wider than 4"),
+            }
+            for t in 0..count {
+                let vector_sums = &sums[t * task_rows..(t + 1) * task_rows];
+                let first_row = blocks.start * LUT_BLOCK_ROWS;
+                write_scaled(
+                    vector_sums,
+                    &lm.scales,
+                    lm.rows,
+                    first_row,
+                    &out,
+                    (first + t) * lm.rows,
+                );
             }
             first += count;
         }
     });
-}
-
-struct LutTile<'a> {
-    kernel: Kernel,
-    lm: &'a LutMatrix,
-    tables: &'a [f32],
-    tables_len: usize,
-    first: usize,
-    out: &'a SharedOut,
-}
-
-impl LutTile<'_> {
-    fn run<const T: usize>(&self, blocks: Range<usize>) {
-        let tables: [&[f32]; T] =
-            std::array::from_fn(|t| &self.tables[t * self.tables_len..(t + 1) * self.tables_len]);
-        for block in blocks {
-            let sums = lut_block_sums::<T>(self.kernel, self.lm.block(block), &tables);
-            for (t, sums) in sums.iter().enumerate() {
-                write_block(
-                    self.lm,
-                    block,
-                    sums,
-                    self.out,
-                    (self.first + t) * self.lm.rows,
-                );
-            }
-        }
-    }
 }
 
 /// Int8-activation LUT product (GEMV is `n = 1`): each task quantizes and builds tables for its
@@ -269,9 +274,12 @@ pub(crate) fn gemm_lut_i8(
         let tile = kernel.gemm_tile();
         let padded_len = lm.chunks * I8_CHUNK_COLS;
         let tables_len = lm.tables_len();
+        let task_rows = blocks.len() * I8_BLOCK_ROWS;
         let mut qs = vec![0i8; tile * padded_len];
         let mut tables = vec![0i16; tile * tables_len];
         let mut act_scales = vec![0.0f32; tile];
+        let mut sums = vec![0i32; tile * task_rows];
+        let mut scaled = vec![0.0f32; task_rows];
         let mut first = 0;
         while first < n {
             let count = tile.min(n - first);
@@ -286,61 +294,56 @@ pub(crate) fn gemm_lut_i8(
                     );
                 }
             }
-            let tile_job = LutI8Tile {
-                kernel,
-                lm,
-                qs: &qs,
-                padded_len,
-                tables: &tables,
-                tables_len,
-                act_scales: &act_scales,
-                first,
-                out: &out,
-            };
+            let sums = &mut sums[..count * task_rows];
+            let data = lm.blocks(blocks.clone());
+            let q = |t: usize| &qs[t * padded_len..(t + 1) * padded_len];
+            let table = |t: usize| &tables[t * tables_len..(t + 1) * tables_len];
             match count {
-                1 => tile_job.run::<1>(blocks.clone()),
-                2 => tile_job.run::<2>(blocks.clone()),
-                3 => tile_job.run::<3>(blocks.clone()),
-                4 => tile_job.run::<4>(blocks.clone()),
+                1 => lut_i8_blocks_sums::<1>(kernel, data, lm.chunks, &[q(0)], &[table(0)], sums),
+                2 => lut_i8_blocks_sums::<2>(
+                    kernel,
+                    data,
+                    lm.chunks,
+                    &[q(0), q(1)],
+                    &[table(0), table(1)],
+                    sums,
+                ),
+                3 => lut_i8_blocks_sums::<3>(
+                    kernel,
+                    data,
+                    lm.chunks,
+                    &[q(0), q(1), q(2)],
+                    &[table(0), table(1), table(2)],
+                    sums,
+                ),
+                4 => lut_i8_blocks_sums::<4>(
+                    kernel,
+                    data,
+                    lm.chunks,
+                    &[q(0), q(1), q(2), q(3)],
+                    &[table(0), table(1), table(2), table(3)],
+                    sums,
+                ),
                 _ => unreachable!("gemm tile wider than 4"),
+            }
+            for t in 0..count {
+                for (scaled, &sum) in scaled
+                    .iter_mut()
+                    .zip(&sums[t * task_rows..(t + 1) * task_rows])
+                {
+                    *scaled = act_scales[t] * sum as f32;
+                }
+                let first_row = blocks.start * I8_BLOCK_ROWS;
+                write_scaled(
+                    &scaled,
+                    &lm.scales,
+                    lm.rows,
+                    first_row,
+                    &out,
+                    (first + t) * lm.rows,
+                );
             }
             first += count;
         }
     });
-}
-
-struct LutI8Tile<'a> {
-    kernel: Kernel,
-    lm: &'a LutI8Matrix,
-    qs: &'a [i8],
-    padded_len: usize,
-    tables: &'a [i16],
-    tables_len: usize,
-    act_scales: &'a [f32],
-    first: usize,
-    out: &'a SharedOut,
-}
-
-impl LutI8Tile<'_> {
-    fn run<const T: usize>(&self, blocks: Range<usize>) {
-        let qs: [&[i8]; T] =
-            std::array::from_fn(|t| &self.qs[t * self.padded_len..(t + 1) * self.padded_len]);
-        let tables: [&[i16]; T] =
-            std::array::from_fn(|t| &self.tables[t * self.tables_len..(t + 1) * self.tables_len]);
-        for block in blocks {
-            let sums = lut_i8_block_sums::<T>(self.kernel, self.lm.block(block), &qs, &tables);
-            let first_row = block * I8_BLOCK_ROWS;
-            let count = I8_BLOCK_ROWS.min(self.lm.rows - first_row);
-            for (t, sums) in sums.iter().enumerate() {
-                // SAFETY: blocks are owned by exactly one task, so their row ranges are disjoint.
-                let out = unsafe {
-                    self.out
-                        .slice((self.first + t) * self.lm.rows + first_row, count)
-                };
-                for (i, out) in out.iter_mut().enumerate() {
-                    *out = self.lm.scales[first_row + i] * self.act_scales[t] * sums[i] as f32;
-                }
-            }
-        }
-    }
 }

@@ -1,6 +1,6 @@
 //! Which implementation computes a product, and run-time dispatch to it.
 
-use crate::lut::{self, LUT_BLOCK_ROWS};
+use crate::lut;
 use crate::scalar;
 
 /// A 1-bit GEMV/GEMM implementation. `Lut*` kernels use the [`crate::LutMatrix`] layout, the
@@ -192,39 +192,46 @@ pub(crate) fn selected_sums<const T: usize>(
     }
 }
 
-/// LUT kernels: per-row signed sums of one 16-row block for `T` vectors.
+/// LUT kernels: unscaled row sums of consecutive 16-row blocks (`data`) for `T` vectors,
+/// stored vector-major in `sums` (`T * 16 * blocks` floats).
 #[inline]
-pub(crate) fn lut_block_sums<const T: usize>(
+pub(crate) fn lut_blocks_sums<const T: usize>(
     kernel: Kernel,
-    block: &[u32],
+    data: &[u32],
+    chunks: usize,
     tables: &[&[f32]; T],
-) -> [[f32; LUT_BLOCK_ROWS]; T] {
+    sums: &mut [f32],
+) {
     match kernel {
         // SAFETY: as in `selected_sums`; the kernels assert table lengths.
         #[cfg(target_arch = "x86_64")]
-        Kernel::LutAvx512 => unsafe { lut::block_sums_avx512::<T>(block, tables) },
+        Kernel::LutAvx512 => unsafe { lut::blocks_sums_avx512::<T>(data, chunks, tables, sums) },
         #[cfg(target_arch = "x86_64")]
-        Kernel::LutAvx2 => unsafe { lut::block_sums_avx2::<T>(block, tables) },
-        Kernel::LutScalar => lut::block_sums_scalar::<T>(block, tables),
-        _ => unreachable!("lut_block_sums called with {kernel}"),
+        Kernel::LutAvx2 => unsafe { lut::blocks_sums_avx2::<T>(data, chunks, tables, sums) },
+        Kernel::LutScalar => lut::blocks_sums_scalar::<T>(data, chunks, tables, sums),
+        _ => unreachable!("lut_blocks_sums called with {kernel}"),
     }
 }
 
-/// Int8 LUT kernels: exact per-row integer sums of one 32-row block for `T` vectors. The
-/// scalar path takes quantized activations, the SIMD path their tables.
+/// Int8 LUT kernels: exact integer row sums of consecutive 32-row blocks for `T` vectors,
+/// vector-major in `sums`. The scalar path takes the quantized activations, SIMD the tables.
 #[inline]
-pub(crate) fn lut_i8_block_sums<const T: usize>(
+pub(crate) fn lut_i8_blocks_sums<const T: usize>(
     kernel: Kernel,
-    block: &[u16],
+    data: &[u16],
+    chunks: usize,
     qs: &[&[i8]; T],
     tables: &[&[i16]; T],
-) -> [[i32; crate::lut_i8::I8_BLOCK_ROWS]; T] {
+    sums: &mut [i32],
+) {
     match kernel {
         // SAFETY: as in `selected_sums`; the kernel asserts table lengths.
         #[cfg(target_arch = "x86_64")]
-        Kernel::LutI8Avx512 => unsafe { crate::lut_i8::block_sums_avx512bw::<T>(block, tables) },
-        Kernel::LutI8Scalar => crate::lut_i8::block_sums_scalar::<T>(block, qs),
-        _ => unreachable!("lut_i8_block_sums called with {kernel}"),
+        Kernel::LutI8Avx512 => unsafe {
+            crate::lut_i8::blocks_sums_avx512bw::<T>(data, chunks, tables, sums)
+        },
+        Kernel::LutI8Scalar => crate::lut_i8::blocks_sums_scalar::<T>(data, chunks, qs, sums),
+        _ => unreachable!("lut_i8_blocks_sums called with {kernel}"),
     }
 }
 

@@ -74,8 +74,14 @@ impl LutMatrix {
     /// The `chunks * 16` u32 lanes of row block `block`.
     #[inline]
     pub fn block(&self, block: usize) -> &[u32] {
+        self.blocks(block..block + 1)
+    }
+
+    /// The data of consecutive row blocks.
+    #[inline]
+    pub fn blocks(&self, blocks: std::ops::Range<usize>) -> &[u32] {
         let len = self.chunks * LUT_BLOCK_ROWS;
-        &self.data[block * len..(block + 1) * len]
+        &self.data[blocks.start * len..blocks.end * len]
     }
 
     /// Floats of tables one input vector needs.
@@ -167,7 +173,8 @@ unsafe fn build_tables_avx512(x: &[f32], chunks: usize, tables: &mut [f32]) {
 }
 
 /// Portable LUT path: per-row sums of one block for `T` vectors, in the fixed order.
-pub fn block_sums_scalar<const T: usize>(
+#[inline]
+fn one_block_scalar<const T: usize>(
     block: &[u32],
     tables: &[&[f32]; T],
 ) -> [[f32; LUT_BLOCK_ROWS]; T] {
@@ -199,7 +206,8 @@ pub fn block_sums_scalar<const T: usize>(
 /// must hold the tables of `block.len() / 16` chunks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn block_sums_avx512<const T: usize>(
+#[inline]
+unsafe fn one_block_avx512<const T: usize>(
     block: &[u32],
     tables: &[&[f32]; T],
 ) -> [[f32; LUT_BLOCK_ROWS]; T] {
@@ -239,10 +247,11 @@ pub unsafe fn block_sums_avx512<const T: usize>(
 /// (shifted into the sign position).
 ///
 /// # Safety
-/// As [`block_sums_avx512`], with AVX2 instead of AVX-512F.
+/// As [`one_block_avx512`], with AVX2 instead of AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn block_sums_avx2<const T: usize>(
+#[inline]
+unsafe fn one_block_avx2<const T: usize>(
     block: &[u32],
     tables: &[&[f32]; T],
 ) -> [[f32; LUT_BLOCK_ROWS]; T] {
@@ -286,4 +295,75 @@ pub unsafe fn block_sums_avx2<const T: usize>(
         }
     }
     out
+}
+
+/// Splits `data` (whole blocks) into blocks and stores each block's sums for vector `t` at
+/// `sums[t * data_rows + 16 * block + lane]`, where `data_rows` is 16 per block.
+macro_rules! for_each_block {
+    ($data:expr, $chunks:expr, $sums:expr, $T:ident, |$block:ident| $compute:expr) => {{
+        let block_len = $chunks * LUT_BLOCK_ROWS;
+        // With no columns there is no data to count blocks by; the output size tells.
+        let blocks = $data
+            .len()
+            .checked_div(block_len)
+            .unwrap_or($sums.len() / ($T * LUT_BLOCK_ROWS).max(1));
+        let data_rows = blocks * LUT_BLOCK_ROWS;
+        assert_eq!($data.len(), blocks * block_len);
+        assert_eq!($sums.len(), $T * data_rows);
+        for block_index in 0..blocks {
+            let $block = &$data[block_index * block_len..(block_index + 1) * block_len];
+            let block_sums: [[f32; LUT_BLOCK_ROWS]; $T] = $compute;
+            for t in 0..$T {
+                let start = t * data_rows + block_index * LUT_BLOCK_ROWS;
+                $sums[start..start + LUT_BLOCK_ROWS].copy_from_slice(&block_sums[t]);
+            }
+        }
+    }};
+}
+
+/// Portable LUT path over consecutive blocks: `data` holds whole blocks of `chunks` chunks;
+/// `sums` (`T * 16 * blocks` floats) receives the unscaled row sums, vector-major.
+pub fn blocks_sums_scalar<const T: usize>(
+    data: &[u32],
+    chunks: usize,
+    tables: &[&[f32]; T],
+    sums: &mut [f32],
+) {
+    for_each_block!(data, chunks, sums, T, |block| one_block_scalar::<T>(
+        block, tables
+    ))
+}
+
+/// AVX-512F LUT path over consecutive blocks (contract of [`blocks_sums_scalar`]).
+///
+/// # Safety
+/// The CPU must support AVX-512F; every table slice must hold the tables of `chunks` chunks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn blocks_sums_avx512<const T: usize>(
+    data: &[u32],
+    chunks: usize,
+    tables: &[&[f32]; T],
+    sums: &mut [f32],
+) {
+    for_each_block!(data, chunks, sums, T, |block| one_block_avx512::<T>(
+        block, tables
+    ))
+}
+
+/// AVX2 LUT path over consecutive blocks (contract of [`blocks_sums_scalar`]).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every table slice must hold the tables of `chunks` chunks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn blocks_sums_avx2<const T: usize>(
+    data: &[u32],
+    chunks: usize,
+    tables: &[&[f32]; T],
+    sums: &mut [f32],
+) {
+    for_each_block!(data, chunks, sums, T, |block| one_block_avx2::<T>(
+        block, tables
+    ))
 }

@@ -67,8 +67,14 @@ impl LutI8Matrix {
 
     #[inline]
     pub fn block(&self, block: usize) -> &[u16] {
+        self.blocks(block..block + 1)
+    }
+
+    /// The data of consecutive row blocks.
+    #[inline]
+    pub fn blocks(&self, blocks: std::ops::Range<usize>) -> &[u16] {
         let len = self.chunks * I8_BLOCK_ROWS;
-        &self.data[block * len..(block + 1) * len]
+        &self.data[blocks.start * len..blocks.end * len]
     }
 
     pub fn tables_len(&self) -> usize {
@@ -96,33 +102,55 @@ pub fn quantize(x: &[f32], q: &mut [i8]) -> f32 {
     max_abs / 127.0
 }
 
-/// Tables from quantized activations (`q.len() == 16 * chunks`): entry `e` (and `e + 16`) of
-/// group `g` is `sum_{i<4} (bit i of e ? +1 : -1) * q[4 g + i]`.
+const fn table_signs(i: usize) -> [i16; I8_TABLE_LEN] {
+    let mut signs = [0i16; I8_TABLE_LEN];
+    let mut entry = 0;
+    while entry < I8_TABLE_LEN {
+        signs[entry] = if (entry >> i) & 1 == 1 { 1 } else { -1 };
+        entry += 1;
+    }
+    signs
+}
+const SIGNS: [[i16; I8_TABLE_LEN]; 4] = [
+    table_signs(0),
+    table_signs(1),
+    table_signs(2),
+    table_signs(3),
+];
+
+/// Tables from quantized activations (`q.len() == 16 * chunks`): entry `e` (and `e + 16`, as
+/// bit 4 of the index is ignored) of group `g` is `sum_{i<4} (bit i of e ? +1 : -1) * q[4 g + i]`.
 pub fn build_tables(q: &[i8], tables: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512f") {
+        // SAFETY: features checked above.
+        return unsafe { build_tables_avx512bw(q, tables) };
+    }
+    build_tables_inline(q, tables)
+}
+
+#[inline(always)]
+fn build_tables_inline(q: &[i8], tables: &mut [i16]) {
     assert_eq!(tables.len() * 4, q.len() * I8_TABLE_LEN);
-    for (group, table) in tables.chunks_exact_mut(I8_TABLE_LEN).enumerate() {
-        let inputs = &q[group * 4..group * 4 + 4];
-        for entry in 0..16 {
-            let sum: i16 = (0..4)
-                .map(|i| {
-                    if (entry >> i) & 1 == 1 {
-                        inputs[i] as i16
-                    } else {
-                        -(inputs[i] as i16)
-                    }
-                })
-                .sum();
-            table[entry] = sum;
-            table[entry + 16] = sum;
+    for (table, inputs) in tables.chunks_exact_mut(I8_TABLE_LEN).zip(q.chunks_exact(4)) {
+        let inputs = [
+            inputs[0] as i16,
+            inputs[1] as i16,
+            inputs[2] as i16,
+            inputs[3] as i16,
+        ];
+        for (entry, out) in table.iter_mut().enumerate() {
+            *out = SIGNS[0][entry] * inputs[0]
+                + SIGNS[1][entry] * inputs[1]
+                + SIGNS[2][entry] * inputs[2]
+                + SIGNS[3][entry] * inputs[3];
         }
     }
 }
 
 /// Reference: exact integer sums `sum_j B[r, j] q[j]` for the 32 rows of a block, no tables.
-pub fn block_sums_scalar<const T: usize>(
-    block: &[u16],
-    qs: &[&[i8]; T],
-) -> [[i32; I8_BLOCK_ROWS]; T] {
+#[inline]
+fn one_block_scalar<const T: usize>(block: &[u16], qs: &[&[i8]; T]) -> [[i32; I8_BLOCK_ROWS]; T] {
     let chunks = block.len() / I8_BLOCK_ROWS;
     let mut out = [[0i32; I8_BLOCK_ROWS]; T];
     for t in 0..T {
@@ -148,7 +176,8 @@ pub fn block_sums_scalar<const T: usize>(
 /// table slice must hold the tables of `block.len() / 32` chunks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn block_sums_avx512bw<const T: usize>(
+#[inline]
+unsafe fn one_block_avx512bw<const T: usize>(
     block: &[u16],
     tables: &[&[i16]; T],
 ) -> [[i32; I8_BLOCK_ROWS]; T] {
@@ -205,4 +234,70 @@ pub unsafe fn block_sums_avx512bw<const T: usize>(
         _mm512_storeu_si512(out[t].as_mut_ptr().add(16) as *mut _, wide_high[t]);
     }
     out
+}
+
+/// Runs `one_block` over the whole blocks in `data` and stores block sums for vector `t` at
+/// `sums[t * 32 * blocks + 32 * block + lane]`.
+#[inline(always)]
+fn for_each_block<const T: usize>(
+    data: &[u16],
+    chunks: usize,
+    sums: &mut [i32],
+    mut one_block: impl FnMut(&[u16]) -> [[i32; I8_BLOCK_ROWS]; T],
+) {
+    let block_len = chunks * I8_BLOCK_ROWS;
+    // With no columns there is no data to count blocks by; the output size tells.
+    let blocks = data
+        .len()
+        .checked_div(block_len)
+        .unwrap_or(sums.len() / (T * I8_BLOCK_ROWS).max(1));
+    let data_rows = blocks * I8_BLOCK_ROWS;
+    assert_eq!(data.len(), blocks * block_len);
+    assert_eq!(sums.len(), T * data_rows);
+    for block_index in 0..blocks {
+        let block_sums = one_block(&data[block_index * block_len..(block_index + 1) * block_len]);
+        for t in 0..T {
+            let start = t * data_rows + block_index * I8_BLOCK_ROWS;
+            sums[start..start + I8_BLOCK_ROWS].copy_from_slice(&block_sums[t]);
+        }
+    }
+}
+
+/// Exact integer reference over consecutive blocks, from the quantized activations
+/// (`qs[t]` zero-padded to `16 * chunks`).
+pub fn blocks_sums_scalar<const T: usize>(
+    data: &[u16],
+    chunks: usize,
+    qs: &[&[i8]; T],
+    sums: &mut [i32],
+) {
+    for_each_block::<T>(data, chunks, sums, |block| one_block_scalar::<T>(block, qs))
+}
+
+/// AVX-512BW path over consecutive blocks, from the tables of [`build_tables`].
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX-512BW; every table slice must hold the tables of
+/// `chunks` chunks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn blocks_sums_avx512bw<const T: usize>(
+    data: &[u16],
+    chunks: usize,
+    tables: &[&[i16]; T],
+    sums: &mut [i32],
+) {
+    for_each_block::<T>(data, chunks, sums, |block| {
+        one_block_avx512bw::<T>(block, tables)
+    })
+}
+
+/// [`build_tables`] compiled for AVX-512BW so the i16 arithmetic is vectorised.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX-512BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn build_tables_avx512bw(q: &[i8], tables: &mut [i16]) {
+    build_tables_inline(q, tables)
 }
