@@ -125,7 +125,7 @@ pub fn gemv_f16_with(
             let row = &w[(row_start + i) * cols..(row_start + i + 1) * cols];
             *out = match kernel {
                 DenseKernel::Scalar => dot_scalar(row, x),
-                DenseKernel::Portable => dot_portable(row, x),
+                DenseKernel::Portable => dot_portable_f16(row, x),
                 // SAFETY: availability asserted above.
                 #[cfg(target_arch = "x86_64")]
                 DenseKernel::Avx2 => unsafe { x86::dot_f16_avx2(row, x) },
@@ -187,7 +187,8 @@ fn dot_scalar<E: DenseElement>(row: &[E], x: &[f32]) -> f32 {
         .fold(0.0f32, |acc, (&w, &xj)| acc + w.to_f32() * xj)
 }
 
-fn dot_portable<E: DenseElement>(row: &[E], x: &[f32]) -> f32 {
+/// Eight interleaved lanes so the compiler can vectorise the f32 dot on any target.
+fn dot_portable(row: &[f32], x: &[f32]) -> f32 {
     const LANES: usize = 8;
     let mut acc = [0.0f32; LANES];
     let row_chunks = row.chunks_exact(LANES);
@@ -195,15 +196,27 @@ fn dot_portable<E: DenseElement>(row: &[E], x: &[f32]) -> f32 {
     let (row_tail, x_tail) = (row_chunks.remainder(), x_chunks.remainder());
     for (w, xc) in row_chunks.zip(x_chunks) {
         for lane in 0..LANES {
-            acc[lane] += w[lane].to_f32() * xc[lane];
+            acc[lane] += w[lane] * xc[lane];
         }
     }
-    let tail: f32 = row_tail
-        .iter()
-        .zip(x_tail)
-        .map(|(&w, &xj)| w.to_f32() * xj)
-        .sum();
+    let tail: f32 = row_tail.iter().zip(x_tail).map(|(&w, &xj)| w * xj).sum();
     acc.iter().sum::<f32>() + tail
+}
+
+/// f16 rows are converted a block at a time with `half`'s slice conversion, which uses the
+/// CPU's conversion instructions (x86 F16C, aarch64 FP16) when present; converting one
+/// element at a time costs a feature check per element.
+fn dot_portable_f16(row: &[f16], x: &[f32]) -> f32 {
+    use half::slice::HalfFloatSliceExt;
+    const BLOCK: usize = 256;
+    let mut converted = [0.0f32; BLOCK];
+    let mut sum = 0.0f32;
+    for (w, xb) in row.chunks(BLOCK).zip(x.chunks(BLOCK)) {
+        let converted = &mut converted[..w.len()];
+        w.convert_to_f32_slice(converted);
+        sum += dot_portable(converted, xb);
+    }
+    sum
 }
 
 #[cfg(target_arch = "x86_64")]
