@@ -216,6 +216,7 @@ pub(crate) fn lut_blocks_sums<const T: usize>(
 /// Int8 LUT kernels: exact integer row sums of consecutive 32-row blocks for `T` vectors,
 /// vector-major in `sums`. The scalar path takes the quantized activations, SIMD the tables.
 #[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // tables feed SIMD paths only
 pub(crate) fn lut_i8_blocks_sums<const T: usize>(
     kernel: Kernel,
     data: &[u16],

@@ -23,6 +23,7 @@ pub const I8_TABLE_LEN: usize = 32;
 /// Groups summed in i16 before widening: each of the two i16 accumulators gets half of them,
 /// `32 * 508 = 16256 < 32767`.
 pub const GROUPS_PER_FLUSH: usize = 64;
+#[cfg(target_arch = "x86_64")]
 const CHUNKS_PER_FLUSH: usize = GROUPS_PER_FLUSH / GROUPS_PER_CHUNK;
 
 /// Sign bits re-tiled for the int8 LUT kernels: blocks of 32 rows (the last padded with zero
