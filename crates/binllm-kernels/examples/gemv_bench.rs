@@ -9,7 +9,8 @@
 //! bits for 1-bit kernels, the f32/f16 matrix for dense ones), not activations.
 
 use binllm_kernels::{
-    gemv_f16_with, gemv_f32_with, pack_signs, DenseKernel, Kernel, PackedMatrix, PreparedMatrix,
+    gemv_f16_with, gemv_f32_with, gemv_q8_with, pack_signs, DenseKernel, Kernel, PackedMatrix,
+    PreparedMatrix, Q8Matrix,
 };
 use half::f16;
 use std::hint::black_box;
@@ -311,7 +312,9 @@ fn main() {
     }
 
     println!();
-    println!("## dense f16 LM head GEMV, 49152x576 (SmolLM2-135M tied embedding)");
+    println!("## dense LM head GEMV, 49152x576 (SmolLM2-135M tied embedding): f16 and q8_0");
+    println!();
+    println!("GB/s counts the matrix bytes (f16: 2 per weight; q8_0: 1 per weight + an f32 scale per 32).");
     println!();
     println!("| threads | kernel | ms | GB/s | vs DRAM read | vs memcpy |");
     println!("|---|---|---|---|---|---|");
@@ -324,6 +327,7 @@ fn main() {
     let x = rng.vec(head_cols);
     let mut y = vec![0.0f32; head_rows];
     let head_bytes = head.len() * 2;
+    let mut y_f16 = vec![0.0f32; head_rows];
     for threads in [1, 2] {
         for kernel in DenseKernel::available() {
             if kernel == DenseKernel::Scalar && !with_scalar {
@@ -341,7 +345,7 @@ fn main() {
                 )
             });
             println!(
-                "| {threads} | {} | {:.3} | {:.1} | {:.2} | {:.2} |",
+                "| {threads} | f16 {} | {:.3} | {:.1} | {:.2} | {:.2} |",
                 kernel.name(),
                 s * 1e3,
                 gbps(head_bytes, s),
@@ -350,4 +354,53 @@ fn main() {
             );
         }
     }
+    gemv_f16_with(
+        DenseKernel::best(),
+        &head,
+        head_rows,
+        head_cols,
+        &x,
+        &mut y_f16,
+        1,
+    );
+    let head_q8 = Q8Matrix::quantize(&head, head_rows, head_cols);
+    drop(head);
+    let q8_bytes = head_q8.bytes();
+    for threads in [1, 2] {
+        for kernel in DenseKernel::available() {
+            if kernel == DenseKernel::Scalar {
+                continue; // shares the portable code
+            }
+            let s = seconds_per_call(budget * 2.0, || {
+                gemv_q8_with(kernel, black_box(&head_q8), black_box(&x), &mut y, threads)
+            });
+            println!(
+                "| {threads} | q8_0 {} | {:.3} | {:.1} | {:.2} | {:.2} |",
+                kernel.name(),
+                s * 1e3,
+                gbps(q8_bytes, s),
+                gbps(q8_bytes, s) / dram_gbps,
+                gbps(q8_bytes, s) / memcpy_gbps
+            );
+        }
+    }
+    gemv_q8_with(DenseKernel::best(), &head_q8, &x, &mut y, 1);
+    let norm = y_f16
+        .iter()
+        .map(|v| (*v as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let err = y_f16
+        .iter()
+        .zip(&y)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    println!();
+    println!(
+        "q8_0 head: {:.1} MB read per token vs {:.1} MB for f16; relative L2 error of the logits vs f16: {:.2e}",
+        q8_bytes as f64 / 1e6,
+        head_bytes as f64 / 1e6,
+        err / norm
+    );
 }

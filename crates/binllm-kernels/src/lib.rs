@@ -53,6 +53,7 @@ pub mod lut_i8;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 mod parallel;
+pub mod q8;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
@@ -62,6 +63,7 @@ pub use kernel::Kernel;
 pub use layout::{pack_signs, words_per_row, PackedMatrix};
 pub use lut::LutMatrix;
 pub use lut_i8::LutI8Matrix;
+pub use q8::{gemv_q8, gemv_q8_with, Q8Matrix};
 
 fn check_gemv_shapes(rows: usize, cols: usize, x: &[f32], y: &[f32]) {
     assert_eq!(x.len(), cols, "gemv: x.len() != cols");

@@ -5,6 +5,7 @@ use binllm_kernels::{
     gemm_with, gemv_f16_with, gemv_f32_with, gemv_with, pack_signs, scalar, DenseKernel, Kernel,
     PackedMatrix, PreparedMatrix,
 };
+use binllm_kernels::{gemv_q8_with, Q8Matrix};
 use half::f16;
 
 /// SplitMix64: deterministic and dependency-free.
@@ -473,6 +474,56 @@ fn dense_kernels_match_reference() {
             let mut y2 = vec![f32::NAN; rows];
             gemv_f16_with(kernel, &w16, rows, cols, x, &mut y2, 2);
             assert_eq!(y1, y2, "f16 {} threads", kernel.name());
+        }
+    }
+}
+
+#[test]
+fn q8_head_gemv_matches_dequantized_reference() {
+    let mut rng = Rng(11);
+    for &cols in &[1usize, 7, 31, 32, 33, 63, 64, 65, 576, 1000] {
+        let rows = 21;
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
+        let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let m = Q8Matrix::quantize(&w, rows, cols);
+        assert_eq!(
+            Q8Matrix::quantize(&w16, rows, cols).blocks_per_row,
+            cols.div_ceil(32)
+        );
+        let dequantized = m.dequantize();
+        // Rounding error of each weight is at most half its block's step.
+        for r in 0..rows {
+            for c in 0..cols {
+                let step = m.scales[r * m.blocks_per_row + c / 32];
+                assert!(
+                    (dequantized[r * cols + c] - w[r * cols + c]).abs()
+                        <= step * 0.5 * 1.0001 + 1e-7
+                );
+            }
+        }
+        let mut buffer = rng.activations(cols);
+        buffer.extend([f32::NAN; 40]);
+        let x = &buffer[..cols];
+        let want: Vec<f32> = (0..rows)
+            .map(|r| {
+                (0..cols)
+                    .map(|j| dequantized[r * cols + j] as f64 * x[j] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let mags = dense_magnitudes(&dequantized, rows, cols, x);
+        for kernel in DenseKernel::available() {
+            let mut y1 = vec![0.0; rows];
+            gemv_q8_with(kernel, &m, x, &mut y1, 1);
+            assert_close(
+                &y1,
+                &want,
+                &mags,
+                &format!("q8 {} cols {cols}", kernel.name()),
+            );
+            let mut y2 = vec![f32::NAN; rows];
+            gemv_q8_with(kernel, &m, x, &mut y2, 3);
+            assert_eq!(y1, y2, "q8 {} threads", kernel.name());
         }
     }
 }
