@@ -1,9 +1,11 @@
 //! binllm-kernels: the CPU compute kernels of binllm's true 1-bit (W1A16) LLMs.
 //!
 //! This crate owns the packed sign-bit matrix layout and every product the runtime needs on it:
-//! 1-bit GEMV (decode) and GEMM (prompt processing) with a scalar reference, SIMD paths
-//! (AVX2, AVX-512, NEON), lookup-table paths, and threading across output rows; plus dense
-//! f32/f16 GEMV for the layers that stay in floating point (the tied LM head). It is pure Rust.
+//! 1-bit GEMV (decode) and GEMM (prompt processing) with a scalar reference, SIMD mask paths
+//! (AVX2, AVX-512, NEON), lookup-table paths (f32, and an optional int8-activation variant), and
+//! threading across output rows; plus dense GEMV for the layers that stay in floating point
+//! (f32, f16, and a q8_0-style int8 variant for the tied LM head). It is pure Rust (std, rayon,
+//! half).
 //!
 //! # Packed layout (quoted by `docs/FORMAT.md`)
 //!
@@ -17,14 +19,48 @@
 //!   and NaN to +1, only values `< 0` to -1).
 //! - Padding bits (columns `cols..64 * words_per_row` of a row) are written as 0, and no kernel
 //!   lets them affect a result whatever their value (the kernels give padding columns zero
-//!   activation).
+//!   activation; the tests set them to garbage).
 //! - One scale per row; files store it as f16, the kernels take f32.
 //!
 //! Products: `y[r] = scale[r] * sum_j B[r, j] * x[j]`. The mask kernels use the identity
 //! `sum_j B[r, j] x[j] = 2 * sum_{j: bit = 1} x[j] - sum_j x[j]`.
 //!
-//! The LUT kernels re-tile the same bits once at load time into [`LutMatrix`] (blocks of 16
-//! rows, one u32 per row per 32 columns); see [`lut`].
+//! The LUT kernels re-tile the same bits once at load time ([`PreparedMatrix::new`]): into
+//! [`LutMatrix`] (blocks of 16 rows, one u32 per row per 32 columns; see [`lut`]) or
+//! [`LutI8Matrix`] (blocks of 32 rows, one u16 per row per 16 columns; see [`lut_i8`]). Both
+//! are the same size as the canonical layout up to padding.
+//!
+//! # Kernels ([`Kernel`])
+//!
+//! | kernel | layout | idea | result |
+//! |---|---|---|---|
+//! | `Scalar` | canonical | one element at a time | the reference |
+//! | `Avx2`, `Avx512`, `Neon` | canonical | bits -> lane masks, masked add of `x` | f32, ~1e-7 relative |
+//! | `LutScalar`, `LutAvx2`, `LutAvx512` | [`LutMatrix`] | 16-entry f32 tables of 4-activation sums, `vpermps` looks up 16 rows at once | f32, bit-identical across the three |
+//! | `LutI8Scalar`, `LutI8Avx512` | [`LutI8Matrix`] | int8 activations, i16 tables, `vpermw` over 32 rows | approximate (W1A8), exact integer sums |
+//!
+//! [`Kernel::best`] picks the fastest exact kernel available at run time (`LutAvx512` on
+//! AVX-512 CPUs; it was 2.5-4x faster than the AVX-512 mask kernel at SmolLM2-135M shapes in
+//! `gemv_bench`); the int8 kernels are opt-in ([`Kernel::is_approximate`]). Any kernel can be
+//! forced with [`PreparedMatrix::new`] or [`gemv_with`] / [`gemm_with`].
+//!
+//! GEMM ([`PreparedMatrix::gemm`]) processes input vectors in tiles of up to 4 per pass over the
+//! weights (bits expanded / tables looked up once per tile), with the same per-vector summation
+//! order as GEMV, so `gemm` equals `n` GEMVs bit for bit.
+//!
+//! # Threads
+//!
+//! `threads` is the number of contiguous row ranges a product is split into, run on the current
+//! rayon pool (so a caller can pick a pool with `pool.install`); `threads <= 1` stays on the
+//! calling thread and never touches rayon. Every row is computed by the same code whatever the
+//! split, so results are identical for every thread count. Waking a pool thread costs a few
+//! microseconds, as much as a whole 576x576 GEMV: use one thread for small layers.
+//!
+//! # Dense products ([`dense`], [`q8`])
+//!
+//! [`gemv_f32`], [`gemv_f16`] (F16C / AVX-512 conversion on x86) and [`gemv_q8`] (q8_0-style:
+//! int8 weights with an f32 scale per 32, f32 activations), each with a scalar reference and a
+//! forced-kernel variant taking a [`DenseKernel`].
 //!
 //! # Use
 //!
@@ -40,9 +76,6 @@
 //! layer.gemv(&x, &mut y, 1);
 //! assert_eq!(y, [0.5 * (-1.0 + 2.0 + 3.0 - 4.0 + 5.0), 1.0 * (1.0 - 2.0 + 3.0 + 4.0 - 5.0), 2.0 * (1.0 + 2.0 - 3.0 + 4.0 + 5.0)]);
 //! ```
-//!
-//! `threads` is the number of row ranges a product is split into, run on the current rayon
-//! pool (`threads <= 1` stays on the calling thread); results are identical for every value.
 
 pub mod dense;
 mod gemm;
