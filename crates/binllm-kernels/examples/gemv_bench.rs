@@ -368,8 +368,8 @@ fn main() {
     let q8_bytes = head_q8.bytes();
     for threads in [1, 2] {
         for kernel in DenseKernel::available() {
-            if kernel == DenseKernel::Scalar {
-                continue; // shares the portable code
+            if kernel == DenseKernel::Scalar && !with_scalar {
+                continue;
             }
             let s = seconds_per_call(budget * 2.0, || {
                 gemv_q8_with(kernel, black_box(&head_q8), black_box(&x), &mut y, threads)

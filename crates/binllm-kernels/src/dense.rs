@@ -19,7 +19,7 @@ pub enum DenseKernel {
     Portable,
     /// x86-64 AVX2 + FMA (+ F16C for f16).
     Avx2,
-    /// x86-64 AVX-512F (f16 conversion is part of AVX-512F).
+    /// x86-64 AVX-512F + BW (f16 conversion is part of AVX-512F).
     Avx512,
 }
 
@@ -41,7 +41,10 @@ impl DenseKernel {
                     && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
-            DenseKernel::Avx512 => is_x86_feature_detected!("avx512f"),
+            DenseKernel::Avx512 => {
+                // BW for the q8 path's 16-bit integer arithmetic (every AVX-512 CPU but Xeon Phi).
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+            }
             #[allow(unreachable_patterns)]
             _ => false,
         }
