@@ -59,8 +59,9 @@
 //! # Dense products ([`dense`], [`q8`])
 //!
 //! [`gemv_f32`], [`gemv_f16`] (F16C / AVX-512 conversion on x86) and [`gemv_q8`] (q8_0-style:
-//! int8 weights with an f32 scale per 32, f32 activations), each with a scalar reference and a
-//! forced-kernel variant taking a [`DenseKernel`].
+//! int8 weights with an f32 scale per 32; the fast paths quantize activations to int16 per
+//! vector, an error of at most 2^-16 of `max|x|` per activation), each with a scalar reference
+//! and a forced-kernel variant taking a [`DenseKernel`].
 //!
 //! # Use
 //!
