@@ -7,9 +7,9 @@
 //! Stage-1 input scales kept separate, exactly the trained function) and `binllm export`
 //! rewrites it for deployment (f16 scales, input scales folded where exact).
 //!
-//! Sign-bit layout: row-major, each row padded to whole 64-bit words stored little-endian;
-//! bit `j` (least significant = 0) of word `w` of row `r` is element `(r, 64 w + j)`;
-//! 1 means +1 and 0 means -1; padding bits are 0.
+//! Sign-bit layout: the kernels' ([`binllm_kernels::layout`]): row-major, each row padded
+//! to whole 64-bit words stored little-endian; bit `j` (least significant = 0) of word `w`
+//! of row `r` is element `(r, 64 w + j)`; 1 means +1 and 0 means -1; padding bits are 0.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -26,37 +26,16 @@ use crate::{ModelConfig, TextTokenizer};
 pub const FORMAT_NAME: &str = "binllm-packed";
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Words per packed row.
-pub fn words_per_row(cols: usize) -> usize {
-    cols.div_ceil(64)
-}
+pub use binllm_kernels::layout::words_per_row;
 
-/// Packs the signs of a row-major `rows x cols` matrix (sign(0) = +1).
+/// Packs the signs of a row-major `rows x cols` matrix (sign(0) = +1) in the kernels' layout.
 pub fn pack_signs(values: &[f32], rows: usize, cols: usize) -> Vec<u64> {
-    assert_eq!(values.len(), rows * cols, "pack_signs: shape mismatch");
-    let wpr = words_per_row(cols);
-    let mut bits = vec![0u64; rows * wpr];
-    for r in 0..rows {
-        for c in 0..cols {
-            if values[r * cols + c] >= 0.0 {
-                bits[r * wpr + c / 64] |= 1u64 << (c % 64);
-            }
-        }
-    }
-    bits
+    binllm_kernels::pack_signs(values, rows, cols).bits
 }
 
 /// The +-1 matrix the bits encode.
 pub fn unpack_signs(bits: &[u64], rows: usize, cols: usize) -> Vec<f32> {
-    let wpr = words_per_row(cols);
-    let mut out = Vec::with_capacity(rows * cols);
-    for r in 0..rows {
-        for c in 0..cols {
-            let bit = (bits[r * wpr + c / 64] >> (c % 64)) & 1;
-            out.push(if bit == 1 { 1.0 } else { -1.0 });
-        }
-    }
-    out
+    binllm_kernels::PackedMatrix::from_parts(rows, cols, bits.to_vec(), vec![1.0; rows]).unpack_signs()
 }
 
 /// How scale vectors and dense tensors are stored.

@@ -1,1 +1,239 @@
-//! placeholder
+//! binllm-kernels: the CPU compute kernels of binllm's true 1-bit (W1A16) LLMs.
+//!
+//! This crate owns the packed sign-bit matrix layout and every product the runtime needs on it:
+//! 1-bit GEMV (decode) and GEMM (prompt processing) with a scalar reference, SIMD mask paths
+//! (AVX2, AVX-512, NEON), lookup-table paths (f32, and an optional int8-activation variant), and
+//! threading across output rows; plus dense GEMV for the layers that stay in floating point
+//! (f32, f16, and a q8_0-style int8 variant for the tied LM head). It is pure Rust (std, rayon,
+//! half).
+//!
+//! # Packed layout (quoted by `docs/FORMAT.md`)
+//!
+//! A linear layer `y = W x` with `W` of shape `rows x cols` (out x in) is stored as sign bits
+//! `B` in {-1, +1}^(rows x cols) and one scale per output row, `W[r, j] = scale[r] * B[r, j]`:
+//!
+//! - Row-major; each row is padded to whole 64-bit words: `words_per_row = ceil(cols / 64)`, so
+//!   the matrix is `rows * words_per_row` u64 words. Words are little-endian in files.
+//! - Bit `j` (LSB = 0) of word `w` of row `r` is the sign of element `(r, 64 * w + j)`:
+//!   bit 1 means +1, bit 0 means -1. Upstream `sign(0) = +1` ([`pack_signs`] maps +0.0, -0.0
+//!   and NaN to +1, only values `< 0` to -1).
+//! - Padding bits (columns `cols..64 * words_per_row` of a row) are written as 0, and no kernel
+//!   lets them affect a result whatever their value (the kernels give padding columns zero
+//!   activation; the tests set them to garbage).
+//! - One scale per row; files store it as f16, the kernels take f32.
+//!
+//! Products: `y[r] = scale[r] * sum_j B[r, j] * x[j]`. The mask kernels use the identity
+//! `sum_j B[r, j] x[j] = 2 * sum_{j: bit = 1} x[j] - sum_j x[j]`.
+//!
+//! The LUT kernels re-tile the same bits once at load time ([`PreparedMatrix::new`]): into
+//! [`LutMatrix`] (blocks of 16 rows, one u32 per row per 32 columns; see [`lut`]) or
+//! [`LutI8Matrix`] (blocks of 32 rows, one u16 per row per 16 columns; see [`lut_i8`]). Both
+//! are the same size as the canonical layout up to padding.
+//!
+//! # Kernels ([`Kernel`])
+//!
+//! | kernel | layout | idea | result |
+//! |---|---|---|---|
+//! | `Scalar` | canonical | one element at a time | the reference |
+//! | `Avx2`, `Avx512`, `Neon` | canonical | bits -> lane masks, masked add of `x` | f32, ~1e-7 relative |
+//! | `LutScalar`, `LutAvx2`, `LutAvx512` | [`LutMatrix`] | 16-entry f32 tables of 4-activation sums, `vpermps` looks up 16 rows at once | f32, bit-identical across the three |
+//! | `LutI8Scalar`, `LutI8Avx512` | [`LutI8Matrix`] | int8 activations, i16 tables, `vpermw` over 32 rows | approximate (W1A8), exact integer sums |
+//!
+//! [`Kernel::best`] picks the fastest exact kernel available at run time (`LutAvx512` on
+//! AVX-512 CPUs; it was 2.5-4x faster than the AVX-512 mask kernel at SmolLM2-135M shapes in
+//! `gemv_bench`); the int8 kernels are opt-in ([`Kernel::is_approximate`]). Any kernel can be
+//! forced with [`PreparedMatrix::new`] or [`gemv_with`] / [`gemm_with`].
+//!
+//! GEMM ([`PreparedMatrix::gemm`]) processes input vectors in tiles of up to 4 per pass over the
+//! weights (bits expanded / tables looked up once per tile), with the same per-vector summation
+//! order as GEMV, so `gemm` equals `n` GEMVs bit for bit.
+//!
+//! # Threads
+//!
+//! `threads` is the number of contiguous row ranges a product is split into, run on the current
+//! rayon pool (so a caller can pick a pool with `pool.install`); `threads <= 1` stays on the
+//! calling thread and never touches rayon. Every row is computed by the same code whatever the
+//! split, so results are identical for every thread count. Waking a pool thread costs a few
+//! microseconds, as much as a whole 576x576 GEMV: use one thread for small layers.
+//!
+//! # Dense products ([`dense`], [`q8`])
+//!
+//! [`gemv_f32`], [`gemv_f16`] (F16C / AVX-512 conversion on x86) and [`gemv_q8`] (q8_0-style:
+//! int8 weights with an f32 scale per 32; the fast paths quantize activations to int16 per
+//! vector, an error of at most 2^-16 of `max|x|` per activation), each with a scalar reference
+//! and a forced-kernel variant taking a [`DenseKernel`].
+//!
+//! # Use
+//!
+//! ```
+//! use binllm_kernels::{pack_signs, Kernel, PreparedMatrix};
+//! let (rows, cols) = (3, 5);
+//! let w: Vec<f32> = (0..rows * cols).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+//! let mut packed = pack_signs(&w, rows, cols);
+//! packed.scales = vec![0.5, 1.0, 2.0];
+//! let layer = PreparedMatrix::new(packed, Kernel::best());
+//! let x = [1.0, 2.0, 3.0, 4.0, 5.0];
+//! let mut y = [0.0; 3];
+//! layer.gemv(&x, &mut y, 1);
+//! assert_eq!(y, [0.5 * (-1.0 + 2.0 + 3.0 - 4.0 + 5.0), 1.0 * (1.0 - 2.0 + 3.0 + 4.0 - 5.0), 2.0 * (1.0 + 2.0 - 3.0 + 4.0 + 5.0)]);
+//! ```
+
+pub mod dense;
+mod gemm;
+mod kernel;
+pub mod layout;
+pub mod lut;
+pub mod lut_i8;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
+mod parallel;
+pub mod q8;
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+pub use dense::{gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_with, DenseKernel};
+pub use kernel::Kernel;
+pub use layout::{pack_signs, words_per_row, PackedMatrix};
+pub use lut::LutMatrix;
+pub use lut_i8::LutI8Matrix;
+pub use q8::{gemv_q8, gemv_q8_with, Q8Matrix};
+
+fn check_gemv_shapes(rows: usize, cols: usize, x: &[f32], y: &[f32]) {
+    assert_eq!(x.len(), cols, "gemv: x.len() != cols");
+    assert_eq!(y.len(), rows, "gemv: y.len() != rows");
+}
+
+fn check_gemm_shapes(rows: usize, cols: usize, xs: &[f32], n: usize, ys: &[f32]) {
+    assert_eq!(xs.len(), n * cols, "gemm: xs.len() != n * cols");
+    assert_eq!(ys.len(), n * rows, "gemm: ys.len() != n * rows");
+}
+
+/// `y = W x` with the fastest kernel that works on the canonical layout.
+/// For repeated products prefer [`PreparedMatrix`] with [`Kernel::best`].
+pub fn gemv(m: &PackedMatrix, x: &[f32], y: &mut [f32], threads: usize) {
+    gemv_with(Kernel::best_row_major(), m, x, y, threads)
+}
+
+/// `ys[v] = W xs[v]` for `n` input vectors (`xs`: `n x cols`, `ys`: `n x rows`, row-major).
+pub fn gemm(m: &PackedMatrix, xs: &[f32], n: usize, ys: &mut [f32], threads: usize) {
+    gemm_with(Kernel::best_row_major(), m, xs, n, ys, threads)
+}
+
+/// [`gemv`] with a forced kernel; a LUT kernel re-tiles `m` on every call (tests, benchmarks).
+/// Panics if the kernel is not available on this CPU.
+pub fn gemv_with(kernel: Kernel, m: &PackedMatrix, x: &[f32], y: &mut [f32], threads: usize) {
+    check_gemv_shapes(m.rows, m.cols, x, y);
+    kernel.assert_available();
+    if kernel.uses_lut_layout() {
+        gemm::gemv_lut(kernel, &LutMatrix::from_packed(m), x, y, threads)
+    } else if kernel.uses_i8_layout() {
+        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), x, 1, y, threads)
+    } else {
+        gemm::gemv_row_major(kernel, m, x, y, threads)
+    }
+}
+
+/// [`gemm`] with a forced kernel; a LUT kernel re-tiles `m` on every call.
+pub fn gemm_with(
+    kernel: Kernel,
+    m: &PackedMatrix,
+    xs: &[f32],
+    n: usize,
+    ys: &mut [f32],
+    threads: usize,
+) {
+    check_gemm_shapes(m.rows, m.cols, xs, n, ys);
+    kernel.assert_available();
+    if kernel.uses_lut_layout() {
+        gemm::gemm_lut(kernel, &LutMatrix::from_packed(m), xs, n, ys, threads)
+    } else if kernel.uses_i8_layout() {
+        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), xs, n, ys, threads)
+    } else {
+        gemm::gemm_row_major(kernel, m, xs, n, ys, threads)
+    }
+}
+
+/// A 1-bit matrix in the layout its kernel wants, ready for repeated products: what the
+/// runtime holds per linear layer. Built once at load time.
+#[derive(Clone, Debug)]
+pub struct PreparedMatrix {
+    kernel: Kernel,
+    weights: Weights,
+}
+
+#[derive(Clone, Debug)]
+enum Weights {
+    RowMajor(PackedMatrix),
+    Lut(LutMatrix),
+    LutI8(LutI8Matrix),
+}
+
+impl PreparedMatrix {
+    /// Panics if `kernel` is not available on this CPU.
+    pub fn new(m: PackedMatrix, kernel: Kernel) -> Self {
+        kernel.assert_available();
+        let weights = if kernel.uses_lut_layout() {
+            Weights::Lut(LutMatrix::from_packed(&m))
+        } else if kernel.uses_i8_layout() {
+            Weights::LutI8(LutI8Matrix::from_packed(&m))
+        } else {
+            Weights::RowMajor(m)
+        };
+        PreparedMatrix { kernel, weights }
+    }
+
+    /// With [`Kernel::best`].
+    pub fn best(m: PackedMatrix) -> Self {
+        Self::new(m, Kernel::best())
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    pub fn rows(&self) -> usize {
+        match &self.weights {
+            Weights::RowMajor(m) => m.rows,
+            Weights::Lut(m) => m.rows,
+            Weights::LutI8(m) => m.rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match &self.weights {
+            Weights::RowMajor(m) => m.cols,
+            Weights::Lut(m) => m.cols,
+            Weights::LutI8(m) => m.cols,
+        }
+    }
+
+    /// Bytes of sign bits streamed per product.
+    pub fn packed_bytes(&self) -> usize {
+        match &self.weights {
+            Weights::RowMajor(m) => m.packed_bytes(),
+            Weights::Lut(m) => m.packed_bytes(),
+            Weights::LutI8(m) => m.packed_bytes(),
+        }
+    }
+
+    /// `y = W x`; `x` has `cols` floats, `y` has `rows`.
+    pub fn gemv(&self, x: &[f32], y: &mut [f32], threads: usize) {
+        check_gemv_shapes(self.rows(), self.cols(), x, y);
+        match &self.weights {
+            Weights::RowMajor(m) => gemm::gemv_row_major(self.kernel, m, x, y, threads),
+            Weights::Lut(m) => gemm::gemv_lut(self.kernel, m, x, y, threads),
+            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, x, 1, y, threads),
+        }
+    }
+
+    /// `ys[v] = W xs[v]` for `n` vectors (`xs`: `n x cols`, `ys`: `n x rows`, row-major).
+    pub fn gemm(&self, xs: &[f32], n: usize, ys: &mut [f32], threads: usize) {
+        check_gemm_shapes(self.rows(), self.cols(), xs, n, ys);
+        match &self.weights {
+            Weights::RowMajor(m) => gemm::gemm_row_major(self.kernel, m, xs, n, ys, threads),
+            Weights::Lut(m) => gemm::gemm_lut(self.kernel, m, xs, n, ys, threads),
+            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, xs, n, ys, threads),
+        }
+    }
+}

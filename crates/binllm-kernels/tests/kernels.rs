@@ -1,0 +1,547 @@
+//! Every kernel against the scalar reference, and the reference against a float64 dense product.
+
+use binllm_kernels::lut::LutMatrix;
+use binllm_kernels::{
+    gemm_with, gemv_f16_with, gemv_f32_with, gemv_with, pack_signs, scalar, DenseKernel, Kernel,
+    PackedMatrix, PreparedMatrix,
+};
+use binllm_kernels::{gemv_q8_with, Q8Matrix};
+use half::f16;
+
+/// SplitMix64: deterministic and dependency-free.
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    /// Mostly small values, some negative, some of large magnitude (up to 1e4).
+    fn activation(&mut self) -> f32 {
+        match self.next_u64() % 16 {
+            0 => self.unit() * 1e4,
+            1 => self.unit() * 1e-3,
+            _ => self.unit() * 3.0,
+        }
+    }
+    fn activations(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.activation()).collect()
+    }
+}
+
+const COLS: [usize; 16] = [
+    1, 7, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 576, 1000, 1536, 2049,
+];
+const ROWS: [usize; 8] = [1, 2, 7, 15, 16, 17, 33, 61];
+
+fn random_matrix(rng: &mut Rng, rows: usize, cols: usize) -> PackedMatrix {
+    let values: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
+    let scales: Vec<f32> = (0..rows).map(|_| rng.unit() * 0.1).collect();
+    PackedMatrix::from_signs_and_scales(&values, rows, cols, scales)
+}
+
+fn reference_gemv(m: &PackedMatrix, x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0.0; m.rows];
+    scalar::gemv_rows(m, x, 0, &mut y);
+    y
+}
+
+/// Float paths may sum in another order: allow 1e-5 of the sum of the terms' magnitudes
+/// (`|scale| * sum |x|`), the scale of f32 rounding error; plain relative error is meaningless
+/// when the terms cancel.
+fn assert_close(got: &[f32], want: &[f32], magnitudes: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, ((&g, &w), &mag)) in got.iter().zip(want).zip(magnitudes).enumerate() {
+        let tolerance = 1e-5 * mag + f32::MIN_POSITIVE;
+        assert!(
+            (g - w).abs() <= tolerance,
+            "{what}: row {i}: got {g}, want {w} (tolerance {tolerance})"
+        );
+    }
+}
+
+fn magnitudes(m: &PackedMatrix, x: &[f32]) -> Vec<f32> {
+    let l1: f32 = x.iter().map(|v| v.abs()).sum();
+    m.scales.iter().map(|s| s.abs() * l1).collect()
+}
+
+#[test]
+fn pack_unpack_round_trip() {
+    let mut rng = Rng(1);
+    for &cols in &COLS {
+        for &rows in &[1usize, 3, 17] {
+            let signs: Vec<f32> = (0..rows * cols)
+                .map(|_| if rng.next_u64() & 1 == 1 { 1.0 } else { -1.0 })
+                .collect();
+            let m = pack_signs(&signs, rows, cols);
+            assert_eq!(m.words_per_row, cols.div_ceil(64));
+            assert_eq!(m.bits.len(), rows * m.words_per_row);
+            assert!(m.padding_is_zero());
+            assert_eq!(m.unpack_signs(), signs, "rows {rows} cols {cols}");
+            let repacked = PackedMatrix::from_parts(rows, cols, m.bits.clone(), m.scales.clone());
+            assert_eq!(repacked, m);
+        }
+    }
+}
+
+#[test]
+fn pack_bit_order_and_zero_sign() {
+    // Element (0, 0) -> bit 0 of word 0; (0, 65) -> bit 1 of word 1; (1, 2) -> row 1's word 0.
+    let cols = 70;
+    let mut values = vec![-1.0f32; 2 * cols];
+    values[0] = 0.5;
+    values[65] = 0.0; // sign(0) = +1
+    values[cols + 2] = -0.0; // -0.0 is a zero too
+    values[cols + 69] = 3.0;
+    let m = pack_signs(&values, 2, cols);
+    assert_eq!(m.bits, vec![1, 1 << 1, 1 << 2, 1 << 5]);
+    let mut scaled = m.clone();
+    scaled.scales = vec![2.0, -0.5];
+    let dense = scaled.unpack();
+    assert_eq!(dense[0], 2.0);
+    assert_eq!(dense[1], -2.0);
+    assert_eq!(dense[cols + 2], -0.5);
+    assert_eq!(dense[cols + 3], 0.5);
+}
+
+#[test]
+fn scalar_reference_matches_f64_dense() {
+    let mut rng = Rng(2);
+    for &cols in &COLS {
+        for &rows in &[1usize, 5, 17] {
+            let m = random_matrix(&mut rng, rows, cols);
+            let x = rng.activations(cols);
+            let dense = m.unpack_signs();
+            let want: Vec<f32> = (0..rows)
+                .map(|r| {
+                    let dot: f64 = (0..cols)
+                        .map(|j| dense[r * cols + j] as f64 * x[j] as f64)
+                        .sum();
+                    (m.scales[r] as f64 * dot) as f32
+                })
+                .collect();
+            assert_close(
+                &reference_gemv(&m, &x),
+                &want,
+                &magnitudes(&m, &x),
+                &format!("reference {rows}x{cols}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn every_kernel_matches_reference() {
+    let mut rng = Rng(3);
+    let kernels: Vec<Kernel> = Kernel::available()
+        .into_iter()
+        .filter(|k| !k.is_approximate())
+        .collect();
+    assert!(kernels.contains(&Kernel::Scalar) && kernels.contains(&Kernel::LutScalar));
+    for &cols in &COLS {
+        for &rows in &ROWS {
+            let m = random_matrix(&mut rng, rows, cols);
+            let x = rng.activations(cols);
+            let want = reference_gemv(&m, &x);
+            let mags = magnitudes(&m, &x);
+            for &kernel in &kernels {
+                let mut y = vec![f32::NAN; rows];
+                gemv_with(kernel, &m, &x, &mut y, 1);
+                assert_close(&y, &want, &mags, &format!("{kernel} {rows}x{cols}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn integer_inputs_are_exact_on_every_kernel() {
+    // Small integers and power-of-two scales make every partial sum exact in f32, so any
+    // summation order must give exactly the float64 result.
+    let mut rng = Rng(4);
+    for &cols in &[1usize, 63, 65, 576, 1536] {
+        let rows = 37;
+        let mut m = random_matrix(&mut rng, rows, cols);
+        m.scales = (0..rows).map(|r| [0.25, -2.0, 1.0, 0.5][r % 4]).collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|_| (rng.next_u64() % 2001) as f32 - 1000.0)
+            .collect();
+        let dense = m.unpack();
+        let want: Vec<f32> = (0..rows)
+            .map(|r| {
+                (0..cols)
+                    .map(|j| dense[r * cols + j] as f64 * x[j] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        for kernel in Kernel::available()
+            .into_iter()
+            .filter(|k| !k.is_approximate())
+        {
+            let mut y = vec![0.0; rows];
+            gemv_with(kernel, &m, &x, &mut y, 1);
+            assert_eq!(y, want, "{kernel} cols {cols}");
+        }
+    }
+}
+
+#[test]
+fn lut_paths_are_bit_identical() {
+    let mut rng = Rng(5);
+    let luts: Vec<Kernel> = Kernel::available()
+        .into_iter()
+        .filter(|k| k.uses_lut_layout())
+        .collect();
+    for &cols in &COLS {
+        let m = random_matrix(&mut rng, 45, cols);
+        let x = rng.activations(cols);
+        let results: Vec<Vec<f32>> = luts
+            .iter()
+            .map(|&k| {
+                let mut y = vec![0.0; m.rows];
+                gemv_with(k, &m, &x, &mut y, 1);
+                y
+            })
+            .collect();
+        for (k, y) in luts.iter().zip(&results) {
+            assert_eq!(y, &results[0], "{k} vs {} cols {cols}", luts[0]);
+        }
+    }
+}
+
+#[test]
+fn thread_counts_give_identical_results() {
+    let mut rng = Rng(6);
+    for &(rows, cols) in &[(1usize, 576usize), (61, 65), (200, 576), (577, 100)] {
+        let m = random_matrix(&mut rng, rows, cols);
+        let x = rng.activations(cols);
+        let n = 5;
+        let xs = rng.activations(n * cols);
+        for kernel in Kernel::available() {
+            let prepared = PreparedMatrix::new(m.clone(), kernel);
+            let mut y1 = vec![0.0; rows];
+            prepared.gemv(&x, &mut y1, 1);
+            let mut ys1 = vec![0.0; n * rows];
+            prepared.gemm(&xs, n, &mut ys1, 1);
+            for threads in [2, 3, 7, 64] {
+                let mut y = vec![f32::NAN; rows];
+                prepared.gemv(&x, &mut y, threads);
+                assert_eq!(y, y1, "{kernel} gemv {rows}x{cols} threads {threads}");
+                let mut ys = vec![f32::NAN; n * rows];
+                prepared.gemm(&xs, n, &mut ys, threads);
+                assert_eq!(ys, ys1, "{kernel} gemm {rows}x{cols} threads {threads}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_equals_gemv_per_vector() {
+    let mut rng = Rng(7);
+    for &(rows, cols) in &[(17usize, 65usize), (48, 576), (5, 1536), (33, 7)] {
+        let m = random_matrix(&mut rng, rows, cols);
+        for n in [1usize, 2, 3, 4, 5, 9] {
+            let xs = rng.activations(n * cols);
+            for kernel in Kernel::available() {
+                let mut ys = vec![f32::NAN; n * rows];
+                gemm_with(kernel, &m, &xs, n, &mut ys, 2);
+                for v in 0..n {
+                    let x = &xs[v * cols..(v + 1) * cols];
+                    let mut y = vec![0.0; rows];
+                    gemv_with(kernel, &m, x, &mut y, 1);
+                    // Tiling over vectors must not change any vector's summation order.
+                    assert_eq!(
+                        &ys[v * rows..(v + 1) * rows],
+                        &y[..],
+                        "{kernel} {rows}x{cols} n {n} v {v}"
+                    );
+                    if !kernel.is_approximate() {
+                        let mags = magnitudes(&m, x);
+                        let want = reference_gemv(&m, x);
+                        assert_close(&y, &want, &mags, &format!("{kernel} gemm ref"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn padding_bits_and_memory_past_x_never_matter() {
+    let mut rng = Rng(8);
+    for &cols in &[1usize, 7, 33, 63, 65, 100, 1000] {
+        let rows = 19;
+        let clean = random_matrix(&mut rng, rows, cols);
+        let mut dirty = clean.clone();
+        let padding = !dirty.tail_mask();
+        for r in 0..rows {
+            dirty.bits[(r + 1) * dirty.words_per_row - 1] |=
+                padding & rng.next_u64() | (padding & (1 << 63));
+        }
+        assert_eq!(cols % 64 == 0, dirty == clean);
+        // x is an exact-length slice of a buffer whose next elements are NaN: any read past
+        // `cols` that reached a result would turn it into NaN.
+        let mut buffer = rng.activations(cols);
+        buffer.extend([f32::NAN; 80]);
+        let x = &buffer[..cols];
+        let n = 3;
+        let mut xs_buffer = rng.activations(n * cols);
+        xs_buffer.extend([f32::NAN; 80]);
+        let xs = &xs_buffer[..n * cols];
+        for kernel in Kernel::available() {
+            let (mut y_clean, mut y_dirty) = (vec![0.0; rows], vec![0.0; rows]);
+            gemv_with(kernel, &clean, x, &mut y_clean, 1);
+            gemv_with(kernel, &dirty, x, &mut y_dirty, 2);
+            assert!(
+                y_clean.iter().all(|v| v.is_finite()),
+                "{kernel} cols {cols}: read past x"
+            );
+            assert_eq!(
+                y_clean, y_dirty,
+                "{kernel} cols {cols}: padding bits changed the result"
+            );
+            let (mut ys_clean, mut ys_dirty) = (vec![0.0; n * rows], vec![0.0; n * rows]);
+            gemm_with(kernel, &clean, xs, n, &mut ys_clean, 1);
+            gemm_with(kernel, &dirty, xs, n, &mut ys_dirty, 2);
+            assert!(
+                ys_clean.iter().all(|v| v.is_finite()),
+                "{kernel} cols {cols}: gemm read past xs"
+            );
+            assert_eq!(
+                ys_clean, ys_dirty,
+                "{kernel} cols {cols}: padding bits changed the gemm result"
+            );
+        }
+    }
+}
+
+#[test]
+fn degenerate_shapes() {
+    for kernel in Kernel::available() {
+        let empty = pack_signs(&[], 0, 10);
+        let mut y: Vec<f32> = vec![];
+        gemv_with(kernel, &empty, &[1.0; 10], &mut y, 2);
+        gemm_with(kernel, &empty, &[], 0, &mut [], 2);
+        let no_cols = pack_signs(&[], 3, 0);
+        let mut y = vec![f32::NAN; 3];
+        gemv_with(kernel, &no_cols, &[], &mut y, 1);
+        assert_eq!(y, vec![0.0; 3], "{kernel}");
+        let m = pack_signs(&[1.0; 6], 2, 3);
+        gemm_with(kernel, &m, &[], 0, &mut [], 1);
+    }
+}
+
+#[test]
+#[should_panic(expected = "x.len() != cols")]
+fn wrong_input_length_panics() {
+    let m = pack_signs(&[1.0; 6], 2, 3);
+    gemv_with(Kernel::Scalar, &m, &[1.0; 4], &mut [0.0; 2], 1);
+}
+
+#[test]
+fn kernel_names_and_selection() {
+    for kernel in Kernel::ALL {
+        assert_eq!(kernel.name().parse::<Kernel>().unwrap(), kernel);
+    }
+    assert!(Kernel::best().is_available());
+    assert!(Kernel::best_row_major().is_available() && !Kernel::best_row_major().uses_lut_layout());
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        assert!(Kernel::Avx512.is_available() && Kernel::LutAvx512.is_available());
+    }
+    let m = pack_signs(&[1.0; 6], 2, 3);
+    let lm = LutMatrix::from_packed(&m);
+    assert_eq!((lm.row_blocks, lm.chunks, lm.data.len()), (1, 1, 16));
+    assert_eq!(lm.data[0], 0b111);
+}
+
+#[test]
+fn int8_paths_are_exact_integer_and_within_quantization_error() {
+    let mut rng = Rng(10);
+    let i8_kernels: Vec<Kernel> = Kernel::available()
+        .into_iter()
+        .filter(|k| k.is_approximate())
+        .collect();
+    assert!(i8_kernels.contains(&Kernel::LutI8Scalar));
+    for &cols in &COLS {
+        for &rows in &[1usize, 31, 32, 33, 70] {
+            let m = random_matrix(&mut rng, rows, cols);
+            let x = rng.activations(cols);
+            let want = reference_gemv(&m, &x);
+            let max_abs = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let results: Vec<Vec<f32>> = i8_kernels
+                .iter()
+                .map(|&k| {
+                    let mut y = vec![f32::NAN; rows];
+                    gemv_with(k, &m, &x, &mut y, 2);
+                    y
+                })
+                .collect();
+            for (k, y) in i8_kernels.iter().zip(&results) {
+                // Integer accumulation: every int8 path equals the scalar one bit for bit.
+                assert_eq!(y, &results[0], "{k} vs lut-i8-scalar {rows}x{cols}");
+            }
+            // Rounding moves each activation by at most half a step (max|x| / 254).
+            for r in 0..rows {
+                let bound = m.scales[r].abs() * (cols as f32 * max_abs / 254.0) * 1.001
+                    + 1e-5 * magnitudes(&m, &x)[r];
+                assert!(
+                    (results[0][r] - want[r]).abs() <= bound,
+                    "{rows}x{cols} row {r}: {} vs {}",
+                    results[0][r],
+                    want[r]
+                );
+            }
+        }
+    }
+    // Integers within ±127 whose maximum is 127 quantize exactly, so the result is exact.
+    let (rows, cols) = (45, 1000);
+    let mut m = random_matrix(&mut rng, rows, cols);
+    m.scales = vec![1.0; rows];
+    let mut x: Vec<f32> = (0..cols)
+        .map(|_| (rng.next_u64() % 255) as f32 - 127.0)
+        .collect();
+    x[17] = 127.0;
+    let dense = m.unpack();
+    let want: Vec<f32> = (0..rows)
+        .map(|r| (0..cols).map(|j| dense[r * cols + j] * x[j]).sum())
+        .collect();
+    for &k in &i8_kernels {
+        let mut y = vec![0.0; rows];
+        gemv_with(k, &m, &x, &mut y, 1);
+        assert_eq!(y, want, "{k}");
+    }
+}
+
+fn dense_magnitudes(w: &[f32], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
+    (0..rows)
+        .map(|r| (0..cols).map(|j| (w[r * cols + j] * x[j]).abs()).sum())
+        .collect()
+}
+
+#[test]
+fn dense_kernels_match_reference() {
+    let mut rng = Rng(9);
+    for &cols in &[1usize, 7, 15, 16, 17, 31, 33, 63, 64, 65, 576, 1000] {
+        let rows = 23;
+        let w32: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
+        let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+        let w16_as_f32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+        let mut buffer = rng.activations(cols);
+        buffer.extend([f32::NAN; 40]);
+        let x = &buffer[..cols];
+        let want32: Vec<f32> = (0..rows)
+            .map(|r| {
+                (0..cols)
+                    .map(|j| w32[r * cols + j] as f64 * x[j] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let want16: Vec<f32> = (0..rows)
+            .map(|r| {
+                (0..cols)
+                    .map(|j| w16_as_f32[r * cols + j] as f64 * x[j] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let mags32 = dense_magnitudes(&w32, rows, cols, x);
+        let mags16 = dense_magnitudes(&w16_as_f32, rows, cols, x);
+        for kernel in DenseKernel::available() {
+            let mut y1 = vec![0.0; rows];
+            gemv_f32_with(kernel, &w32, rows, cols, x, &mut y1, 1);
+            assert_close(
+                &y1,
+                &want32,
+                &mags32,
+                &format!("f32 {} cols {cols}", kernel.name()),
+            );
+            let mut y2 = vec![f32::NAN; rows];
+            gemv_f32_with(kernel, &w32, rows, cols, x, &mut y2, 3);
+            assert_eq!(y1, y2, "f32 {} threads", kernel.name());
+            let mut y1 = vec![0.0; rows];
+            gemv_f16_with(kernel, &w16, rows, cols, x, &mut y1, 1);
+            assert_close(
+                &y1,
+                &want16,
+                &mags16,
+                &format!("f16 {} cols {cols}", kernel.name()),
+            );
+            let mut y2 = vec![f32::NAN; rows];
+            gemv_f16_with(kernel, &w16, rows, cols, x, &mut y2, 2);
+            assert_eq!(y1, y2, "f16 {} threads", kernel.name());
+        }
+    }
+}
+
+#[test]
+fn q8_head_gemv_matches_dequantized_reference() {
+    let mut rng = Rng(11);
+    for &cols in &[1usize, 7, 31, 32, 33, 63, 64, 65, 576, 1000] {
+        let rows = 21;
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
+        let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let m = Q8Matrix::quantize(&w, rows, cols);
+        assert_eq!(
+            Q8Matrix::quantize(&w16, rows, cols).blocks_per_row,
+            cols.div_ceil(32)
+        );
+        let dequantized = m.dequantize();
+        // Rounding error of each weight is at most half its block's step.
+        for r in 0..rows {
+            for c in 0..cols {
+                let step = m.scales[r * m.blocks_per_row + c / 32];
+                assert!(
+                    (dequantized[r * cols + c] - w[r * cols + c]).abs()
+                        <= step * 0.5 * 1.0001 + 1e-7
+                );
+            }
+        }
+        let mut buffer = rng.activations(cols);
+        buffer.extend([f32::NAN; 40]);
+        let x = &buffer[..cols];
+        let want: Vec<f32> = (0..rows)
+            .map(|r| {
+                (0..cols)
+                    .map(|j| dequantized[r * cols + j] as f64 * x[j] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let mags = dense_magnitudes(&dequantized, rows, cols, x);
+        // All but the scalar path quantize x to int16: each activation moves by at most
+        // max|x| / 65534.
+        let max_abs = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let x_error: Vec<f32> = (0..rows)
+            .map(|r| {
+                (0..cols)
+                    .map(|j| dequantized[r * cols + j].abs())
+                    .sum::<f32>()
+                    * max_abs
+                    / 65534.0
+            })
+            .collect();
+        for kernel in DenseKernel::available() {
+            let mut y1 = vec![0.0; rows];
+            gemv_q8_with(kernel, &m, x, &mut y1, 1);
+            let simd = kernel != DenseKernel::Scalar;
+            for r in 0..rows {
+                let x_part = if simd { x_error[r] * 1.01 } else { 0.0 };
+                let tolerance = 1e-5 * mags[r] + x_part + f32::MIN_POSITIVE;
+                let what = format!("q8 {} cols {cols} row {r}", kernel.name());
+                assert!(
+                    (y1[r] - want[r]).abs() <= tolerance,
+                    "{what}: {} vs {}",
+                    y1[r],
+                    want[r]
+                );
+            }
+            let mut y2 = vec![f32::NAN; rows];
+            gemv_q8_with(kernel, &m, x, &mut y2, 3);
+            assert_eq!(y1, y2, "q8 {} threads", kernel.name());
+        }
+    }
+}
