@@ -1,6 +1,8 @@
 //! `binllm`: turn a pretrained LLM into a true 1-bit LLM, evaluate it, export it, run it.
 
 #[cfg(feature = "torch")]
+mod convert;
+#[cfg(feature = "torch")]
 mod generate;
 mod inspect;
 
@@ -20,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Convert a pretrained model into a 1-bit model (binary-aware init + progressive training).
+    #[cfg(feature = "torch")]
+    Convert(Box<convert::Args>),
     /// Show a model's architecture, parameter counts by group, tensor types and tokenizer.
     Inspect(inspect::Args),
     /// Generate text from a full-precision model on libtorch (CPU or CUDA), streaming tokens.
@@ -28,10 +33,14 @@ enum Command {
 }
 
 fn main() {
+    // Behave like other Unix tools when the reader of our output goes away (`| head`).
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     #[cfg(feature = "torch")]
     binllm_train::load_cuda_backend();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
+        #[cfg(feature = "torch")]
+        Command::Convert(args) => convert::run(*args),
         Command::Inspect(args) => inspect::run(args),
         #[cfg(feature = "torch")]
         Command::Generate(args) => generate::run(args),

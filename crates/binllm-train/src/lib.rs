@@ -22,3 +22,4 @@ pub mod sign_model;
 pub mod loss;
 pub mod plot;
 pub mod teacher;
+pub mod convert;

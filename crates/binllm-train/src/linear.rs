@@ -68,7 +68,7 @@ pub enum Stage1Surrogate {
 }
 
 /// Which per-row scales the binary forms use (an ablation switch of the paper).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ScaleMode {
     /// S_l (learned, init 1) times S_a (recomputed from W~ every forward): the paper's.
@@ -113,6 +113,10 @@ pub struct BlockLinear {
     /// OneBit's input vector `b` (`[in]`).
     pub column_scale: Option<Param>,
     pub detach_abs_mean: bool,
+    /// When set, `input_scale` holds one value per (kv head, dim) and is expanded over the
+    /// `group` query heads sharing each kv head: `[kv_heads, group, head_dim]`. That is what
+    /// lets o_proj's scale fold exactly into v_proj's rows at export.
+    pub input_scale_groups: Option<[i64; 3]>,
 }
 
 impl BlockLinear {
@@ -125,6 +129,7 @@ impl BlockLinear {
             frozen_abs_mean: None,
             column_scale: None,
             detach_abs_mean: false,
+            input_scale_groups: None,
         }
     }
 
@@ -134,6 +139,15 @@ impl BlockLinear {
 
     pub fn in_features(&self) -> i64 {
         self.weight.tensor.size()[1]
+    }
+
+    /// The Stage-1 input scale as a `[in]` vector (expanded over head groups when tied).
+    pub fn input_scale_vector(&self) -> Option<Tensor> {
+        let s = &self.input_scale.as_ref()?.tensor;
+        Some(match self.input_scale_groups {
+            Some([kv_heads, group, head_dim]) => s.view([kv_heads, 1, head_dim]).expand([kv_heads, group, head_dim], false).reshape([-1]),
+            None => s.shallow_clone(),
+        })
     }
 
     /// S_a as the current scale mode defines it.
@@ -161,8 +175,8 @@ impl BlockLinear {
             WeightForm::Full => latent.shallow_clone(),
             WeightForm::Stage1 { surrogate } => {
                 // Stage 1 keeps W fixed and learns s: V = W / s, binarized, then * s below.
-                let v = match &self.input_scale {
-                    Some(s) => latent / &s.tensor,
+                let v = match self.input_scale_vector() {
+                    Some(s) => latent / s,
                     None => latent.shallow_clone(),
                 };
                 let sa = row_abs_mean(&v);
@@ -211,9 +225,9 @@ impl BlockLinear {
                 a * ste_sign(&(latent / sa)) * b.unsqueeze(0)
             }
         };
-        match (&self.input_scale, form) {
-            (Some(s), _) => weight * s.tensor.unsqueeze(0),
-            (None, _) => weight,
+        match self.input_scale_vector() {
+            Some(s) => weight * s.unsqueeze(0),
+            None => weight,
         }
     }
 
@@ -260,17 +274,17 @@ impl BlockLinear {
         .collect()
     }
 
-    /// Adds the Stage-1 input scale (ones), shared through `shared` when given.
-    pub fn attach_input_scale(&mut self, shared: Option<&Param>, name: String) {
+    /// Adds the Stage-1 input scale (ones), shared through `shared` when given, and with
+    /// `groups` (`[kv_heads, group, head_dim]`) stored once per kv head.
+    pub fn attach_input_scale(&mut self, shared: Option<&Param>, name: String, groups: Option<[i64; 3]>) {
+        let len = match groups {
+            Some([kv_heads, _, head_dim]) => kv_heads * head_dim,
+            None => self.in_features(),
+        };
+        self.input_scale_groups = groups;
         self.input_scale = Some(match shared {
             Some(p) => p.share(),
-            None => Param::new(
-                name,
-                Tensor::ones(
-                    [self.in_features()],
-                    (Kind::Float, self.weight.tensor.device()),
-                ),
-            ),
+            None => Param::new(name, Tensor::ones([len], (Kind::Float, self.weight.tensor.device()))),
         });
     }
 

@@ -75,8 +75,12 @@ impl Method {
 }
 
 /// Attaches Stage-1 input scales (ones) to every block linear. With `tie`, q/k/v share one
-/// vector and gate/up another, so they can fold into the RMSNorm weights at export.
+/// vector and gate/up another (they fold into the RMSNorm weights at export), and o_proj's
+/// is shared by the query heads of each kv head (it folds into v_proj's rows); down_proj's
+/// always folds into up_proj's rows.
 pub fn attach_input_scales(model: &mut Llama, tie: bool) {
+    let c = &model.config;
+    let o_groups = tie.then_some([c.num_kv_heads as i64, (c.num_heads / c.num_kv_heads) as i64, c.head_dim as i64]);
     for (layer, block) in model.layers.iter_mut().enumerate() {
         let name = |which: Which| format!("model.layers.{layer}.{}.input_scale", which.module());
         let mut shared_attn: Option<Param> = None;
@@ -90,13 +94,14 @@ pub fn attach_input_scales(model: &mut Llama, tie: bool) {
             let linear = block.linear_mut(which);
             match group {
                 Some(slot) => {
-                    linear.attach_input_scale(slot.as_ref(), name(which));
+                    linear.attach_input_scale(slot.as_ref(), name(which), None);
                     if slot.is_none() {
                         let s = linear.input_scale.as_ref().expect("just attached");
                         *slot = Some(Param::new(s.name.clone(), s.tensor.shallow_clone()));
                     }
                 }
-                None => linear.attach_input_scale(None, name(which)),
+                None if which == Which::O => linear.attach_input_scale(None, name(which), o_groups),
+                None => linear.attach_input_scale(None, name(which), None),
             }
         }
     }
@@ -109,8 +114,8 @@ pub fn fold_input_scales_into_latent(model: &mut Llama) {
         for block in &mut model.layers {
             for which in Which::ALL {
                 let linear = block.linear_mut(which);
-                if let Some(s) = &linear.input_scale {
-                    linear.weight.tensor = (&linear.weight.tensor / s.tensor.unsqueeze(0)).detach();
+                if let Some(s) = linear.input_scale_vector() {
+                    linear.weight.tensor = (&linear.weight.tensor / s.unsqueeze(0)).detach();
                 }
             }
         }

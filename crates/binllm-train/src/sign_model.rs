@@ -25,7 +25,7 @@ fn host(t: &Tensor) -> Result<HostTensor> {
 /// The per-row scale and input scale of `linear` in `form` (Sign or OneBit).
 fn sign_form_vectors(linear: &BlockLinear, form: WeightForm) -> Result<(Tensor, Option<Tensor>)> {
     let latent = &linear.weight.tensor;
-    let input = linear.input_scale.as_ref().map(|s| s.tensor.detach());
+    let input = linear.input_scale_vector().map(|s| s.detach());
     Ok(match form {
         WeightForm::Sign => {
             let sa = match &linear.frozen_abs_mean {

@@ -1,0 +1,169 @@
+//! `binllm convert`: pretrained model + corpus -> 1-bit model (see binllm_train::convert).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use binllm_train::convert::{self, ConvertConfig, Preset};
+use binllm_train::data::parse_count;
+use binllm_train::linear::ScaleMode;
+use binllm_train::loss::Distill;
+use binllm_train::method::Method;
+use binllm_train::schedule::TSchedule;
+
+#[derive(clap::Args)]
+#[command(after_long_help = "Examples:
+  binllm convert --model models/SmolLM2-135M-Instruct.Q4_1.gguf \\
+      --data ../shared/data/corpus/wikipedia_en.txt.gz --data ../shared/data/corpus/gutenberg_en.slice.txt.gz \\
+      --out runs/smollm2 --tokens 16M --batch-tokens 64k --device cuda
+  binllm convert --model ../shared/models/stories260K/stories260K.bin \\
+      --data ../shared/data/corpus/tinystories --out runs/stories --preset smoke --device cpu
+  binllm convert --out runs/stories --resume        # continue a killed run")]
+pub struct Args {
+    /// The pretrained model: a Hugging Face directory, a GGUF file or a llama2.c checkpoint.
+    #[arg(long, required_unless_present = "resume")]
+    pub model: Option<PathBuf>,
+    /// Training text: .txt, .txt.gz, .jsonl(.gz) with a "text" field, or a directory of them
+    /// (repeatable). `teacher:N` (e.g. teacher:2M) samples N tokens from the model itself.
+    #[arg(long)]
+    pub data: Vec<String>,
+    /// Run directory: config, metrics, checkpoints, plot, summary and the sign model.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out from its newest checkpoint, with its stored settings.
+    #[arg(long)]
+    pub resume: bool,
+    /// binaryllm (the paper), or a baseline on the same data and budget.
+    #[arg(long, value_enum, default_value = "binaryllm")]
+    pub method: Method,
+    /// Starting settings: `paper` (seq 2048, 128 x 2048 tokens a step, lr 1e-4 -> 2e-6) or
+    /// `smoke` (a few CPU minutes on a tiny model). Every option below overrides it.
+    #[arg(long, value_enum, default_value = "paper")]
+    pub preset: Preset,
+    /// Stage-2 budget in tokens (2M, 500k, ...); default: the whole corpus once.
+    #[arg(long, value_parser = parse_count, conflicts_with = "steps")]
+    pub tokens: Option<usize>,
+    /// Stage-2 optimizer steps (instead of --tokens); rounded down to whole phases.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Stage-1 steps (binary-aware initialisation); 0 skips Stage 1. Default: 50 for
+    /// binaryllm, 0 for baselines.
+    #[arg(long)]
+    pub stage1_steps: Option<usize>,
+    /// Stage-1 learning rate for the input scales.
+    #[arg(long)]
+    pub stage1_lr: Option<f64>,
+    /// Do not tie Stage-1 scales (q/k/v, gate/up, o per kv group); untied scales cannot be
+    /// folded away at export and cost bits.
+    #[arg(long)]
+    pub no_stage1_tie: bool,
+    /// Stage-1 gradient through sign: `ste` (clipped straight-through) or `progressive:T`.
+    #[arg(long)]
+    pub stage1_surrogate: Option<String>,
+    /// Progressive temperature schedule across phases.
+    #[arg(long, value_enum)]
+    pub schedule: Option<TSchedule>,
+    /// Number of Stage-2 phases (the paper: 20).
+    #[arg(long)]
+    pub phases: Option<usize>,
+    /// Row scales: dual (S_l x S_a, the paper), analytical (S_a only), learnable (S_l only).
+    #[arg(long, value_enum)]
+    pub scales: Option<ScaleMode>,
+    /// Stop gradients through the analytical scale S_a.
+    #[arg(long)]
+    pub detach_abs_mean: bool,
+    /// Tokens per training window.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Tokens per optimizer step (reached by gradient accumulation), e.g. 256k.
+    #[arg(long, value_parser = parse_count)]
+    pub batch_tokens: Option<usize>,
+    /// Sequences per forward pass (memory knob; does not change the math).
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    /// Peak learning rate (cosine decay to --min-lr).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// AdamW weight decay (matrices only).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// Loss: ce (next-token cross-entropy), kd (distillation from the frozen FP teacher), mix.
+    #[arg(long, value_enum)]
+    pub distill: Option<Distill>,
+    #[arg(long)]
+    pub kd_temperature: Option<f64>,
+    /// Weight of cross-entropy in `mix`.
+    #[arg(long)]
+    pub ce_weight: Option<f64>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Train in fp32 on CUDA instead of bf16 autocast.
+    #[arg(long)]
+    pub no_bf16: bool,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Held-out windows for validation loss (taken from the end of the corpus).
+    #[arg(long)]
+    pub val_windows: Option<usize>,
+    /// Also checkpoint every N Stage-2 steps (phase ends always checkpoint).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// How many checkpoints to keep on disk.
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+    /// Where tokenized corpora are cached.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Tokenizer file when it is not beside the model.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let model = args.model.clone().unwrap_or_default();
+    let mut c = ConvertConfig::preset(args.preset, model, args.data.clone(), args.method);
+    macro_rules! set {
+        ($($field:ident),*) => { $( if let Some(v) = args.$field.clone() { c.$field = v; } )* };
+    }
+    set!(stage1_steps, stage1_lr, stage1_surrogate, schedule, phases, scales, seq_len, batch_tokens, micro_batch);
+    set!(lr, min_lr, warmup_steps, weight_decay, grad_clip, distill, kd_temperature, ce_weight, device, seed);
+    set!(val_windows, checkpoint_every, keep_checkpoints);
+    if args.tokens.is_some() || args.steps.is_some() {
+        c.tokens = args.tokens;
+        c.steps = args.steps;
+    }
+    c.cache_dir = args.cache_dir.clone();
+    c.tokenizer = args.tokenizer.clone();
+    c.stage1_tie = !args.no_stage1_tie;
+    c.detach_abs_mean = args.detach_abs_mean;
+    c.bf16 = !args.no_bf16;
+    let summary = convert::run(c, &args.out, args.resume)?;
+    let v = &summary.validation;
+    println!(
+        "{}: held-out perplexity FP {:.2}, PTQ {:.2}, final training form {:.2}, sign form {:.2} (gap {:+.4} nats/token)",
+        summary.method,
+        v.full_precision.exp(),
+        v.ptq.exp(),
+        v.final_training_form.exp(),
+        v.final_sign_form.exp(),
+        v.sign_gap
+    );
+    println!(
+        "tokens trained {}, Stage-2 {:.0} tokens/s, wall-clock {:.1} s; run in {}",
+        summary.tokens_trained,
+        summary.stage2_tokens_per_second,
+        summary.wall_seconds,
+        args.out.display()
+    );
+    if let Some(p) = &summary.sign_model {
+        println!("sign model: {p}");
+    }
+    Ok(())
+}
