@@ -53,7 +53,7 @@ pub fn char_tokenizer() -> TextTokenizer {
                      {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {"<s>": {"id": "<s>", "ids": [BOS], "tokens": ["<s>"]}}
         },
-        "decoder": null,
+        "decoder": {"type": "Fuse"},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
