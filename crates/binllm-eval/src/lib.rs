@@ -28,7 +28,7 @@ pub use perplexity::{
     perplexity_windows, run_perplexity, PerplexityOptions, PerplexityResult, PerplexitySet, Window,
 };
 pub use reference::{compare_with_reference, AgreementSummary, ReferenceFile};
-pub use report::{compare, render_markdown, EvalReport, RunInfo};
+pub use report::{compare, compare_files, render_markdown, EvalReport, RunInfo};
 pub use tasks::{run_task, run_tasks, McExample, Task, TaskOptions, TaskResult};
 
 use std::path::PathBuf;

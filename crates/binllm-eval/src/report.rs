@@ -229,6 +229,15 @@ pub fn compare(reports: &[EvalReport]) -> String {
     md
 }
 
+/// [`compare`] over result files.
+pub fn compare_files(paths: &[impl AsRef<Path>]) -> Result<String> {
+    let reports = paths
+        .iter()
+        .map(|p| EvalReport::load(p.as_ref()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(compare(&reports))
+}
+
 /// Perplexity rows first (wikitext2, c4, ptb, others), then tasks in panel order.
 fn row_rank(key: &str) -> (usize, usize, String) {
     let order = ["wikitext2", "c4", "ptb", "ptb-valid"];

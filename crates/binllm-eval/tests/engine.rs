@@ -165,7 +165,13 @@ fn a_benchmark_run_reports_every_number_and_renders() {
     };
     // C4 through the char tokenizer is large; only the tasks go into this second report.
     let second = run_benchmarks(&mut other, &tasks_only[..1], &settings_c4).unwrap();
+    let second_path = dir.path().join("second.json");
+    second.save(&second_path).unwrap();
     let table = compare(&[report.clone(), second]);
+    assert_eq!(
+        binllm_eval::compare_files(&[out.clone(), second_path]).unwrap(),
+        table
+    );
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].contains("bigram-test (test f32)") && lines[0].contains("other (test f32)"));
     let ppl_row = lines.iter().find(|l| l.starts_with("| file:")).unwrap();
