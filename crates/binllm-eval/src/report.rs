@@ -1,0 +1,253 @@
+//! The result file (JSON, every number with its settings), its Markdown rendering, and
+//! the side-by-side comparison of several runs.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::perplexity::PerplexityResult;
+use crate::tasks::{Task, TaskResult};
+
+pub const REPORT_FORMAT: &str = "binllm-eval/1";
+
+/// Who was evaluated, how, and when.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub format: String,
+    /// Model path or name as given by the caller.
+    pub model: String,
+    /// Engine and dtype label supplied by the caller ("libtorch cuda bf16", ...).
+    pub engine: String,
+    pub max_context: usize,
+    pub limit: Option<usize>,
+    pub data_dir: String,
+    pub binllm_eval_version: String,
+    /// Seconds since the Unix epoch at the start of the run.
+    pub started_unix: u64,
+    pub wall_seconds: f64,
+}
+
+impl RunInfo {
+    pub fn new(
+        model: &str,
+        engine: &str,
+        max_context: usize,
+        limit: Option<usize>,
+        data_dir: &Path,
+    ) -> Self {
+        RunInfo {
+            format: REPORT_FORMAT.into(),
+            model: model.into(),
+            engine: engine.into(),
+            max_context,
+            limit,
+            data_dir: data_dir.display().to_string(),
+            binllm_eval_version: env!("CARGO_PKG_VERSION").into(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            wall_seconds: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub run: RunInfo,
+    #[serde(default)]
+    pub perplexity: Vec<PerplexityResult>,
+    #[serde(default)]
+    pub tasks: Vec<TaskResult>,
+}
+
+impl EvalReport {
+    pub fn new(run: RunInfo) -> Self {
+        EvalReport {
+            run,
+            perplexity: Vec::new(),
+            tasks: Vec::new(),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("{}: cannot write the report", path.display()))
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a binllm-eval report", path.display()))
+    }
+
+    /// A short column label: the model file name plus the engine.
+    pub fn label(&self) -> String {
+        let name = Path::new(&self.run.model)
+            .file_name()
+            .map_or(self.run.model.clone(), |n| n.to_string_lossy().into_owned());
+        if self.run.engine.is_empty() {
+            name
+        } else {
+            format!("{name} ({})", self.run.engine)
+        }
+    }
+
+    /// Every headline number under a stable row key, in panel order.
+    pub fn rows(&self) -> Vec<(String, String)> {
+        let mut rows = Vec::new();
+        for p in &self.perplexity {
+            rows.push((format!("{} ppl", p.dataset), format!("{:.3}", p.ppl)));
+        }
+        for t in &self.tasks {
+            let name = t
+                .parsed_task()
+                .map_or(t.task.clone(), |t| t.display_name().into());
+            rows.push((
+                format!("{name} acc"),
+                pct(t.metrics.acc.value, t.metrics.acc.stderr),
+            ));
+            if t.reports_acc_norm {
+                rows.push((
+                    format!("{name} acc_norm"),
+                    pct(t.metrics.acc_norm.value, t.metrics.acc_norm.stderr),
+                ));
+            }
+        }
+        rows
+    }
+}
+
+fn pct(value: f64, stderr: f64) -> String {
+    format!("{:.2} ± {:.2}", 100.0 * value, 100.0 * stderr)
+}
+
+/// The report as Markdown: settings, a perplexity table with token and window counts, and
+/// a task table with acc / acc_norm and standard errors (in percent).
+pub fn render_markdown(report: &EvalReport) -> String {
+    let mut md = String::new();
+    let r = &report.run;
+    let _ = writeln!(md, "## Evaluation: {}\n", report.label());
+    let _ = writeln!(
+        md,
+        "model `{}`, engine `{}`, max context {}, limit {}, wall-clock {:.1} s\n",
+        r.model,
+        r.engine,
+        r.max_context,
+        r.limit.map_or("none".into(), |l| l.to_string()),
+        r.wall_seconds
+    );
+    if !report.perplexity.is_empty() {
+        md.push_str(
+            "| dataset | ppl | ctx | stride | tokens | windows | scored tokens | protocol |\n",
+        );
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|---|\n");
+        for p in &report.perplexity {
+            let _ = writeln!(
+                md,
+                "| {} | {:.3} | {} | {} | {} | {} | {} | {} |",
+                p.dataset,
+                p.ppl,
+                p.ctx,
+                p.stride.map_or("-".into(), |s| s.to_string()),
+                p.tokens,
+                p.windows,
+                p.scored_tokens,
+                p.protocol
+            );
+        }
+        md.push('\n');
+        for p in &report.perplexity {
+            for note in &p.notes {
+                let _ = writeln!(md, "- {}: {note}", p.dataset);
+            }
+        }
+        md.push('\n');
+    }
+    if !report.tasks.is_empty() {
+        md.push_str("| task | split | n | acc (%) | acc_norm (%) |\n");
+        md.push_str("|---|---|---:|---:|---:|\n");
+        for t in &report.tasks {
+            let name = t
+                .parsed_task()
+                .map_or(t.task.clone(), |t| t.display_name().into());
+            let norm = if t.reports_acc_norm {
+                pct(t.metrics.acc_norm.value, t.metrics.acc_norm.stderr)
+            } else {
+                "-".into()
+            };
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {}/{} | {} | {norm} |",
+                t.split,
+                t.n,
+                t.num_docs,
+                pct(t.metrics.acc.value, t.metrics.acc.stderr)
+            );
+        }
+        md.push('\n');
+        for t in &report.tasks {
+            for note in &t.notes {
+                let _ = writeln!(md, "- {}: {note}", t.task);
+            }
+        }
+    }
+    md
+}
+
+/// Several reports side by side: one row per metric (union over the reports, panel order),
+/// one column per report; "-" where a report lacks the metric.
+pub fn compare(reports: &[EvalReport]) -> String {
+    let mut keys: Vec<String> = Vec::new();
+    let per_report: Vec<Vec<(String, String)>> = reports.iter().map(EvalReport::rows).collect();
+    for rows in &per_report {
+        for (k, _) in rows {
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+    }
+    keys.sort_by_key(|k| row_rank(k));
+    let mut md = String::from("| metric |");
+    for r in reports {
+        let _ = write!(md, " {} |", r.label().replace('|', "/"));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(reports.len()));
+    md.push('\n');
+    for key in &keys {
+        let _ = write!(md, "| {key} |");
+        for rows in &per_report {
+            let cell = rows.iter().find(|(k, _)| k == key).map_or("-", |(_, v)| v);
+            let _ = write!(md, " {cell} |");
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// [`compare`] over result files.
+pub fn compare_files(paths: &[impl AsRef<Path>]) -> Result<String> {
+    let reports = paths
+        .iter()
+        .map(|p| EvalReport::load(p.as_ref()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(compare(&reports))
+}
+
+/// Perplexity rows first (wikitext2, c4, ptb, others), then tasks in panel order.
+fn row_rank(key: &str) -> (usize, usize, String) {
+    let order = ["wikitext2", "c4", "ptb", "ptb-valid"];
+    if let Some(set) = key.strip_suffix(" ppl") {
+        let i = order.iter().position(|o| *o == set).unwrap_or(order.len());
+        return (0, i, key.into());
+    }
+    let i = Task::ALL
+        .iter()
+        .position(|t| key.starts_with(&format!("{} ", t.display_name())))
+        .unwrap_or(Task::ALL.len());
+    (1, i, key.into())
+}

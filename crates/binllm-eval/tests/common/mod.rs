@@ -1,0 +1,13 @@
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+/// `<repo root>/../shared/data/eval`: the shared data sets beside the clone (CI has them).
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/eval")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
