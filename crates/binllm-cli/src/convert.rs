@@ -132,8 +132,29 @@ pub fn run(args: Args) -> Result<()> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = args.$field.clone() { c.$field = v; } )* };
     }
-    set!(stage1_steps, stage1_lr, stage1_surrogate, schedule, phases, scales, seq_len, batch_tokens, micro_batch);
-    set!(lr, min_lr, warmup_steps, weight_decay, grad_clip, distill, kd_temperature, ce_weight, device, seed);
+    set!(
+        stage1_steps,
+        stage1_lr,
+        stage1_surrogate,
+        schedule,
+        phases,
+        scales,
+        seq_len,
+        batch_tokens,
+        micro_batch
+    );
+    set!(
+        lr,
+        min_lr,
+        warmup_steps,
+        weight_decay,
+        grad_clip,
+        distill,
+        kd_temperature,
+        ce_weight,
+        device,
+        seed
+    );
     set!(val_windows, checkpoint_every, keep_checkpoints);
     if args.tokens.is_some() || args.steps.is_some() {
         c.tokens = args.tokens;

@@ -2,6 +2,7 @@
 
 #[cfg(feature = "torch")]
 mod convert;
+mod eval;
 #[cfg(feature = "torch")]
 mod generate;
 mod inspect;
@@ -25,6 +26,8 @@ enum Command {
     /// Convert a pretrained model into a 1-bit model (binary-aware init + progressive training).
     #[cfg(feature = "torch")]
     Convert(Box<convert::Args>),
+    /// Evaluate a model: WikiText-2 / C4 / PTB perplexity and seven zero-shot tasks.
+    Eval(Box<eval::Args>),
     /// Show a model's architecture, parameter counts by group, tensor types and tokenizer.
     Inspect(inspect::Args),
     /// Generate text from a full-precision model on libtorch (CPU or CUDA), streaming tokens.
@@ -41,6 +44,7 @@ fn main() {
     let result: Result<()> = match cli.command {
         #[cfg(feature = "torch")]
         Command::Convert(args) => convert::run(*args),
+        Command::Eval(args) => eval::run(*args),
         Command::Inspect(args) => inspect::run(args),
         #[cfg(feature = "torch")]
         Command::Generate(args) => generate::run(args),

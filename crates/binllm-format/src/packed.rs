@@ -35,7 +35,26 @@ pub fn pack_signs(values: &[f32], rows: usize, cols: usize) -> Vec<u64> {
 
 /// The +-1 matrix the bits encode.
 pub fn unpack_signs(bits: &[u64], rows: usize, cols: usize) -> Vec<f32> {
-    binllm_kernels::PackedMatrix::from_parts(rows, cols, bits.to_vec(), vec![1.0; rows]).unpack_signs()
+    binllm_kernels::PackedMatrix::from_parts(rows, cols, bits.to_vec(), vec![1.0; rows])
+        .unpack_signs()
+}
+
+/// Whether `path` is a binllm packed model (a safetensors file with binllm's metadata).
+pub fn is_packed_file(path: &Path) -> bool {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    use std::io::Read;
+    let mut len = [0u8; 8];
+    if file.read_exact(&mut len).is_err() {
+        return false;
+    }
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return false;
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).is_ok() && String::from_utf8_lossy(&header).contains(FORMAT_NAME)
 }
 
 /// How scale vectors and dense tensors are stored.
@@ -130,7 +149,8 @@ impl PackedModel {
             body_bits += (l.rows * l.cols) as f64
                 + vector_bits * (l.rows + l.input_scale.as_ref().map_or(0, |v| v.len())) as f64;
         }
-        let (mut dense_weights, mut dense_bits, mut emb_weights, mut emb_bits) = (0f64, 0f64, 0f64, 0f64);
+        let (mut dense_weights, mut dense_bits, mut emb_weights, mut emb_bits) =
+            (0f64, 0f64, 0f64, 0f64);
         for (name, t) in &self.dense {
             let bits = match t.data {
                 TensorData::F32(_) => 32.0,
@@ -143,11 +163,16 @@ impl PackedModel {
                 emb_bits += bits;
             }
         }
-        let biases: f64 = self.linears.values().map(|l| l.bias.as_ref().map_or(0, |b| b.len()) as f64).sum();
+        let biases: f64 = self
+            .linears
+            .values()
+            .map(|l| l.bias.as_ref().map_or(0, |b| b.len()) as f64)
+            .sum();
         BitsPerWeight {
             body: body_bits / body_weights.max(1.0),
             embeddings_and_head: emb_bits / emb_weights.max(1.0),
-            whole_model: (body_bits + dense_bits + vector_bits * biases) / (body_weights + dense_weights + biases),
+            whole_model: (body_bits + dense_bits + vector_bits * biases)
+                / (body_weights + dense_weights + biases),
         }
     }
 
@@ -156,10 +181,9 @@ impl PackedModel {
         self.config.validate()?;
         for layer in 0..self.config.num_layers {
             for which in BlockLinear::ALL {
-                let l = self
-                    .linears
-                    .get(&(layer, which))
-                    .with_context(|| format!("missing packed linear {}", module_prefix(layer, which)))?;
+                let l = self.linears.get(&(layer, which)).with_context(|| {
+                    format!("missing packed linear {}", module_prefix(layer, which))
+                })?;
                 let [rows, cols] = which.shape(&self.config);
                 ensure!(
                     l.rows == rows && l.cols == cols,
@@ -168,10 +192,22 @@ impl PackedModel {
                     l.rows,
                     l.cols
                 );
-                ensure!(l.sign_bits.len() == rows * words_per_row(cols), "{}: wrong number of sign words", module_prefix(layer, which));
-                ensure!(l.row_scale.len() == rows, "{}: wrong row_scale length", module_prefix(layer, which));
+                ensure!(
+                    l.sign_bits.len() == rows * words_per_row(cols),
+                    "{}: wrong number of sign words",
+                    module_prefix(layer, which)
+                );
+                ensure!(
+                    l.row_scale.len() == rows,
+                    "{}: wrong row_scale length",
+                    module_prefix(layer, which)
+                );
                 if let Some(s) = &l.input_scale {
-                    ensure!(s.len() == cols, "{}: wrong input_scale length", module_prefix(layer, which));
+                    ensure!(
+                        s.len() == cols,
+                        "{}: wrong input_scale length",
+                        module_prefix(layer, which)
+                    );
                 }
                 ensure!(
                     l.bias.is_some() == which.has_bias(&self.config),
@@ -182,28 +218,47 @@ impl PackedModel {
         }
         let expected = names::expected_tensors(&self.config);
         for (name, shape) in expected.iter().filter(|(n, _)| !n.contains("_proj.")) {
-            let t = self.dense.get(name).with_context(|| format!("missing dense tensor '{name}'"))?;
-            ensure!(&t.shape == shape, "dense tensor '{name}' has shape {:?}, expected {shape:?}", t.shape);
+            let t = self
+                .dense
+                .get(name)
+                .with_context(|| format!("missing dense tensor '{name}'"))?;
+            ensure!(
+                &t.shape == shape,
+                "dense tensor '{name}' has shape {:?}, expected {shape:?}",
+                t.shape
+            );
         }
         Ok(())
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        self.validate().context("refusing to write an inconsistent packed model")?;
+        self.validate()
+            .context("refusing to write an inconsistent packed model")?;
         let mut blobs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let vector = |values: &[f32]| -> (safetensors::Dtype, Vec<u8>) {
             match self.precision {
-                Precision::F32 => (safetensors::Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                Precision::F32 => (
+                    safetensors::Dtype::F32,
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ),
                 Precision::F16 => (
                     safetensors::Dtype::F16,
-                    values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+                    values
+                        .iter()
+                        .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                        .collect(),
                 ),
             }
         };
         for (&(layer, which), l) in &self.linears {
             let prefix = module_prefix(layer, which);
             let words: Vec<u8> = l.sign_bits.iter().flat_map(|w| w.to_le_bytes()).collect();
-            blobs.push((format!("{prefix}.sign_bits"), safetensors::Dtype::U64, vec![l.rows, words_per_row(l.cols)], words));
+            blobs.push((
+                format!("{prefix}.sign_bits"),
+                safetensors::Dtype::U64,
+                vec![l.rows, words_per_row(l.cols)],
+                words,
+            ));
             let (dt, b) = vector(&l.row_scale);
             blobs.push((format!("{prefix}.row_scale"), dt, vec![l.rows], b));
             if let Some(s) = &l.input_scale {
@@ -217,8 +272,14 @@ impl PackedModel {
         }
         for (name, t) in &self.dense {
             let (dt, b) = match (&t.data, self.precision) {
-                (TensorData::F16(v), _) => (safetensors::Dtype::F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-                (TensorData::BF16(v), _) => (safetensors::Dtype::BF16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                (TensorData::F16(v), _) => (
+                    safetensors::Dtype::F16,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
+                (TensorData::BF16(v), _) => (
+                    safetensors::Dtype::BF16,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
                 (TensorData::F32(v), _) => vector(v),
             };
             blobs.push((name.clone(), dt, t.shape.clone(), b));
@@ -234,56 +295,98 @@ impl PackedModel {
         let mut meta = HashMap::new();
         meta.insert("binllm.format".to_string(), FORMAT_NAME.to_string());
         meta.insert("binllm.version".to_string(), FORMAT_VERSION.to_string());
-        meta.insert("binllm.config".to_string(), serde_json::to_string(&self.config)?);
-        meta.insert("binllm.provenance".to_string(), serde_json::to_string(&self.provenance)?);
-        meta.insert("binllm.precision".to_string(), serde_json::to_string(&self.precision)?);
-        meta.insert("binllm.bits_per_weight".to_string(), serde_json::to_string(&self.bits_per_weight())?);
+        meta.insert(
+            "binllm.config".to_string(),
+            serde_json::to_string(&self.config)?,
+        );
+        meta.insert(
+            "binllm.provenance".to_string(),
+            serde_json::to_string(&self.provenance)?,
+        );
+        meta.insert(
+            "binllm.precision".to_string(),
+            serde_json::to_string(&self.precision)?,
+        );
+        meta.insert(
+            "binllm.bits_per_weight".to_string(),
+            serde_json::to_string(&self.bits_per_weight())?,
+        );
         if let Some(t) = &self.tokenizer_json {
             meta.insert("binllm.tokenizer".to_string(), t.clone());
         }
         if let Some(t) = &self.chat_template {
             meta.insert("binllm.chat_template".to_string(), t.clone());
         }
-        let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| anyhow!("serializing: {e}"))?;
+        let bytes = safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| anyhow!("serializing: {e}"))?;
         crate::atomic::write_atomically(path, &bytes)
     }
 
     pub fn read(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open packed model", path.display()))?;
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("{}: cannot open packed model", path.display()))?;
         // SAFETY: read-only map, dropped before returning.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
-        Self::from_bytes(&mmap).with_context(|| format!("{}: not a valid binllm packed model", path.display()))
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("{}: cannot map", path.display()))?;
+        Self::from_bytes(&mmap)
+            .with_context(|| format!("{}: not a valid binllm packed model", path.display()))
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("bad safetensors header (truncated or corrupt file?): {e}"))?;
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| anyhow!("truncated or corrupt safetensors data: {e}"))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow!("bad safetensors header (truncated or corrupt file?): {e}"))?;
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow!("truncated or corrupt safetensors data: {e}"))?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let field = |key: &str| meta.get(key).with_context(|| format!("metadata lacks '{key}'"));
-        ensure!(field("binllm.format")? == FORMAT_NAME, "metadata binllm.format is not '{FORMAT_NAME}'");
-        let version: u32 = field("binllm.version")?.parse().context("bad binllm.version")?;
-        ensure!(version == FORMAT_VERSION, "format version {version} is not supported (this binllm reads {FORMAT_VERSION})");
-        let config: ModelConfig = serde_json::from_str(field("binllm.config")?).context("bad binllm.config")?;
-        let provenance: Provenance = serde_json::from_str(field("binllm.provenance")?).context("bad binllm.provenance")?;
-        let precision: Precision = serde_json::from_str(field("binllm.precision")?).context("bad binllm.precision")?;
+        let field = |key: &str| {
+            meta.get(key)
+                .with_context(|| format!("metadata lacks '{key}'"))
+        };
+        ensure!(
+            field("binllm.format")? == FORMAT_NAME,
+            "metadata binllm.format is not '{FORMAT_NAME}'"
+        );
+        let version: u32 = field("binllm.version")?
+            .parse()
+            .context("bad binllm.version")?;
+        ensure!(
+            version == FORMAT_VERSION,
+            "format version {version} is not supported (this binllm reads {FORMAT_VERSION})"
+        );
+        let config: ModelConfig =
+            serde_json::from_str(field("binllm.config")?).context("bad binllm.config")?;
+        let provenance: Provenance =
+            serde_json::from_str(field("binllm.provenance")?).context("bad binllm.provenance")?;
+        let precision: Precision =
+            serde_json::from_str(field("binllm.precision")?).context("bad binllm.precision")?;
 
         let floats = |name: &str| -> Result<Vec<f32>> {
-            let v = st.tensor(name).map_err(|e| anyhow!("tensor '{name}': {e}"))?;
+            let v = st
+                .tensor(name)
+                .map_err(|e| anyhow!("tensor '{name}': {e}"))?;
             match v.dtype() {
                 safetensors::Dtype::F32 => Ok(le_values(v.data(), f32::from_le_bytes)),
-                safetensors::Dtype::F16 => Ok(le_values(v.data(), |b| f16::from_le_bytes(b).to_f32())),
+                safetensors::Dtype::F16 => {
+                    Ok(le_values(v.data(), |b| f16::from_le_bytes(b).to_f32()))
+                }
                 other => bail!("tensor '{name}' has type {other:?}; expected F32 or F16"),
             }
         };
         let mut linears = BTreeMap::new();
-        let names_present: std::collections::HashSet<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        let names_present: std::collections::HashSet<String> =
+            st.names().into_iter().map(|s| s.to_string()).collect();
         for layer in 0..config.num_layers {
             for which in BlockLinear::ALL {
                 let prefix = module_prefix(layer, which);
                 let [rows, cols] = which.shape(&config);
                 let bits_name = format!("{prefix}.sign_bits");
-                let bits_view = st.tensor(&bits_name).map_err(|e| anyhow!("tensor '{bits_name}': {e}"))?;
-                ensure!(bits_view.dtype() == safetensors::Dtype::U64, "'{bits_name}' must be U64");
+                let bits_view = st
+                    .tensor(&bits_name)
+                    .map_err(|e| anyhow!("tensor '{bits_name}': {e}"))?;
+                ensure!(
+                    bits_view.dtype() == safetensors::Dtype::U64,
+                    "'{bits_name}' must be U64"
+                );
                 ensure!(
                     bits_view.shape() == [rows, words_per_row(cols)],
                     "'{bits_name}' has shape {:?}, expected [{rows}, {}]",
@@ -312,12 +415,19 @@ impl PackedModel {
             }
         }
         let mut dense = TensorMap::new();
-        for (name, _) in names::expected_tensors(&config).into_iter().filter(|(n, _)| !n.contains("_proj.")) {
-            let v = st.tensor(&name).map_err(|e| anyhow!("tensor '{name}': {e}"))?;
+        for (name, _) in names::expected_tensors(&config)
+            .into_iter()
+            .filter(|(n, _)| !n.contains("_proj."))
+        {
+            let v = st
+                .tensor(&name)
+                .map_err(|e| anyhow!("tensor '{name}': {e}"))?;
             let data = match v.dtype() {
                 safetensors::Dtype::F32 => TensorData::F32(le_values(v.data(), f32::from_le_bytes)),
                 safetensors::Dtype::F16 => TensorData::F16(le_values(v.data(), f16::from_le_bytes)),
-                safetensors::Dtype::BF16 => TensorData::BF16(le_values(v.data(), half::bf16::from_le_bytes)),
+                safetensors::Dtype::BF16 => {
+                    TensorData::BF16(le_values(v.data(), half::bf16::from_le_bytes))
+                }
                 other => bail!("tensor '{name}' has type {other:?}"),
             };
             dense.insert(
@@ -350,7 +460,9 @@ mod tests {
     #[test]
     fn signs_round_trip_with_padding_zeroed() {
         let (rows, cols) = (3, 70);
-        let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 11) as f32) - 5.0).collect();
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 11) as f32) - 5.0)
+            .collect();
         let bits = pack_signs(&values, rows, cols);
         assert_eq!(bits.len(), rows * 2);
         let back = unpack_signs(&bits, rows, cols);
@@ -358,7 +470,11 @@ mod tests {
             assert_eq!(*b, if *v >= 0.0 { 1.0 } else { -1.0 });
         }
         for r in 0..rows {
-            assert_eq!(bits[r * 2 + 1] >> 6, 0, "padding bits of row {r} must be zero");
+            assert_eq!(
+                bits[r * 2 + 1] >> 6,
+                0,
+                "padding bits of row {r} must be zero"
+            );
         }
     }
 }

@@ -16,11 +16,17 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(self.tensors.len());
+        let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> =
+            Vec::with_capacity(self.tensors.len());
         for (name, t) in &self.tensors {
-            let cpu = t.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
+            let cpu = t
+                .detach()
+                .to_kind(Kind::Float)
+                .to_device(tch::Device::Cpu)
+                .contiguous();
             let shape: Vec<usize> = cpu.size().iter().map(|&d| d as usize).collect();
-            let values = Vec::<f32>::try_from(cpu.flatten(0, -1)).with_context(|| format!("tensor '{name}'"))?;
+            let values = Vec::<f32>::try_from(cpu.flatten(0, -1))
+                .with_context(|| format!("tensor '{name}'"))?;
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             entries.push((name.clone(), shape, bytes));
         }
@@ -40,25 +46,42 @@ impl Checkpoint {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint (not a complete safetensors file): {e}", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: corrupt checkpoint (not a complete safetensors file): {e}",
+                path.display()
+            )
+        })?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint header: {e}", path.display()))?;
         let meta_text = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get("binllm_checkpoint"))
-            .with_context(|| format!("{}: not a binllm checkpoint (no binllm_checkpoint metadata)", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "{}: not a binllm checkpoint (no binllm_checkpoint metadata)",
+                    path.display()
+                )
+            })?;
         let meta: serde_json::Value = serde_json::from_str(meta_text)
             .with_context(|| format!("{}: corrupt checkpoint metadata", path.display()))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
             if view.dtype() != safetensors::Dtype::F32 {
-                bail!("{}: tensor '{name}' is {:?}, expected F32", path.display(), view.dtype());
+                bail!(
+                    "{}: tensor '{name}' is {:?}, expected F32",
+                    path.display(),
+                    view.dtype()
+                );
             }
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            tensors.insert(name.to_string(), Tensor::from_data_size(view.data(), &shape, Kind::Float));
+            tensors.insert(
+                name.to_string(),
+                Tensor::from_data_size(view.data(), &shape, Kind::Float),
+            );
         }
         Ok(Checkpoint { tensors, meta })
     }
@@ -66,7 +89,9 @@ impl Checkpoint {
 
 /// `RUN/checkpoints/step-000123.safetensors`.
 pub fn checkpoint_path(run_dir: &Path, step: usize) -> PathBuf {
-    run_dir.join("checkpoints").join(format!("step-{step:07}.safetensors"))
+    run_dir
+        .join("checkpoints")
+        .join(format!("step-{step:07}.safetensors"))
 }
 
 /// The newest checkpoint of a run, by step number.
@@ -76,10 +101,18 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let mut best: Option<(usize, PathBuf)> = None;
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))? {
+    for entry in
+        std::fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))?
+    {
         let path = entry?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let Some(step) = name.strip_prefix("step-").and_then(|s| s.strip_suffix(".safetensors")) else {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.strip_suffix(".safetensors"))
+        else {
             continue;
         };
         if let Ok(step) = step.parse::<usize>() {
@@ -98,7 +131,10 @@ pub fn prune_checkpoints(run_dir: &Path, keep: usize, pinned: &[usize]) -> Resul
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
-            name.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()
+            name.strip_prefix("step-")?
+                .strip_suffix(".safetensors")?
+                .parse()
+                .ok()
         })
         .collect();
     steps.sort_unstable();
@@ -120,15 +156,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.safetensors");
         let mut tensors = BTreeMap::new();
-        tensors.insert("w".to_string(), Tensor::from_slice(&[1.0f32, -2.5, 3.25]).view([3, 1]));
-        Checkpoint { tensors, meta: serde_json::json!({"step": 7}) }.save(&path).unwrap();
+        tensors.insert(
+            "w".to_string(),
+            Tensor::from_slice(&[1.0f32, -2.5, 3.25]).view([3, 1]),
+        );
+        Checkpoint {
+            tensors,
+            meta: serde_json::json!({"step": 7}),
+        }
+        .save(&path)
+        .unwrap();
         let back = Checkpoint::load(&path).unwrap();
         assert_eq!(back.meta["step"], 7);
-        assert_eq!(Vec::<f32>::try_from(back.tensors["w"].flatten(0, -1)).unwrap(), vec![1.0, -2.5, 3.25]);
+        assert_eq!(
+            Vec::<f32>::try_from(back.tensors["w"].flatten(0, -1)).unwrap(),
+            vec![1.0, -2.5, 3.25]
+        );
 
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
         let err = format!("{:#}", Checkpoint::load(&path).err().unwrap());
-        assert!(err.contains("c.safetensors") && err.contains("corrupt"), "{err}");
+        assert!(
+            err.contains("c.safetensors") && err.contains("corrupt"),
+            "{err}"
+        );
     }
 }

@@ -158,7 +158,9 @@ impl ConvertConfig {
         self.cache_dir.clone().unwrap_or_else(|| {
             let base = std::env::var_os("BINLLM_CACHE")
                 .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/binllm")))
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/binllm"))
+                })
                 .unwrap_or_else(|| PathBuf::from(".binllm-cache"));
             base.join("tokens")
         })
@@ -167,11 +169,25 @@ impl ConvertConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.phases >= 1, "--phases must be at least 1");
         ensure!(self.seq_len >= 2, "--seq-len must be at least 2");
-        ensure!(self.batch_tokens >= self.seq_len, "--batch-tokens ({}) must hold at least one sequence of --seq-len ({})", self.batch_tokens, self.seq_len);
+        ensure!(
+            self.batch_tokens >= self.seq_len,
+            "--batch-tokens ({}) must hold at least one sequence of --seq-len ({})",
+            self.batch_tokens,
+            self.seq_len
+        );
         ensure!(self.micro_batch >= 1, "--micro-batch must be at least 1");
-        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be positive");
-        ensure!(!self.data.is_empty() || !self.method.trains(), "--data is required for training methods");
-        ensure!((0.0..=1.0).contains(&self.ce_weight), "--ce-weight must be in [0, 1]");
+        ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "--lr must be positive"
+        );
+        ensure!(
+            !self.data.is_empty() || !self.method.trains(),
+            "--data is required for training methods"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.ce_weight),
+            "--ce-weight must be in [0, 1]"
+        );
         method::parse_stage1_surrogate(&self.stage1_surrogate)?;
         Ok(())
     }
@@ -205,15 +221,25 @@ impl Plan {
         let stage2_steps = match (config.steps, config.tokens) {
             (Some(s), _) => s,
             (None, Some(t)) => t / tokens_per_step,
-            (None, None) => available.saturating_sub(config.stage1_steps * windows_per_step) / windows_per_step,
+            (None, None) => {
+                available.saturating_sub(config.stage1_steps * windows_per_step) / windows_per_step
+            }
         };
-        let stage2_steps = if config.method.trains() { stage2_steps - stage2_steps % config.phases } else { 0 };
+        let stage2_steps = if config.method.trains() {
+            stage2_steps - stage2_steps % config.phases
+        } else {
+            0
+        };
         ensure!(
             !config.method.trains() || stage2_steps >= config.phases,
             "the budget gives {stage2_steps} Stage-2 steps, fewer than the {} phases: raise --tokens/--steps or lower --batch-tokens",
             config.phases
         );
-        let stage1_steps = if config.method.trains() { config.stage1_steps } else { 0 };
+        let stage1_steps = if config.method.trains() {
+            config.stage1_steps
+        } else {
+            0
+        };
         let needed = (stage1_steps + stage2_steps) * windows_per_step;
         Ok(Plan {
             windows_per_step,
@@ -239,7 +265,9 @@ impl Plan {
     /// Window starts of micro-batch `m` of global step `step` (Stage 1 steps come first).
     fn micro_batch_windows(&self, windows: &Windows, step: usize, m: usize) -> Vec<usize> {
         let first = step * self.windows_per_step + m * self.micro_batch;
-        (first..first + self.micro_batch).map(|i| windows.train[i % windows.train.len()]).collect()
+        (first..first + self.micro_batch)
+            .map(|i| windows.train[i % windows.train.len()])
+            .collect()
     }
 }
 
@@ -299,14 +327,22 @@ pub struct FinalValidation {
 }
 
 /// The model's loss on `starts` windows under `form`, mean nats per predicted token.
-pub fn validation_loss(model: &mut Llama, windows: &Windows, starts: &[usize], form: WeightForm, micro_batch: usize, bf16: bool) -> Result<f64> {
+pub fn validation_loss(
+    model: &mut Llama,
+    windows: &Windows,
+    starts: &[usize],
+    form: WeightForm,
+    micro_batch: usize,
+    bf16: bool,
+) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let saved = model.form;
     model.form = form;
     let mut total = 0.0;
     for chunk in starts.chunks(micro_batch.max(1)) {
         let (x, y) = windows.batch(chunk, model.device());
-        let loss = shim::with_autocast_bf16(bf16, || loss::cross_entropy(&model.forward(&x, None), &y));
+        let loss =
+            shim::with_autocast_bf16(bf16, || loss::cross_entropy(&model.forward(&x, None), &y));
         total += loss.double_value(&[]) * chunk.len() as f64;
     }
     model.form = saved;
@@ -325,13 +361,23 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
     }
     tch::manual_seed(config.seed as i64);
 
-    let pretrained = PretrainedModel::load(&config.model, &LoadOptions { tokenizer: config.tokenizer.clone() })?;
-    let tokenizer = pretrained.tokenizer().context("conversion needs the model's tokenizer")?;
+    let pretrained = PretrainedModel::load(
+        &config.model,
+        &LoadOptions {
+            tokenizer: config.tokenizer.clone(),
+        },
+    )?;
+    let tokenizer = pretrained
+        .tokenizer()
+        .context("conversion needs the model's tokenizer")?;
     let mut model = Llama::from_pretrained(&pretrained, device, Kind::Float)?;
     let (windows, documents) = load_windows(&config, &model, tokenizer, run_dir)?;
     let plan = Plan::new(&config, &windows, documents)?;
     print_plan(&config, &plan, &pretrained, device);
-    std::fs::write(run_dir.join("plan.json"), serde_json::to_string_pretty(&plan)?)?;
+    std::fs::write(
+        run_dir.join("plan.json"),
+        serde_json::to_string_pretty(&plan)?,
+    )?;
 
     let teacher = if config.loss().needs_teacher() {
         let mut t = Llama::from_pretrained(&pretrained, device, Kind::Float)?;
@@ -358,12 +404,23 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         metrics: MetricsLog::open(run_dir)?,
         pending_checkpoint: None,
     };
-    let latest = if resume { checkpoint::latest_checkpoint(run_dir)? } else { None };
-    let resume_state = latest.map(|p| Checkpoint::load(&p).map(|c| (p, c))).transpose()?;
-    let resume_step = resume_state.as_ref().map(|(_, c)| c.meta["step"].as_u64().unwrap_or(0) as usize);
+    let latest = if resume {
+        checkpoint::latest_checkpoint(run_dir)?
+    } else {
+        None
+    };
+    let resume_state = latest
+        .map(|p| Checkpoint::load(&p).map(|c| (p, c)))
+        .transpose()?;
+    let resume_step = resume_state
+        .as_ref()
+        .map(|(_, c)| c.meta["step"].as_u64().unwrap_or(0) as usize);
     if let Some(step) = resume_step {
         trainer.metrics.truncate_after(step)?;
-        eprintln!("resuming from step {step} ({})", resume_state.as_ref().unwrap().0.display());
+        eprintln!(
+            "resuming from step {step} ({})",
+            resume_state.as_ref().unwrap().0.display()
+        );
     }
 
     let surrogate = method::parse_stage1_surrogate(&config.stage1_surrogate)?;
@@ -372,26 +429,40 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         method::attach_input_scales(&mut model, config.stage1_tie);
     }
     let stage2_structure = |model: &mut Llama| {
-        method::attach_method_parameters(model, config.method, config.scales, config.detach_abs_mean);
+        method::attach_method_parameters(
+            model,
+            config.method,
+            config.scales,
+            config.detach_abs_mean,
+        );
     };
     match (&resume_state, resume_step) {
         (Some((path, ckpt)), Some(step)) if step >= plan.stage1_steps => {
             stage2_structure(&mut model);
             load_params(&model, ckpt, path)?;
-            stage1 = ckpt.meta.get("stage1").and_then(|v| serde_json::from_value(v.clone()).ok());
+            stage1 = ckpt
+                .meta
+                .get("stage1")
+                .and_then(|v| serde_json::from_value(v.clone()).ok());
         }
         _ => {
+            // Stage 1 is short and deterministic: a run killed during it starts it again.
             if plan.stage1_steps > 0 {
-                let resume_stage1 = resume_state.as_ref().map(|(p, c)| (p.as_path(), c));
-                stage1 = Some(trainer.stage1(&mut model, surrogate, resume_stage1)?);
+                stage1 = Some(trainer.stage1(&mut model, surrogate)?);
                 method::fold_input_scales_into_latent(&mut model);
             }
             stage2_structure(&mut model);
+            if plan.stage1_steps > 0 && config.method.trains() {
+                trainer.checkpoint(&model, None, plan.stage1_steps, &[], &[], stage1.as_ref())?;
+            }
         }
     }
 
     let stage2_start = resume_step.map_or(0, |s| s.saturating_sub(plan.stage1_steps));
-    let resume_stage2 = resume_state.as_ref().filter(|_| resume_step.is_some_and(|s| s > plan.stage1_steps)).map(|(_, c)| c);
+    let resume_stage2 = resume_state
+        .as_ref()
+        .filter(|_| resume_step.is_some_and(|s| s > plan.stage1_steps))
+        .map(|(_, c)| c);
     let (phases, stage2_seconds) = if config.method.trains() {
         trainer.stage2(&mut model, stage2_start, resume_stage2, stage1.as_ref())?
     } else {
@@ -405,7 +476,10 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
     let final_form = config.method.final_form();
     let f_val = validation_loss(&mut model, &windows, &val, training_form, micro, bf16)?;
     let sign_val = validation_loss(&mut model, &windows, &val, final_form, micro, bf16)?;
-    eprintln!("held-out loss after: training form {f_val:.4}, shipped form {sign_val:.4} (gap {:+.4})", sign_val - f_val);
+    eprintln!(
+        "held-out loss after: training form {f_val:.4}, shipped form {sign_val:.4} (gap {:+.4})",
+        sign_val - f_val
+    );
 
     let (sign_path, bits) = if config.method.is_one_bit() {
         let provenance = Provenance {
@@ -422,7 +496,10 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         let packed = crate::sign_model::to_sign_model(&model, final_form, &pretrained, provenance)?;
         let path = run_dir.join("sign-model.safetensors");
         packed.write(&path)?;
-        (Some(path.display().to_string()), Some(packed.bits_per_weight()))
+        (
+            Some(path.display().to_string()),
+            Some(packed.bits_per_weight()),
+        )
     } else {
         (None, None)
     };
@@ -444,7 +521,9 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
             final_sign_form: sign_val,
             sign_gap: sign_val - f_val,
         },
-        stage2_tokens_per_second: (plan.stage2_steps.saturating_sub(stage2_start) * plan.tokens_per_step) as f64 / stage2_seconds.max(1e-9),
+        stage2_tokens_per_second: (plan.stage2_steps.saturating_sub(stage2_start)
+            * plan.tokens_per_step) as f64
+            / stage2_seconds.max(1e-9),
         wall_seconds: started.elapsed().as_secs_f64(),
         peak_gpu_memory_bytes: match device {
             Device::Cuda(i) => shim::cuda_peak_bytes(i),
@@ -464,26 +543,52 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
 fn prepare_run_dir(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<ConvertConfig> {
     let config_path = run_dir.join("config.toml");
     if resume {
-        let text = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("{}: cannot resume: no config.toml from an earlier run", run_dir.display()))?;
-        let stored: ConvertConfig = toml::from_str(&text).with_context(|| format!("{}: corrupt run config", config_path.display()))?;
-        if stored != (ConvertConfig { device: stored.device.clone(), ..config.clone() }) {
+        let text = std::fs::read_to_string(&config_path).with_context(|| {
+            format!(
+                "{}: cannot resume: no config.toml from an earlier run",
+                run_dir.display()
+            )
+        })?;
+        let stored: ConvertConfig = toml::from_str(&text)
+            .with_context(|| format!("{}: corrupt run config", config_path.display()))?;
+        if stored
+            != (ConvertConfig {
+                device: stored.device.clone(),
+                ..config.clone()
+            })
+        {
             eprintln!("note: resuming with the settings stored in {} (command-line settings other than --device are ignored)", config_path.display());
         }
-        return Ok(ConvertConfig { device: config.device, ..stored });
+        return Ok(ConvertConfig {
+            device: config.device,
+            ..stored
+        });
     }
     if checkpoint::latest_checkpoint(run_dir)?.is_some() {
         bail!("{}: holds an earlier run's checkpoints; pass --resume to continue it or choose another --out", run_dir.display());
     }
-    std::fs::create_dir_all(run_dir).with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
-    binllm_format::atomic::write_atomically(&config_path, toml::to_string_pretty(&config)?.as_bytes())?;
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
+    binllm_format::atomic::write_atomically(
+        &config_path,
+        toml::to_string_pretty(&config)?.as_bytes(),
+    )?;
     // A fresh run starts a fresh metrics log.
     std::fs::remove_file(run_dir.join("metrics.jsonl")).ok();
     Ok(config)
 }
 
-fn load_windows(config: &ConvertConfig, model: &Llama, tokenizer: &TextTokenizer, run_dir: &Path) -> Result<(Windows, usize)> {
-    let specs: Vec<DataSpec> = config.data.iter().map(|s| s.parse()).collect::<Result<_>>()?;
+fn load_windows(
+    config: &ConvertConfig,
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    run_dir: &Path,
+) -> Result<(Windows, usize)> {
+    let specs: Vec<DataSpec> = config
+        .data
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_>>()?;
     let mut tokens = Vec::new();
     let mut documents = 0;
     let mut files = Vec::new();
@@ -494,10 +599,23 @@ fn load_windows(config: &ConvertConfig, model: &Llama, tokenizer: &TextTokenizer
                 // Sampled once and kept in the run, so a resumed run trains on the same text.
                 let cache = run_dir.join("teacher-data.tok");
                 let stream = match std::fs::read(&cache) {
-                    Ok(bytes) if bytes.len() % 4 == 0 => bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect(),
+                    Ok(bytes) if bytes.len() % 4 == 0 => bytes
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
                     _ => {
-                        let eos = *tokenizer.eos_ids.first().context("the tokenizer has no EOS token")?;
-                        let sampled = crate::teacher::sample_tokens(model, *n, config.seq_len, 64, eos, config.seed as i64)?;
+                        let eos = *tokenizer
+                            .eos_ids
+                            .first()
+                            .context("the tokenizer has no EOS token")?;
+                        let sampled = crate::teacher::sample_tokens(
+                            model,
+                            *n,
+                            config.seq_len,
+                            64,
+                            eos,
+                            config.seed as i64,
+                        )?;
                         let bytes: Vec<u8> = sampled.iter().flat_map(|t| t.to_le_bytes()).collect();
                         binllm_format::atomic::write_atomically(&cache, &bytes)?;
                         sampled
@@ -517,7 +635,10 @@ fn load_windows(config: &ConvertConfig, model: &Llama, tokenizer: &TextTokenizer
     if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
         bail!("the tokenizer produced token id {bad}, beyond the model's vocabulary of {vocab}: tokenizer and model do not match");
     }
-    Ok((Windows::new(tokens, config.seq_len, config.val_windows, config.seed)?, documents))
+    Ok((
+        Windows::new(tokens, config.seq_len, config.val_windows, config.seed)?,
+        documents,
+    ))
 }
 
 fn print_plan(config: &ConvertConfig, plan: &Plan, model: &PretrainedModel, device: Device) {
@@ -545,7 +666,10 @@ fn print_plan(config: &ConvertConfig, plan: &Plan, model: &PretrainedModel, devi
         plan.stage2_tokens
     );
     if plan.epochs > 1.0 {
-        eprintln!("  warning: the budget needs {:.2} passes over the training windows: data repeats", plan.epochs);
+        eprintln!(
+            "  warning: the budget needs {:.2} passes over the training windows: data repeats",
+            plan.epochs
+        );
     }
 }
 
@@ -553,10 +677,13 @@ fn print_plan(config: &ConvertConfig, plan: &Plan, model: &PretrainedModel, devi
 fn load_params(model: &Llama, ckpt: &Checkpoint, path: &Path) -> Result<()> {
     tch::no_grad(|| -> Result<()> {
         for p in model.params() {
-            let src = ckpt
-                .tensors
-                .get(&p.name)
-                .with_context(|| format!("{}: checkpoint lacks parameter '{}' (a different method or model?)", path.display(), p.name))?;
+            let src = ckpt.tensors.get(&p.name).with_context(|| {
+                format!(
+                    "{}: checkpoint lacks parameter '{}' (a different method or model?)",
+                    path.display(),
+                    p.name
+                )
+            })?;
             ensure!(
                 src.size() == p.tensor.size(),
                 "{}: parameter '{}' has shape {:?} in the checkpoint, {:?} in the model",
@@ -590,7 +717,8 @@ impl MetricsLog {
     }
 
     fn write(&mut self, record: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{record}").with_context(|| format!("{}: write failed", self.path.display()))
+        writeln!(self.file, "{record}")
+            .with_context(|| format!("{}: write failed", self.path.display()))
     }
 
     /// Drops records past `step` (a resumed run writes them again).
@@ -598,7 +726,12 @@ impl MetricsLog {
         let text = std::fs::read_to_string(&self.path).unwrap_or_default();
         let kept: String = text
             .lines()
-            .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["global_step"].as_u64()).is_some_and(|s| s as usize <= step))
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["global_step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         binllm_format::atomic::write_atomically(&self.path, kept.as_bytes())?;
@@ -626,14 +759,23 @@ struct Trainer<'a> {
 impl Trainer<'_> {
     /// One optimizer step at global step `step`: forward/backward over the micro-batches,
     /// a NaN/inf check, clipping, AdamW.
-    fn train_step(&mut self, model: &Llama, optimizer: &mut AdamW, step: usize, lr: f64) -> Result<StepResult> {
+    fn train_step(
+        &mut self,
+        model: &Llama,
+        optimizer: &mut AdamW,
+        step: usize,
+        lr: f64,
+    ) -> Result<StepResult> {
         let loss_config = self.config.loss();
         let mut total = Tensor::zeros([], (Kind::Float, model.device()));
         for m in 0..self.plan.accumulation {
             let starts = self.plan.micro_batch_windows(self.windows, step, m);
             let (x, y) = self.windows.batch(&starts, model.device());
             let loss = shim::with_autocast_bf16(self.bf16, || {
-                let teacher_logits = self.teacher.as_ref().map(|t| tch::no_grad(|| t.forward(&x, None)));
+                let teacher_logits = self
+                    .teacher
+                    .as_ref()
+                    .map(|t| tch::no_grad(|| t.forward(&x, None)));
                 let logits = model.forward(&x, None);
                 loss::training_loss(&loss_config, &logits, &y, teacher_logits.as_ref())
             });
@@ -646,7 +788,8 @@ impl Trainer<'_> {
             self.finish_checkpoint()?;
             let last = checkpoint::latest_checkpoint(self.run_dir)?;
             bail!(
-                "non-finite training signal at step {step} (loss {loss}, gradient norm {grad_norm}): stopping. {} Lower --lr and resume with --resume.",
+                "non-finite training signal at step {} (loss {loss}, gradient norm {grad_norm}): stopping. {} Lower --lr and resume with --resume.",
+                step + 1,
                 match last {
                     Some(p) => format!("The last good checkpoint is {}.", p.display()),
                     None => "No checkpoint was written yet.".to_string(),
@@ -658,18 +801,29 @@ impl Trainer<'_> {
         Ok(StepResult { loss, grad_norm })
     }
 
-    fn stage1(&mut self, model: &mut Llama, surrogate: crate::linear::Stage1Surrogate, resume: Option<(&Path, &Checkpoint)>) -> Result<Stage1Report> {
+    fn stage1(
+        &mut self,
+        model: &mut Llama,
+        surrogate: crate::linear::Stage1Surrogate,
+    ) -> Result<Stage1Report> {
         let steps = self.plan.stage1_steps;
         let form = WeightForm::Stage1 { surrogate };
         let micro = self.plan.micro_batch;
         let val = self.windows.validation.clone();
         let errors = |model: &Llama| -> Vec<f64> {
-            method::reconstruction_errors(model, surrogate).iter().map(|l| l.iter().sum::<f64>() / l.len() as f64).collect()
+            method::reconstruction_errors(model, surrogate)
+                .iter()
+                .map(|l| l.iter().sum::<f64>() / l.len() as f64)
+                .collect()
         };
         let reconstruction_error_before = errors(model);
         let val_loss_before = validation_loss(model, self.windows, &val, form, micro, self.bf16)?;
         method::set_trainable(model, method::stage1_trainable);
-        let trainable: Vec<_> = model.params().into_iter().filter(|p| p.tensor.requires_grad()).collect();
+        let trainable: Vec<_> = model
+            .params()
+            .into_iter()
+            .filter(|p| p.tensor.requires_grad())
+            .collect();
         let mut optimizer = AdamW::new(
             &trainable,
             AdamWConfig {
@@ -678,19 +832,11 @@ impl Trainer<'_> {
                 weight_decay: 0.0,
             },
         );
-        let mut start = 0;
         let mut initial_loss = f64::NAN;
-        if let Some((path, ckpt)) = resume {
-            load_params(model, ckpt, path)?;
-            optimizer.load_state(&ckpt.tensors)?;
-            start = ckpt.meta["step"].as_u64().unwrap_or(0) as usize;
-            initial_loss = ckpt.meta["stage1_initial_loss"].as_f64().unwrap_or(f64::NAN);
-        }
         model.form = form;
         let progress = crate::progress::bar(steps as u64, "Stage 1");
-        progress.set_position(start as u64);
         let mut last_loss = f64::NAN;
-        for step in start..steps {
+        for step in 0..steps {
             let result = self.train_step(model, &mut optimizer, step, self.config.stage1_lr)?;
             if step == 0 {
                 initial_loss = result.loss;
@@ -723,11 +869,21 @@ impl Trainer<'_> {
         Ok(report)
     }
 
-    fn stage2(&mut self, model: &mut Llama, start: usize, resume: Option<&Checkpoint>, stage1: Option<&Stage1Report>) -> Result<(Vec<PhaseReport>, f64)> {
+    fn stage2(
+        &mut self,
+        model: &mut Llama,
+        start: usize,
+        resume: Option<&Checkpoint>,
+        stage1: Option<&Stage1Report>,
+    ) -> Result<(Vec<PhaseReport>, f64)> {
         let plan = self.plan;
         let config = self.config;
         method::set_trainable(model, |_| true);
-        let trainable: Vec<_> = model.params().into_iter().filter(|p| p.tensor.requires_grad()).collect();
+        let trainable: Vec<_> = model
+            .params()
+            .into_iter()
+            .filter(|p| p.tensor.requires_grad())
+            .collect();
         let mut optimizer = AdamW::new(
             &trainable,
             AdamWConfig {
@@ -749,32 +905,58 @@ impl Trainer<'_> {
         let progress = crate::progress::bar(plan.stage2_steps as u64, "Stage 2");
         progress.set_position(start as u64);
         let timer = Instant::now();
-        let mut phase_losses = Vec::new();
+        // Losses of the phase in progress: a resumed run continues the same average.
+        let mut phase_losses: Vec<f64> = resume
+            .and_then(|c| c.meta.get("phase_losses"))
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
         for k in start..plan.stage2_steps {
             let phase = plan.phase_of(k);
-            let t = config.schedule.t(k as f64 / plan.stage2_steps as f64, config.phases);
+            let t = config
+                .schedule
+                .t(k as f64 / plan.stage2_steps as f64, config.phases);
             model.form = config.method.training_form(t);
-            let lr = learning_rate(k, plan.stage2_steps, config.warmup_steps, config.lr, config.min_lr);
+            let lr = learning_rate(
+                k,
+                plan.stage2_steps,
+                config.warmup_steps,
+                config.lr,
+                config.min_lr,
+            );
             let global = plan.stage1_steps + k;
             let result = self.train_step(model, &mut optimizer, global, lr)?;
             phase_losses.push(result.loss);
             let done = k + 1 - start;
-            let tokens_per_second = (done * plan.tokens_per_step) as f64 / timer.elapsed().as_secs_f64().max(1e-9);
+            let tokens_per_second =
+                (done * plan.tokens_per_step) as f64 / timer.elapsed().as_secs_f64().max(1e-9);
             self.metrics.write(serde_json::json!({
                 "stage": 2, "global_step": global + 1, "step": k + 1, "phase": phase, "t": t, "lr": lr,
                 "loss": result.loss, "grad_norm": result.grad_norm, "tokens": (k + 1) * plan.tokens_per_step,
                 "tokens_per_second": tokens_per_second,
             }))?;
-            progress.set_message(format!("phase {phase}/{} t={t:.2} loss {:.4} {:.1}k tok/s", config.phases, result.loss, tokens_per_second / 1e3));
+            progress.set_message(format!(
+                "phase {phase}/{} t={t:.2} loss {:.4} {:.1}k tok/s",
+                config.phases,
+                result.loss,
+                tokens_per_second / 1e3
+            ));
             progress.inc(1);
 
             let phase_end = (k + 1) % plan.steps_per_phase == 0;
             if phase_end {
                 let micro = plan.micro_batch;
                 let val = &self.windows.validation;
-                let val_loss = validation_loss(model, self.windows, val, model.form, micro, self.bf16)?;
+                let val_loss =
+                    validation_loss(model, self.windows, val, model.form, micro, self.bf16)?;
                 let val_loss_sign = if config.method.is_one_bit() {
-                    Some(validation_loss(model, self.windows, val, config.method.final_form(), micro, self.bf16)?)
+                    Some(validation_loss(
+                        model,
+                        self.windows,
+                        val,
+                        config.method.final_form(),
+                        micro,
+                        self.bf16,
+                    )?)
                 } else {
                     None
                 };
@@ -797,8 +979,16 @@ impl Trainer<'_> {
                 ));
                 phases.push(report);
             }
-            if phase_end || (config.checkpoint_every > 0 && (k + 1) % config.checkpoint_every == 0) {
-                self.checkpoint(model, &optimizer, global + 1, &phases, stage1)?;
+            if phase_end || (config.checkpoint_every > 0 && (k + 1) % config.checkpoint_every == 0)
+            {
+                self.checkpoint(
+                    model,
+                    Some(&optimizer),
+                    global + 1,
+                    &phases,
+                    &phase_losses,
+                    stage1,
+                )?;
             }
         }
         progress.finish_and_clear();
@@ -807,16 +997,28 @@ impl Trainer<'_> {
 
     /// Starts writing a checkpoint in the background (tensors are copied to the CPU first,
     /// so training continues while the file is written); at most one write is in flight.
-    fn checkpoint(&mut self, model: &Llama, optimizer: &AdamW, step: usize, phases: &[PhaseReport], stage1: Option<&Stage1Report>) -> Result<()> {
+    /// Without an optimizer (the Stage-1 boundary) Stage 2 starts its optimizer afresh.
+    fn checkpoint(
+        &mut self,
+        model: &Llama,
+        optimizer: Option<&AdamW>,
+        step: usize,
+        phases: &[PhaseReport],
+        phase_losses: &[f64],
+        stage1: Option<&Stage1Report>,
+    ) -> Result<()> {
         self.finish_checkpoint()?;
-        let mut tensors = optimizer.state_tensors();
+        let mut tensors = optimizer.map(AdamW::state_tensors).unwrap_or_default();
         for p in model.params() {
             tensors.insert(p.name.clone(), p.tensor.detach());
         }
-        let tensors = tensors.into_iter().map(|(k, t)| (k, t.to_device(Device::Cpu).copy())).collect();
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| (k, t.to_device(Device::Cpu).copy()))
+            .collect();
         let ckpt = Checkpoint {
             tensors,
-            meta: serde_json::json!({"step": step, "phases": phases, "stage1": stage1}),
+            meta: serde_json::json!({"step": step, "phases": phases, "phase_losses": phase_losses, "stage1": stage1}),
         };
         let path = checkpoint::checkpoint_path(self.run_dir, step);
         let run_dir = self.run_dir.to_path_buf();
@@ -830,7 +1032,9 @@ impl Trainer<'_> {
 
     fn finish_checkpoint(&mut self) -> Result<()> {
         if let Some(handle) = self.pending_checkpoint.take() {
-            handle.join().map_err(|_| anyhow::anyhow!("the checkpoint writer panicked"))??;
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("the checkpoint writer panicked"))??;
         }
         Ok(())
     }
@@ -841,7 +1045,10 @@ fn mean(values: &[f64]) -> f64 {
 }
 
 fn write_summary(run_dir: &Path, summary: &Summary) -> Result<()> {
-    binllm_format::atomic::write_atomically(&run_dir.join("summary.json"), serde_json::to_string_pretty(summary)?.as_bytes())?;
+    binllm_format::atomic::write_atomically(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(summary)?.as_bytes(),
+    )?;
     let v = &summary.validation;
     let ppl = |l: f64| l.exp();
     let mut md = format!(
@@ -861,7 +1068,10 @@ fn write_summary(run_dir: &Path, summary: &Summary) -> Result<()> {
         v.sign_gap, v.windows, v.tokens, summary.tokens_trained, summary.stage2_tokens_per_second, summary.wall_seconds
     );
     if let Some(bytes) = summary.peak_gpu_memory_bytes {
-        md += &format!("; peak GPU memory {:.2} GiB", bytes as f64 / (1u64 << 30) as f64);
+        md += &format!(
+            "; peak GPU memory {:.2} GiB",
+            bytes as f64 / (1u64 << 30) as f64
+        );
     }
     md += ".\n";
     if let Some(s1) = &summary.stage1 {
@@ -904,8 +1114,12 @@ fn write_plot(run_dir: &Path, summary: &Summary) -> Result<()> {
         let v: serde_json::Value = serde_json::from_str(line)?;
         if v["stage"] == 2 {
             let step = v["step"].as_f64().unwrap_or(0.0);
-            curves.train_loss.push((step, v["loss"].as_f64().unwrap_or(f64::NAN)));
-            curves.t.push((step, v["t"].as_f64().unwrap_or(0.0).max(0.1)));
+            curves
+                .train_loss
+                .push((step, v["loss"].as_f64().unwrap_or(f64::NAN)));
+            curves
+                .t
+                .push((step, v["t"].as_f64().unwrap_or(0.0).max(0.1)));
         }
     }
     for p in &summary.phases {
@@ -917,5 +1131,9 @@ fn write_plot(run_dir: &Path, summary: &Summary) -> Result<()> {
     if curves.train_loss.is_empty() {
         return Ok(());
     }
-    crate::plot::plot(&curves, &format!("binllm convert: {} on {}", summary.method, summary.model), &run_dir.join("training.png"))
+    crate::plot::plot(
+        &curves,
+        &format!("binllm convert: {} on {}", summary.method, summary.model),
+        &run_dir.join("training.png"),
+    )
 }

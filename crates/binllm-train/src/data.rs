@@ -18,12 +18,15 @@ const CACHE_MAGIC: &[u8; 8] = b"BLLMTOK1";
 
 /// Every corpus file under `path` (itself if it is a file), sorted for a stable order.
 pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{}: no such data file or directory", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("{}: no such data file or directory", path.display()))?;
     if meta.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(path).with_context(|| format!("{}: cannot list", path.display()))? {
+    for entry in
+        std::fs::read_dir(path).with_context(|| format!("{}: cannot list", path.display()))?
+    {
         let p = entry?.path();
         if p.is_dir() {
             files.extend(corpus_files(&p)?);
@@ -32,17 +35,27 @@ pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     files.sort();
-    ensure!(!files.is_empty(), "{}: no .txt, .txt.gz, .jsonl or .jsonl.gz files in this directory", path.display());
+    ensure!(
+        !files.is_empty(),
+        "{}: no .txt, .txt.gz, .jsonl or .jsonl.gz files in this directory",
+        path.display()
+    );
     Ok(files)
 }
 
 fn is_corpus_file(p: &Path) -> bool {
-    let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    [".txt", ".txt.gz", ".jsonl", ".jsonl.gz"].iter().any(|ext| name.ends_with(ext))
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    [".txt", ".txt.gz", ".jsonl", ".jsonl.gz"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
 }
 
 fn open_text(path: &Path) -> Result<Box<dyn BufRead>> {
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     Ok(if path.extension().is_some_and(|e| e == "gz") {
         Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(file)))
     } else {
@@ -59,7 +72,13 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
     let mut docs = Vec::new();
     if jsonl {
         for (i, line) in reader.lines().enumerate() {
-            let line = line.with_context(|| format!("{}: line {}: cannot read (corrupt gzip?)", path.display(), i + 1))?;
+            let line = line.with_context(|| {
+                format!(
+                    "{}: line {}: cannot read (corrupt gzip?)",
+                    path.display(),
+                    i + 1
+                )
+            })?;
             if line.trim().is_empty() {
                 continue;
             }
@@ -68,16 +87,25 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
             let text = record
                 .get("text")
                 .and_then(|t| t.as_str())
-                .with_context(|| format!("{}: line {}: no string field \"text\"", path.display(), i + 1))?;
+                .with_context(|| {
+                    format!(
+                        "{}: line {}: no string field \"text\"",
+                        path.display(),
+                        i + 1
+                    )
+                })?;
             if !text.trim().is_empty() {
                 docs.push(text.to_string());
             }
         }
     } else {
         let mut text = String::new();
-        reader
-            .read_to_string(&mut text)
-            .with_context(|| format!("{}: cannot read as UTF-8 text (corrupt gzip?)", path.display()))?;
+        reader.read_to_string(&mut text).with_context(|| {
+            format!(
+                "{}: cannot read as UTF-8 text (corrupt gzip?)",
+                path.display()
+            )
+        })?;
         let mut current = String::new();
         for line in text.split_inclusive('\n') {
             if line.trim_end_matches(['\n', '\r']) == DOCUMENT_SEPARATOR {
@@ -108,7 +136,11 @@ pub struct TokenStream {
 
 /// Tokenizes `paths` with `tokenizer`, reusing `cache_dir/<key>.tok` when the same
 /// tokenizer already tokenized the same file contents.
-pub fn tokenize_corpus(paths: &[PathBuf], tokenizer: &TextTokenizer, cache_dir: Option<&Path>) -> Result<TokenStream> {
+pub fn tokenize_corpus(
+    paths: &[PathBuf],
+    tokenizer: &TextTokenizer,
+    cache_dir: Option<&Path>,
+) -> Result<TokenStream> {
     let eos = *tokenizer
         .eos_ids
         .first()
@@ -124,7 +156,8 @@ pub fn tokenize_corpus(paths: &[PathBuf], tokenizer: &TextTokenizer, cache_dir: 
     let mut documents = 0;
     for path in paths {
         let docs = read_documents(path)?;
-        let progress = crate::progress::bar(docs.len() as u64, &format!("tokenizing {}", path.display()));
+        let progress =
+            crate::progress::bar(docs.len() as u64, &format!("tokenizing {}", path.display()));
         let encoded: Vec<Vec<u32>> = docs
             .par_iter()
             .map(|doc| {
@@ -144,13 +177,20 @@ pub fn tokenize_corpus(paths: &[PathBuf], tokenizer: &TextTokenizer, cache_dir: 
     ensure!(
         !tokens.is_empty(),
         "no text found in {}: the corpus is empty",
-        paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let stream = TokenStream { tokens, documents };
     if let Some(file) = &cache_file {
         // A cache that cannot be written only costs time next run.
         if let Err(err) = write_cache(file, &stream) {
-            eprintln!("warning: could not write the token cache {}: {err:#}", file.display());
+            eprintln!(
+                "warning: could not write the token cache {}: {err:#}",
+                file.display()
+            );
         }
     }
     Ok(stream)
@@ -163,19 +203,31 @@ fn cache_key(paths: &[PathBuf], tokenizer: &TextTokenizer) -> Result<String> {
     hasher.update(tokenizer.to_json()?.as_bytes());
     hasher.update(format!("{:?}{:?}", tokenizer.bos_id, tokenizer.eos_ids).as_bytes());
     for path in paths {
-        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
         hasher.update(Sha256::digest(&bytes));
     }
-    Ok(hasher.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 fn read_cache(path: &Path) -> Result<TokenStream> {
     let bytes = std::fs::read(path)?;
-    ensure!(bytes.len() >= 24 && &bytes[..8] == CACHE_MAGIC, "not a token cache");
+    ensure!(
+        bytes.len() >= 24 && &bytes[..8] == CACHE_MAGIC,
+        "not a token cache"
+    );
     let count = u64::from_le_bytes(bytes[8..16].try_into()?) as usize;
     let documents = u64::from_le_bytes(bytes[16..24].try_into()?) as usize;
     ensure!(bytes.len() == 24 + 4 * count, "truncated token cache");
-    let tokens = bytes[24..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    let tokens = bytes[24..]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     Ok(TokenStream { tokens, documents })
 }
 
@@ -203,7 +255,12 @@ pub struct Windows {
 }
 
 impl Windows {
-    pub fn new(stream: Vec<u32>, seq_len: usize, validation_windows: usize, seed: u64) -> Result<Self> {
+    pub fn new(
+        stream: Vec<u32>,
+        seq_len: usize,
+        validation_windows: usize,
+        seed: u64,
+    ) -> Result<Self> {
         ensure!(seq_len >= 2, "sequence length must be at least 2");
         let count = stream.len().saturating_sub(1) / seq_len;
         ensure!(
@@ -239,8 +296,12 @@ impl Windows {
         }
         let shape = [starts.len() as i64, self.seq_len as i64];
         (
-            tch::Tensor::from_slice(&inputs).view(shape).to_device(device),
-            tch::Tensor::from_slice(&targets).view(shape).to_device(device),
+            tch::Tensor::from_slice(&inputs)
+                .view(shape)
+                .to_device(device),
+            tch::Tensor::from_slice(&targets)
+                .view(shape)
+                .to_device(device),
         )
     }
 }
@@ -257,7 +318,9 @@ impl std::str::FromStr for DataSpec {
 
     fn from_str(s: &str) -> Result<Self> {
         if let Some(n) = s.strip_prefix("teacher:") {
-            let tokens = parse_count(n).with_context(|| format!("bad --data '{s}': expected teacher:N, e.g. teacher:2M"))?;
+            let tokens = parse_count(n).with_context(|| {
+                format!("bad --data '{s}': expected teacher:N, e.g. teacher:2M")
+            })?;
             return Ok(DataSpec::Teacher { tokens });
         }
         Ok(DataSpec::Path(PathBuf::from(s)))
@@ -273,7 +336,9 @@ pub fn parse_count(s: &str) -> Result<usize> {
         Some('g' | 'G') => (&s[..s.len() - 1], 1e9),
         _ => (s, 1.0),
     };
-    let value: f64 = number.parse().with_context(|| format!("'{s}' is not a number"))?;
+    let value: f64 = number
+        .parse()
+        .with_context(|| format!("'{s}' is not a number"))?;
     if !(value >= 0.0 && value.is_finite()) {
         bail!("'{s}' is not a non-negative count");
     }
@@ -283,7 +348,8 @@ pub fn parse_count(s: &str) -> Result<usize> {
 /// Writes a token stream as a text corpus for inspection (debug helper of `--data teacher:N`).
 pub fn dump_sample(tokenizer: &TextTokenizer, tokens: &[u32], path: &Path) -> Result<()> {
     let text = tokenizer.decode(tokens, false)?;
-    let mut f = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+    let mut f = std::fs::File::create(path)
+        .with_context(|| format!("{}: cannot create", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
 }
@@ -317,8 +383,15 @@ mod tests {
     fn text_documents_split_on_separator_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.txt");
-        std::fs::write(&path, "first doc\nline two\n<|endoftext|>\nsecond\n<|endoftext|>\n").unwrap();
-        assert_eq!(read_documents(&path).unwrap(), vec!["first doc\nline two", "second"]);
+        std::fs::write(
+            &path,
+            "first doc\nline two\n<|endoftext|>\nsecond\n<|endoftext|>\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_documents(&path).unwrap(),
+            vec!["first doc\nline two", "second"]
+        );
     }
 
     #[test]
@@ -327,6 +400,9 @@ mod tests {
         let path = dir.path().join("c.jsonl");
         std::fs::write(&path, "{\"text\": \"ok\"}\n{\"body\": 1}\n").unwrap();
         let err = format!("{:#}", read_documents(&path).unwrap_err());
-        assert!(err.contains("c.jsonl: line 2") && err.contains("text"), "{err}");
+        assert!(
+            err.contains("c.jsonl: line 2") && err.contains("text"),
+            "{err}"
+        );
     }
 }

@@ -68,7 +68,9 @@ pub enum Stage1Surrogate {
 }
 
 /// Which per-row scales the binary forms use (an ablation switch of the paper).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ScaleMode {
     /// S_l (learned, init 1) times S_a (recomputed from W~ every forward): the paper's.
@@ -145,7 +147,10 @@ impl BlockLinear {
     pub fn input_scale_vector(&self) -> Option<Tensor> {
         let s = &self.input_scale.as_ref()?.tensor;
         Some(match self.input_scale_groups {
-            Some([kv_heads, group, head_dim]) => s.view([kv_heads, 1, head_dim]).expand([kv_heads, group, head_dim], false).reshape([-1]),
+            Some([kv_heads, group, head_dim]) => s
+                .view([kv_heads, 1, head_dim])
+                .expand([kv_heads, group, head_dim], false)
+                .reshape([-1]),
             None => s.shallow_clone(),
         })
     }
@@ -276,7 +281,12 @@ impl BlockLinear {
 
     /// Adds the Stage-1 input scale (ones), shared through `shared` when given, and with
     /// `groups` (`[kv_heads, group, head_dim]`) stored once per kv head.
-    pub fn attach_input_scale(&mut self, shared: Option<&Param>, name: String, groups: Option<[i64; 3]>) {
+    pub fn attach_input_scale(
+        &mut self,
+        shared: Option<&Param>,
+        name: String,
+        groups: Option<[i64; 3]>,
+    ) {
         let len = match groups {
             Some([kv_heads, _, head_dim]) => kv_heads * head_dim,
             None => self.in_features(),
@@ -284,7 +294,10 @@ impl BlockLinear {
         self.input_scale_groups = groups;
         self.input_scale = Some(match shared {
             Some(p) => p.share(),
-            None => Param::new(name, Tensor::ones([len], (Kind::Float, self.weight.tensor.device()))),
+            None => Param::new(
+                name,
+                Tensor::ones([len], (Kind::Float, self.weight.tensor.device())),
+            ),
         });
     }
 
@@ -294,7 +307,10 @@ impl BlockLinear {
         self.detach_abs_mean = detach_abs_mean;
         if mode == ScaleMode::Learnable {
             let name = self.weight.name.replace(".weight", ".frozen_abs_mean");
-            self.frozen_abs_mean = Some(Param::new(name, tch::no_grad(|| row_abs_mean(&self.weight.tensor))));
+            self.frozen_abs_mean = Some(Param::new(
+                name,
+                tch::no_grad(|| row_abs_mean(&self.weight.tensor)),
+            ));
         }
         if mode != ScaleMode::Analytical {
             let name = self.weight.name.replace(".weight", ".row_scale");

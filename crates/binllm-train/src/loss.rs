@@ -41,13 +41,20 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
 /// keeps gradient magnitudes comparable across temperatures).
 pub fn distillation(student: &Tensor, teacher: &Tensor, temperature: f64) -> Tensor {
     let vocab = student.size()[2];
-    let s = (student.view([-1, vocab]).to_kind(Kind::Float) / temperature).log_softmax(-1, Kind::Float);
-    let t = (teacher.view([-1, vocab]).to_kind(Kind::Float) / temperature).log_softmax(-1, Kind::Float);
+    let s =
+        (student.view([-1, vocab]).to_kind(Kind::Float) / temperature).log_softmax(-1, Kind::Float);
+    let t =
+        (teacher.view([-1, vocab]).to_kind(Kind::Float) / temperature).log_softmax(-1, Kind::Float);
     let kl = (t.exp() * (&t - &s)).sum_dim_intlist(&[-1i64][..], false, Kind::Float);
     kl.mean(Kind::Float) * (temperature * temperature)
 }
 
-pub fn training_loss(config: &LossConfig, logits: &Tensor, targets: &Tensor, teacher: Option<&Tensor>) -> Tensor {
+pub fn training_loss(
+    config: &LossConfig,
+    logits: &Tensor,
+    targets: &Tensor,
+    teacher: Option<&Tensor>,
+) -> Tensor {
     match (config.distill, teacher) {
         (Distill::Ce, _) => cross_entropy(logits, targets),
         (Distill::Kd, Some(t)) => distillation(logits, t, config.temperature),
@@ -69,7 +76,10 @@ mod tests {
         let b = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 1.0, 1.0, -2.0]).view([1, 2, 3]);
         assert!(distillation(&a, &a, 2.0).double_value(&[]).abs() < 1e-7);
         // Direct float64 KL(p_b || p_a) at T = 1, averaged over the two positions.
-        let (av, bv) = ([[1.0, 2.0, 0.5], [-1.0, 0.0, 3.0]], [[0.0, 1.0, 2.0], [1.0, 1.0, -2.0f64]]);
+        let (av, bv) = (
+            [[1.0, 2.0, 0.5], [-1.0, 0.0, 3.0]],
+            [[0.0, 1.0, 2.0], [1.0, 1.0, -2.0f64]],
+        );
         let softmax = |x: [f64; 3]| {
             let z: f64 = x.iter().map(|v| v.exp()).sum();
             x.map(|v| v.exp() / z)

@@ -80,7 +80,11 @@ impl Method {
 /// always folds into up_proj's rows.
 pub fn attach_input_scales(model: &mut Llama, tie: bool) {
     let c = &model.config;
-    let o_groups = tie.then_some([c.num_kv_heads as i64, (c.num_heads / c.num_kv_heads) as i64, c.head_dim as i64]);
+    let o_groups = tie.then_some([
+        c.num_kv_heads as i64,
+        (c.num_heads / c.num_kv_heads) as i64,
+        c.head_dim as i64,
+    ]);
     for (layer, block) in model.layers.iter_mut().enumerate() {
         let name = |which: Which| format!("model.layers.{layer}.{}.input_scale", which.module());
         let mut shared_attn: Option<Param> = None;
@@ -123,7 +127,12 @@ pub fn fold_input_scales_into_latent(model: &mut Llama) {
 }
 
 /// Adds what `method` trains besides the latent weights (row scales, OneBit vectors).
-pub fn attach_method_parameters(model: &mut Llama, method: Method, scales: ScaleMode, detach_abs_mean: bool) {
+pub fn attach_method_parameters(
+    model: &mut Llama,
+    method: Method,
+    scales: ScaleMode,
+    detach_abs_mean: bool,
+) {
     for block in &mut model.layers {
         for which in Which::ALL {
             let linear = block.linear_mut(which);
@@ -154,7 +163,9 @@ pub fn parse_stage1_surrogate(s: &str) -> anyhow::Result<Stage1Surrogate> {
         return Ok(Stage1Surrogate::ClippedSte);
     }
     if let Some(t) = s.strip_prefix("progressive:") {
-        let t: f64 = t.parse().map_err(|_| anyhow::anyhow!("bad Stage-1 surrogate '{s}': expected ste or progressive:T"))?;
+        let t: f64 = t.parse().map_err(|_| {
+            anyhow::anyhow!("bad Stage-1 surrogate '{s}': expected ste or progressive:T")
+        })?;
         return Ok(Stage1Surrogate::Progressive { t });
     }
     anyhow::bail!("bad Stage-1 surrogate '{s}': expected ste or progressive:T")
@@ -177,5 +188,9 @@ pub fn reconstruction_errors(model: &Llama, surrogate: Stage1Surrogate) -> Vec<[
 
 /// A detached copy of every parameter (by name), e.g. to compare before and after.
 pub fn snapshot(model: &Llama) -> Vec<(String, Tensor)> {
-    model.params().iter().map(|p| (p.name.clone(), p.tensor.detach().copy())).collect()
+    model
+        .params()
+        .iter()
+        .map(|p| (p.name.clone(), p.tensor.detach().copy()))
+        .collect()
 }

@@ -105,7 +105,9 @@ impl AdamW {
                 })
                 .collect();
             let wd = if decay { self.config.weight_decay } else { 0.0 };
-            tch::no_grad(|| shim::fused_adamw(&states, lr, self.config.betas, wd, self.config.eps))?;
+            tch::no_grad(|| {
+                shim::fused_adamw(&states, lr, self.config.betas, wd, self.config.eps)
+            })?;
         }
         let params: Vec<&Tensor> = self.slots.values().map(|s| &s.param).collect();
         shim::set_grads_to_none(&params);
@@ -117,7 +119,10 @@ impl AdamW {
         let mut out = BTreeMap::new();
         for (name, s) in &self.slots {
             out.insert(format!("adamw.exp_avg.{name}"), s.exp_avg.shallow_clone());
-            out.insert(format!("adamw.exp_avg_sq.{name}"), s.exp_avg_sq.shallow_clone());
+            out.insert(
+                format!("adamw.exp_avg_sq.{name}"),
+                s.exp_avg_sq.shallow_clone(),
+            );
             out.insert(format!("adamw.step.{name}"), s.step.shallow_clone());
         }
         out
@@ -132,7 +137,9 @@ impl AdamW {
                     (format!("adamw.exp_avg_sq.{name}"), &mut s.exp_avg_sq),
                     (format!("adamw.step.{name}"), &mut s.step),
                 ] {
-                    let src = tensors.get(&key).with_context(|| format!("checkpoint lacks optimizer state '{key}'"))?;
+                    let src = tensors
+                        .get(&key)
+                        .with_context(|| format!("checkpoint lacks optimizer state '{key}'"))?;
                     dst.copy_(&src.view(dst.size().as_slice()).to_device(dst.device()));
                 }
             }
@@ -146,7 +153,15 @@ mod tests {
     use super::*;
 
     /// AdamW written out in float64, as in the paper by Loshchilov & Hutter / PyTorch docs.
-    fn reference_adamw(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], t: i32, lr: f64, c: AdamWConfig) {
+    fn reference_adamw(
+        p: &mut [f64],
+        g: &[f64],
+        m: &mut [f64],
+        v: &mut [f64],
+        t: i32,
+        lr: f64,
+        c: AdamWConfig,
+    ) {
         for i in 0..p.len() {
             p[i] -= lr * c.weight_decay * p[i];
             m[i] = c.betas.0 * m[i] + (1.0 - c.betas.0) * g[i];
@@ -165,7 +180,9 @@ mod tests {
             weight_decay: 0.1,
         };
         let init = [0.5f32, -1.25, 2.0, 0.0, 3.5, -0.75];
-        let weight = Tensor::from_slice(&init).view([2, 3]).set_requires_grad(true);
+        let weight = Tensor::from_slice(&init)
+            .view([2, 3])
+            .set_requires_grad(true);
         let param = Param::new("w".into(), weight.shallow_clone());
         let mut opt = AdamW::new(&[&param], config);
         let mut p: Vec<f64> = init.iter().map(|&x| x as f64).collect();
@@ -173,8 +190,14 @@ mod tests {
         for t in 1..=3 {
             // loss = sum(w^3 * k): gradient 3 w^2 k, different every step.
             let k = Tensor::from_slice(&[1.0f32, 2.0, -1.0, 0.5, -0.25, 1.5]).view([2, 3]);
-            (weight.pow_tensor_scalar(3) * &k).sum(Kind::Float).backward();
-            let g: Vec<f64> = Vec::<f32>::try_from(weight.grad().flatten(0, -1)).unwrap().iter().map(|&x| x as f64).collect();
+            (weight.pow_tensor_scalar(3) * &k)
+                .sum(Kind::Float)
+                .backward();
+            let g: Vec<f64> = Vec::<f32>::try_from(weight.grad().flatten(0, -1))
+                .unwrap()
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
             opt.step(1e-2).unwrap();
             reference_adamw(&mut p, &g, &mut m, &mut v, t, 1e-2, config);
         }

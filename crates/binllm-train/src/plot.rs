@@ -39,13 +39,26 @@ pub fn plot(curves: &Curves, title: &str, path: &Path) -> Result<()> {
     let labels = register_font();
     let root = BitMapBackend::new(path, (1100, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    let all_losses = curves.train_loss.iter().chain(&curves.val_loss).chain(&curves.val_loss_sign).map(|p| p.1);
+    let all_losses = curves
+        .train_loss
+        .iter()
+        .chain(&curves.val_loss)
+        .chain(&curves.val_loss_sign)
+        .map(|p| p.1);
     let (lo, hi) = all_losses.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    let (lo, hi) = if lo < hi { (lo * 0.95, hi * 1.05) } else { (0.0, 1.0) };
+    let (lo, hi) = if lo < hi {
+        (lo * 0.95, hi * 1.05)
+    } else {
+        (0.0, 1.0)
+    };
     let max_step = curves.train_loss.iter().map(|p| p.0).fold(1.0, f64::max);
     let t_max = curves.t.iter().map(|p| p.1).fold(1.0, f64::max) * 1.5;
     let mut builder = ChartBuilder::on(&root);
-    builder.margin(15).x_label_area_size(40).y_label_area_size(60).right_y_label_area_size(60);
+    builder
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .right_y_label_area_size(60);
     if labels {
         builder.caption(title, ("sans-serif", 22));
     }
@@ -60,27 +73,49 @@ pub fn plot(curves: &Curves, title: &str, path: &Path) -> Result<()> {
             .y_desc("loss (nats/token)")
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
-        chart.configure_secondary_axes().y_desc("t (log scale)").draw().map_err(|e| anyhow!("{e}"))?;
+        chart
+            .configure_secondary_axes()
+            .y_desc("t (log scale)")
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
     }
     let series: [(&[(f64, f64)], RGBColor, &str); 3] = [
         (&curves.train_loss, RGBColor(70, 110, 200), "training loss"),
-        (&curves.val_loss, RGBColor(230, 120, 20), "validation loss (training form)"),
-        (&curves.val_loss_sign, RGBColor(200, 30, 60), "validation loss (sign form)"),
+        (
+            &curves.val_loss,
+            RGBColor(230, 120, 20),
+            "validation loss (training form)",
+        ),
+        (
+            &curves.val_loss_sign,
+            RGBColor(200, 30, 60),
+            "validation loss (sign form)",
+        ),
     ];
     for (points, color, name) in series {
         let drawn = chart
-            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))
             .map_err(|e| anyhow!("{e}"))?;
         if labels {
-            drawn.label(name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            drawn.label(name).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         }
     }
     let t_color = RGBColor(60, 160, 60);
     let drawn = chart
-        .draw_secondary_series(LineSeries::new(curves.t.iter().copied(), t_color.stroke_width(1)))
+        .draw_secondary_series(LineSeries::new(
+            curves.t.iter().copied(),
+            t_color.stroke_width(1),
+        ))
         .map_err(|e| anyhow!("{e}"))?;
     if labels {
-        drawn.label("t (right axis)").legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], t_color));
+        drawn
+            .label("t (right axis)")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], t_color));
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
@@ -88,6 +123,7 @@ pub fn plot(curves: &Curves, title: &str, path: &Path) -> Result<()> {
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
     }
-    root.present().map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+    root.present()
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
     Ok(())
 }

@@ -35,7 +35,9 @@ impl TSchedule {
         match self {
             TSchedule::Exp => exp_t(c20),
             TSchedule::Linear => first + (last - first) * frac,
-            TSchedule::Cosine => first + (last - first) * 0.5 * (1.0 - (std::f64::consts::PI * frac).cos()),
+            TSchedule::Cosine => {
+                first + (last - first) * 0.5 * (1.0 - (std::f64::consts::PI * frac).cos())
+            }
             TSchedule::Smooth => exp_t(1.0 + progress * 19.0 * p / (p - 1.0).max(1.0)).min(last),
         }
     }
@@ -68,11 +70,23 @@ mod tests {
 
     #[test]
     fn ablation_schedules_share_the_end_points_and_increase() {
-        for s in [TSchedule::Exp, TSchedule::Linear, TSchedule::Cosine, TSchedule::Smooth] {
+        for s in [
+            TSchedule::Exp,
+            TSchedule::Linear,
+            TSchedule::Cosine,
+            TSchedule::Smooth,
+        ] {
             let ts: Vec<f64> = (0..200).map(|i| s.t(i as f64 / 200.0, 20)).collect();
-            assert!(ts.windows(2).all(|w| w[1] >= w[0]), "{s:?} must not decrease");
+            assert!(
+                ts.windows(2).all(|w| w[1] >= w[0]),
+                "{s:?} must not decrease"
+            );
             assert!((ts[0] - exp_t(1.0)).abs() < 1e-9, "{s:?} starts at t(1)");
-            assert!((ts[199] - exp_t(20.0)).abs() < 1.0, "{s:?} ends near t(20): {}", ts[199]);
+            assert!(
+                (ts[199] - exp_t(20.0)).abs() < 1.0,
+                "{s:?} ends near t(20): {}",
+                ts[199]
+            );
         }
     }
 

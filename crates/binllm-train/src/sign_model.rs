@@ -14,7 +14,13 @@ use crate::linear::{row_abs_mean, BlockLinear, Param, WeightForm};
 use crate::model::Llama;
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(Vec::<f32>::try_from(t.detach().to_kind(Kind::Float).to_device(Device::Cpu).contiguous().flatten(0, -1))?)
+    Ok(Vec::<f32>::try_from(
+        t.detach()
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+            .contiguous()
+            .flatten(0, -1),
+    )?)
 }
 
 fn host(t: &Tensor) -> Result<HostTensor> {
@@ -39,8 +45,18 @@ fn sign_form_vectors(linear: &BlockLinear, form: WeightForm) -> Result<(Tensor, 
             (scale.view([-1]), input)
         }
         WeightForm::OneBit => {
-            let a = linear.row_scale.as_ref().context("OneBit linear without its row vector")?.tensor.detach();
-            let b = linear.column_scale.as_ref().context("OneBit linear without its column vector")?.tensor.detach();
+            let a = linear
+                .row_scale
+                .as_ref()
+                .context("OneBit linear without its row vector")?
+                .tensor
+                .detach();
+            let b = linear
+                .column_scale
+                .as_ref()
+                .context("OneBit linear without its column vector")?
+                .tensor
+                .detach();
             let input = Some(match input {
                 Some(s) => s * b,
                 None => b,
@@ -52,7 +68,12 @@ fn sign_form_vectors(linear: &BlockLinear, form: WeightForm) -> Result<(Tensor, 
 }
 
 /// Packs the model's `form` (Sign or OneBit) into a sign model with f32 vectors.
-pub fn to_sign_model(model: &Llama, form: WeightForm, source: &PretrainedModel, provenance: Provenance) -> Result<PackedModel> {
+pub fn to_sign_model(
+    model: &Llama,
+    form: WeightForm,
+    source: &PretrainedModel,
+    provenance: Provenance,
+) -> Result<PackedModel> {
     let _guard = tch::no_grad_guard();
     let mut linears = BTreeMap::new();
     for (layer, block) in model.layers.iter().enumerate() {
@@ -68,7 +89,11 @@ pub fn to_sign_model(model: &Llama, form: WeightForm, source: &PretrainedModel, 
                     sign_bits: pack_signs(&to_vec(&linear.weight.tensor)?, rows, cols),
                     row_scale: to_vec(&row_scale)?,
                     input_scale: input_scale.map(|s| to_vec(&s)).transpose()?,
-                    bias: linear.bias.as_ref().map(|b| to_vec(&b.tensor)).transpose()?,
+                    bias: linear
+                        .bias
+                        .as_ref()
+                        .map(|b| to_vec(&b.tensor))
+                        .transpose()?,
                 },
             );
         }
@@ -106,9 +131,15 @@ pub fn llama_from_packed(packed: &PackedModel, device: Device, kind: Kind) -> Re
         tensors.insert(name.clone(), t.clone());
     }
     for (&(layer, which), linear) in &packed.linears {
-        tensors.insert(names::linear_weight(layer, which), HostTensor::from_f32(vec![linear.rows, linear.cols], linear.dense_weight()));
+        tensors.insert(
+            names::linear_weight(layer, which),
+            HostTensor::from_f32(vec![linear.rows, linear.cols], linear.dense_weight()),
+        );
         if let Some(b) = &linear.bias {
-            tensors.insert(names::linear_bias(layer, which), HostTensor::from_f32(vec![linear.rows], b.clone()));
+            tensors.insert(
+                names::linear_bias(layer, which),
+                HostTensor::from_f32(vec![linear.rows], b.clone()),
+            );
         }
     }
     let pretrained = PretrainedModel {

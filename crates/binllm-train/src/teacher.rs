@@ -8,7 +8,14 @@ use tch::{Kind, Tensor};
 use crate::model::{KvCache, Llama};
 
 /// About `tokens` tokens of model-generated text, sequences of `seq_len` separated by `eos`.
-pub fn sample_tokens(model: &Llama, tokens: usize, seq_len: usize, batch: usize, eos: u32, seed: i64) -> Result<Vec<u32>> {
+pub fn sample_tokens(
+    model: &Llama,
+    tokens: usize,
+    seq_len: usize,
+    batch: usize,
+    eos: u32,
+    seed: i64,
+) -> Result<Vec<u32>> {
     let _guard = tch::no_grad_guard();
     tch::manual_seed(seed);
     let vocab = model.config.vocab_size as i64;
@@ -20,7 +27,10 @@ pub fn sample_tokens(model: &Llama, tokens: usize, seq_len: usize, batch: usize,
         let mut current = Tensor::randint(vocab, [batch as i64, 1], (Kind::Int64, model.device()));
         let mut columns = vec![current.shallow_clone()];
         for _ in 1..seq_len {
-            let logits = model.forward(&current, Some(&mut cache)).select(1, -1).to_kind(Kind::Float);
+            let logits = model
+                .forward(&current, Some(&mut cache))
+                .select(1, -1)
+                .to_kind(Kind::Float);
             current = logits.softmax(-1, Kind::Float).multinomial(1, true);
             columns.push(current.shallow_clone());
             progress.inc(1);

@@ -24,8 +24,16 @@ fn progressive_sign_gradient_matches_finite_differences_in_float64() {
             let h = 1e-6 / t.max(1.0);
             let numeric = (f(v + h) - f(v - h)) / (2.0 * h);
             let exact = t * (1.0 - (t * v).tanh().powi(2)) / t.tanh();
-            assert!((autograd[i] - numeric).abs() <= 1e-6 * numeric.abs().max(1.0), "t={t} x={v}: autograd {} vs numeric {numeric}", autograd[i]);
-            assert!((autograd[i] - exact).abs() <= 1e-12 * exact.abs().max(1.0), "t={t} x={v}: autograd {} vs formula {exact}", autograd[i]);
+            assert!(
+                (autograd[i] - numeric).abs() <= 1e-6 * numeric.abs().max(1.0),
+                "t={t} x={v}: autograd {} vs numeric {numeric}",
+                autograd[i]
+            );
+            assert!(
+                (autograd[i] - exact).abs() <= 1e-12 * exact.abs().max(1.0),
+                "t={t} x={v}: autograd {} vs formula {exact}",
+                autograd[i]
+            );
         }
     }
 }
@@ -34,15 +42,25 @@ fn progressive_sign_gradient_matches_finite_differences_in_float64() {
 fn progressive_sign_limits_and_saturation() {
     let x = Tensor::from_slice(&[-3.0f64, -1e-3, 0.0, 1e-3, 0.5, 3.0]);
     // t -> 0 is the identity; huge t is sign(x) away from 0, and never NaN or inf.
-    assert_eq!(Vec::<f64>::try_from(progressive_sign(&x, 0.0)).unwrap(), Vec::<f64>::try_from(&x).unwrap());
+    assert_eq!(
+        Vec::<f64>::try_from(progressive_sign(&x, 0.0)).unwrap(),
+        Vec::<f64>::try_from(&x).unwrap()
+    );
     let near_zero = Vec::<f64>::try_from(progressive_sign(&x, 1e-4)).unwrap();
     for (a, b) in near_zero.iter().zip([-3.0, -1e-3, 0.0, 1e-3, 0.5, 3.0]) {
         assert!((a - b).abs() < 1e-7, "{a} vs {b}");
     }
     let huge = Vec::<f64>::try_from(progressive_sign(&x, 1e6)).unwrap();
     assert_eq!(huge, vec![-1.0, -1.0, 0.0, 1.0, 1.0, 1.0]);
-    assert!(Vec::<f64>::try_from(progressive_sign(&x, 1e30)).unwrap().iter().all(|v| v.is_finite()));
-    assert_eq!(Vec::<f64>::try_from(sign_pm1(&x)).unwrap(), vec![-1.0, -1.0, 1.0, 1.0, 1.0, 1.0], "sign(0) = +1");
+    assert!(Vec::<f64>::try_from(progressive_sign(&x, 1e30))
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite()));
+    assert_eq!(
+        Vec::<f64>::try_from(sign_pm1(&x)).unwrap(),
+        vec![-1.0, -1.0, 1.0, 1.0, 1.0, 1.0],
+        "sign(0) = +1"
+    );
 }
 
 fn stories_model(method: Method) -> Llama {
@@ -53,7 +71,12 @@ fn stories_model(method: Method) -> Llama {
 
 fn prompt_logits(model: &Llama) -> Vec<f32> {
     let tok = stories260k().tokenizer.unwrap();
-    let ids = tok.encode("Once upon a time, there was a little dog who liked to run.", true).unwrap();
+    let ids = tok
+        .encode(
+            "Once upon a time, there was a little dog who liked to run.",
+            true,
+        )
+        .unwrap();
     logits_of(model, &ids)
 }
 
@@ -84,9 +107,18 @@ fn progressive_form_at_the_last_phase_is_close_to_the_sign_form() {
     // Measured: 0.58, 0.20, 0.066. Weights within ~1/t of zero (about 1 % of them at t(20))
     // are where F and sign still differ; a 64-wide model feels them.
     let last = gaps[2].1;
-    assert!(gaps.windows(2).all(|w| w[1].1 < w[0].1), "the gap must shrink as t grows: {gaps:?}");
-    assert!(last < 0.1, "F(t(20)) should nearly equal the sign form, relative L2 {last}");
-    assert!(gaps[0].1 > 5.0 * last, "t(1) should be far from the sign form: {gaps:?}");
+    assert!(
+        gaps.windows(2).all(|w| w[1].1 < w[0].1),
+        "the gap must shrink as t grows: {gaps:?}"
+    );
+    assert!(
+        last < 0.1,
+        "F(t(20)) should nearly equal the sign form, relative L2 {last}"
+    );
+    assert!(
+        gaps[0].1 > 5.0 * last,
+        "t(1) should be far from the sign form: {gaps:?}"
+    );
 }
 
 #[test]
@@ -110,7 +142,10 @@ fn stage1_scales_leave_the_full_precision_function_unchanged() {
     method::fold_input_scales_into_latent(&mut model);
     let after_fold = prompt_logits(&model);
     // Before folding, Full uses W s (a different function); folding makes it W/s * s = W.
-    assert!(max_abs_diff(&reference, &before_fold) > 1e-2, "the scales must have changed the unfolded function");
+    assert!(
+        max_abs_diff(&reference, &before_fold) > 1e-2,
+        "the scales must have changed the unfolded function"
+    );
     let diff = max_abs_diff(&reference, &after_fold);
     println!("Stage-1 fold vs original: max |diff| = {diff:.2e}");
     assert!(diff < 1e-4, "max abs diff {diff}");

@@ -1,0 +1,391 @@
+//! `binllm convert` end to end on the real stories260K model and TinyStories text (CPU):
+//! the smoke preset against PTQ, kill -9 and --resume, bad input, and the NaN stop.
+#![cfg(feature = "torch")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn shared(rel: &str) -> PathBuf {
+    repo().join("../shared").join(rel)
+}
+
+fn stories() -> PathBuf {
+    shared("models/stories260K/stories260K.bin")
+}
+
+fn binllm(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_binllm"));
+    cmd.args(args).env("OMP_NUM_THREADS", "1");
+    cmd
+}
+
+fn run_ok(args: &[&str]) -> Output {
+    let out = binllm(args).output().expect("binllm runs");
+    assert!(
+        out.status.success(),
+        "binllm {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn run_err(args: &[&str]) -> String {
+    let out = binllm(args).output().expect("binllm runs");
+    assert!(!out.status.success(), "binllm {args:?} should have failed");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !err.contains("panicked"),
+        "a clear error, not a panic: {err}"
+    );
+    err
+}
+
+fn summary(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+}
+
+/// The first `bytes` of tinystories_val as a text file (the whole set takes minutes to score
+/// in a debug build).
+fn val_slice(dir: &Path, bytes: usize) -> PathBuf {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(shared("data/corpus/tinystories/tinystories_val.txt.gz")).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
+    let mut end = bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let path = dir.join("tinystories_val_head.txt");
+    std::fs::write(&path, &text[..end]).unwrap();
+    path
+}
+
+fn perplexity(model: &Path, text: &Path) -> f64 {
+    let out = run_ok(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--tasks",
+        &format!("file:{}", text.display()),
+        "--ctx",
+        "256",
+        "--device",
+        "cpu",
+        "--data-dir",
+        shared("data/eval").to_str().unwrap(),
+        "--out",
+        model.with_extension("eval.json").to_str().unwrap(),
+    ]);
+    let _ = out;
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.with_extension("eval.json")).unwrap())
+            .unwrap();
+    report["perplexity"][0]["ppl"].as_f64().unwrap()
+}
+
+#[test]
+fn smoke_preset_converts_stories260k_far_better_than_ptq() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shared("data/corpus/tinystories/tinystories.txt.gz");
+    let run = dir.path().join("smoke");
+    let ptq = dir.path().join("ptq");
+    let started = std::time::Instant::now();
+    run_ok(&[
+        "convert",
+        "--model",
+        stories().to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--preset",
+        "smoke",
+        "--device",
+        "cpu",
+    ]);
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    run_ok(&[
+        "convert",
+        "--model",
+        stories().to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        ptq.to_str().unwrap(),
+        "--method",
+        "ptq",
+        "--preset",
+        "smoke",
+        "--device",
+        "cpu",
+    ]);
+
+    let s = summary(&run);
+    assert_eq!(s["phases"].as_array().unwrap().len(), 20, "20 phases");
+    assert!(
+        s["stage1"]["final_loss"].as_f64().unwrap() < s["stage1"]["initial_loss"].as_f64().unwrap(),
+        "Stage 1 lowers the loss"
+    );
+    for file in [
+        "config.toml",
+        "metrics.jsonl",
+        "summary.md",
+        "training.png",
+        "sign-model.safetensors",
+    ] {
+        assert!(
+            run.join(file).exists(),
+            "{file} missing from the run directory"
+        );
+    }
+
+    let text = val_slice(dir.path(), 120_000);
+    let trained = perplexity(&run.join("sign-model.safetensors"), &text);
+    let baseline = perplexity(&ptq.join("sign-model.safetensors"), &text);
+    println!("smoke conversion: {minutes:.1} min; tinystories_val (first 120 kB) perplexity: binaryllm sign form {trained:.2}, PTQ {baseline:.2}");
+    println!(
+        "gap F-form vs sign form on held-out windows: {:+.4} nats/token",
+        s["validation"]["sign_gap"].as_f64().unwrap()
+    );
+    assert!(
+        trained * 10.0 < baseline,
+        "sign-form perplexity {trained} should be far below PTQ's {baseline}"
+    );
+}
+
+/// A tiny but complete run (Stage 1 + 20 phases of 4 steps); `overrides` replace options.
+fn small_run_args<'a>(
+    out: &'a str,
+    data: &'a str,
+    overrides: &[(&'a str, &'a str)],
+) -> Vec<&'a str> {
+    let mut options = vec![
+        ("--model", stories_str()),
+        ("--data", data),
+        ("--out", out),
+        ("--preset", "smoke"),
+        ("--device", "cpu"),
+        ("--seq-len", "64"),
+        ("--batch-tokens", "256"),
+        ("--micro-batch", "2"),
+        ("--steps", "80"),
+        ("--stage1-steps", "4"),
+        ("--val-windows", "4"),
+        ("--checkpoint-every", "3"),
+        ("--keep-checkpoints", "3"),
+    ];
+    for (key, value) in overrides {
+        match options.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => options.push((key, value)),
+        }
+    }
+    std::iter::once("convert")
+        .chain(options.into_iter().flat_map(|(k, v)| [k, v]))
+        .collect()
+}
+
+fn stories_str() -> &'static str {
+    Box::leak(stories().to_str().unwrap().to_string().into_boxed_str())
+}
+
+fn last_training_loss(run: &Path) -> f64 {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["stage"] == 2)
+        .last()
+        .and_then(|v| v["loss"].as_f64())
+        .unwrap()
+}
+
+#[test]
+fn kill_minus_nine_then_resume_reproduces_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shared("data/corpus/tinystories/tinystories.txt.gz");
+    let data = data.to_str().unwrap();
+    let straight = dir.path().join("straight");
+    run_ok(&small_run_args(straight.to_str().unwrap(), data, &[]));
+
+    let killed = dir.path().join("killed");
+    let mut child = binllm(&small_run_args(killed.to_str().unwrap(), data, &[]))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill in the middle of a phase (4 steps each), after some checkpoints exist.
+    let metrics = killed.join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let steps = std::fs::read_to_string(&metrics)
+            .map(|t| t.lines().filter(|l| l.contains("\"stage\":2")).count())
+            .unwrap_or(0);
+        if steps >= 42 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run made no progress"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("summary.json").exists());
+
+    let resumed = run_ok(&[
+        "convert",
+        "--out",
+        killed.to_str().unwrap(),
+        "--resume",
+        "--device",
+        "cpu",
+    ]);
+    let log = String::from_utf8_lossy(&resumed.stderr);
+    assert!(log.contains("resuming from step"), "{log}");
+    let (a, b) = (summary(&straight), summary(&killed));
+    println!(
+        "final training loss: uninterrupted {} / resumed {}; held-out sign form {} / {}",
+        last_training_loss(&straight),
+        last_training_loss(&killed),
+        a["validation"]["final_sign_form"],
+        b["validation"]["final_sign_form"]
+    );
+    assert_eq!(
+        last_training_loss(&straight),
+        last_training_loss(&killed),
+        "the final training loss must match exactly"
+    );
+    assert_eq!(
+        a["validation"]["final_sign_form"],
+        b["validation"]["final_sign_form"]
+    );
+    assert_eq!(a["phases"], b["phases"], "per-phase reports must match");
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+
+    let err = run_err(&[
+        "convert",
+        "--model",
+        stories_str(),
+        "--data",
+        "/nonexistent/corpus.txt",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        err.contains("/nonexistent/corpus.txt") && err.contains("no such"),
+        "{err}"
+    );
+
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n<|endoftext|>\n   \n").unwrap();
+    let err = run_err(&[
+        "convert",
+        "--model",
+        stories_str(),
+        "--data",
+        empty.to_str().unwrap(),
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    ]);
+    assert!(err.contains("empty.txt") && err.contains("empty"), "{err}");
+
+    // A tokenizer that does not belong to the model.
+    let foreign = dir.path().join("tok.bin");
+    let mut bytes = std::fs::read(shared("models/stories260K/tok512.bin")).unwrap();
+    bytes.extend_from_slice(&0f32.to_le_bytes());
+    bytes.extend_from_slice(&3i32.to_le_bytes());
+    bytes.extend_from_slice(b"xyz");
+    std::fs::write(&foreign, bytes).unwrap();
+    let data = shared("data/corpus/tinystories/tinystories.txt.gz");
+    let err = run_err(&[
+        "convert",
+        "--model",
+        stories_str(),
+        "--tokenizer",
+        foreign.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    ]);
+    assert!(err.contains("tok.bin") && err.contains("mismatch"), "{err}");
+
+    // A corrupt checkpoint on resume.
+    let run = dir.path().join("resumable");
+    run_ok(&small_run_args(
+        run.to_str().unwrap(),
+        data.to_str().unwrap(),
+        &[("--steps", "20"), ("--phases", "2")],
+    ));
+    let ckpts: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let newest = ckpts.iter().max().unwrap();
+    let bytes = std::fs::read(newest).unwrap();
+    std::fs::write(newest, &bytes[..bytes.len() / 2]).unwrap();
+    let err = run_err(&[
+        "convert",
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        err.contains(newest.file_name().unwrap().to_str().unwrap()) && err.contains("corrupt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("nan");
+    let data = shared("data/corpus/tinystories/tinystories.txt.gz");
+    let err = run_err(&small_run_args(
+        run.to_str().unwrap(),
+        data.to_str().unwrap(),
+        &[("--lr", "1e30"), ("--checkpoint-every", "1")],
+    ));
+    assert!(err.contains("non-finite"), "{err}");
+    assert!(err.contains("checkpoint"), "{err}");
+    let ckpt_dir = run.join("checkpoints");
+    if ckpt_dir.exists() {
+        for entry in std::fs::read_dir(&ckpt_dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            assert!(
+                !name.contains(".tmp"),
+                "no half-written checkpoint may remain: {}",
+                path.display()
+            );
+        }
+    }
+    assert!(!run.join("sign-model.safetensors").exists());
+}
