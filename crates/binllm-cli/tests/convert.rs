@@ -18,9 +18,17 @@ fn stories() -> PathBuf {
     shared("models/stories260K/stories260K.bin")
 }
 
+/// Conversions are CPU-bound and libtorch's threads spin when they share cores: run them
+/// one at a time (the test harness runs tests in parallel).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn binllm(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_binllm"));
-    cmd.args(args).env("OMP_NUM_THREADS", "1");
+    cmd.args(args);
     cmd
 }
 
@@ -94,6 +102,7 @@ fn perplexity(model: &Path, text: &Path) -> f64 {
 
 #[test]
 fn smoke_preset_converts_stories260k_far_better_than_ptq() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let data = shared("data/corpus/tinystories/tinystories.txt.gz");
     let run = dir.path().join("smoke");
@@ -210,6 +219,7 @@ fn last_training_loss(run: &Path) -> f64 {
 
 #[test]
 fn kill_minus_nine_then_resume_reproduces_the_uninterrupted_run() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let data = shared("data/corpus/tinystories/tinystories.txt.gz");
     let data = data.to_str().unwrap();
@@ -277,6 +287,7 @@ fn kill_minus_nine_then_resume_reproduces_the_uninterrupted_run() {
 
 #[test]
 fn bad_input_gives_clear_errors() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let out = out.to_str().unwrap();
@@ -365,6 +376,7 @@ fn bad_input_gives_clear_errors() {
 
 #[test]
 fn non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("nan");
     let data = shared("data/corpus/tinystories/tinystories.txt.gz");

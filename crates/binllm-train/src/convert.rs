@@ -85,7 +85,7 @@ pub struct ConvertConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
-    /// Minutes on a CPU with a tiny model (stories260K): seq 256, 16 windows a step, 20
+    /// Minutes on a CPU with a tiny model (stories260K): seq 256, 8 windows a step, 20
     /// phases x 20 steps, lr 2e-3.
     Smoke,
     /// The paper's recipe: seq 2048, 128 sequences a step, lr 1e-4 -> 2e-6, AdamW 0.1.
@@ -134,8 +134,8 @@ impl ConvertConfig {
             Preset::Paper => base,
             Preset::Smoke => ConvertConfig {
                 seq_len: 256,
-                batch_tokens: 16 * 256,
-                micro_batch: 16,
+                batch_tokens: 8 * 256,
+                micro_batch: 8,
                 steps: Some(400),
                 lr: 2e-3,
                 min_lr: 1e-4,

@@ -42,7 +42,8 @@ impl AdamW {
                     exp_avg: t.zeros_like().detach(),
                     exp_avg_sq: t.zeros_like().detach(),
                     step: Tensor::zeros([], (Kind::Float, t.device())),
-                    decay: t.dim() >= 2,
+                    // Matrices only: a `[out, 1]` row scale is a vector in disguise.
+                    decay: t.dim() >= 2 && t.size().iter().all(|&d| d > 1),
                 };
                 (p.name.clone(), slot)
             })
