@@ -970,7 +970,7 @@ impl Trainer<'_> {
                 };
                 phase_losses.clear();
                 self.metrics.write(serde_json::json!({"event": "phase_end", "global_step": global + 1, "report": report}))?;
-                progress.println(format!(
+                crate::progress::println(&progress, format!(
                     "phase {phase:>2}/{}  t {t:>7.2}  train {:.4}  held-out {:.4}{}",
                     config.phases,
                     report.train_loss,

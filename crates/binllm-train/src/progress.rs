@@ -12,3 +12,13 @@ pub fn bar(len: u64, message: &str) -> ProgressBar {
     bar.set_message(message.to_string());
     bar
 }
+
+/// Prints a line above the bar, or plainly when the bar is hidden (output is not a terminal,
+/// e.g. a log file), so the line is never lost.
+pub fn println(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# One device session for the GPU acceptance runs, in stages sent back to back (each stage is
+# one `run` call; /tmp survives between calls while the machine stays warm).
+#
+# Here (the build machine), once:  bash tools/gpu/session.sh pack
+# On the device, in order:          bash tools/gpu/session.sh a|b|c|d|e
+#
+#   a  unpack the binary, stories260K, eval data and GGUF part 1; CUDA smoke checks
+#      (generate + a tiny conversion on stories260K); the PyTorch training-speed reference
+#   b  join the GGUF (sha256 checked); generate on CUDA and CPU with tok/s; the full eval
+#      panel of the FP model on CUDA, compared with the transformers reference
+#   c  the corpus; binllm convert (binaryllm) on SmolLM2-135M-Instruct, Wikipedia + Gutenberg
+#   d  the STE baseline at the same Stage-2 budget; eval of the binaryllm sign model
+#   e  eval of the STE sign model and of PTQ; the comparison table
+set -euo pipefail
+stage=${1:?stage}
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+pack="$repo/.gpu"
+work=/tmp/binllm-gpu
+
+if [[ $stage == pack ]]; then
+  rm -rf "$pack" && mkdir -p "$pack/a" "$pack/b" "$pack/c"
+  cargo build --release -p binllm-cli
+  strip -o "$pack/a/binllm" target/release/binllm
+  cp -r ../shared/models/stories260K "$pack/a/"
+  tar -C ../shared/data -czf "$pack/a/eval.tar.gz" eval
+  split -b 43M models/SmolLM2-135M-Instruct.Q4_1.gguf "$pack/gguf.part-"
+  mv "$pack/gguf.part-aa" "$pack/a/" && mv "$pack"/gguf.part-a[b-z] "$pack/b/"
+  sha256sum models/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > "$pack/b/gguf.sha256"
+  cp ../shared/data/corpus/wikipedia_en.txt.gz ../shared/data/corpus/gutenberg_en.slice.txt.gz "$pack/c/"
+  du -sh "$pack"/*
+  exit 0
+fi
+
+: "${OUT:?run on the device, where OUT is set}"
+export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
+mkdir -p "$work" "$OUT"
+bin="$work/binllm"
+model="$work/SmolLM2-135M-Instruct.Q4_1.gguf"
+log="$OUT/stage-$stage.log"
+exec > >(tee -a "$log") 2>&1
+say() { echo "== [$(date +%T)] $*"; }
+timed() { local t0=$SECONDS; "$@"; say "($(( SECONDS - t0 )) s) $*"; }
+common_convert=(--model "$model" --data "$work/wikipedia_en.txt.gz" --data "$work/gutenberg_en.slice.txt.gz"
+  --device cuda --seq-len 2048 --batch-tokens 64k --micro-batch 16 --val-windows 32 --cache-dir "$work/cache")
+
+case $stage in
+a)
+  cp "$pack/a/binllm" "$pack/a/gguf.part-aa" "$work/" && cp -r "$pack/a/stories260K" "$work/"
+  tar -C "$work" -xzf "$pack/a/eval.tar.gz"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  say "CUDA smoke: stories260K generate and a tiny conversion"
+  timed "$bin" generate "$work/stories260K/stories260K.bin" --prompt "Once upon a time" --max-tokens 40 --device cuda --dtype f32 --stats
+  timed "$bin" convert --model "$work/stories260K/stories260K.bin" --data "$work/eval/hellaswag" --out "$work/runs/smoke-cuda" \
+    --preset smoke --device cuda --steps 40 --stage1-steps 5 --val-windows 4 || true
+  say "PyTorch training-speed reference (same shape as SmolLM2-135M, seq 2048, micro-batch 16)"
+  timed python3 "$repo/tools/reference/train_speed.py" --steps 15 --warmup 3 --compile --out "$OUT/speed-pytorch.json"
+  ;;
+b)
+  cat "$work/gguf.part-aa" "$pack"/b/gguf.part-a[b-z] > "$model"
+  echo "$(cat "$pack/b/gguf.sha256")  $model" | sha256sum -c
+  "$bin" inspect "$model" | head -12
+  for dtype in bf16 f32; do
+    timed "$bin" generate "$model" --chat --prompt "Explain in two sentences why the sky is blue." --max-tokens 96 --device cuda --dtype $dtype --stats
+  done
+  OMP_NUM_THREADS=16 timed "$bin" generate "$model" --chat --prompt "Explain in two sentences why the sky is blue." --max-tokens 96 --device cpu --stats
+  say "full eval panel, FP model, CUDA f32"
+  timed "$bin" eval --model "$model" --tasks all --device cuda --data-dir "$work/eval" --out "$OUT/eval-fp.json" \
+    --reference "$repo/crates/binllm-eval/tests/fixtures/smollm2-135m-instruct-q4_1.reference.json"
+  ;;
+c)
+  cp "$pack/c/"*.gz "$work/"
+  say "binllm convert: binaryllm"
+  timed "$bin" convert "${common_convert[@]}" --out "$work/runs/binaryllm" --method binaryllm
+  tar -C "$work/runs/binaryllm" -czf "$OUT/run-binaryllm.tar.gz" --exclude checkpoints --exclude sign-model.safetensors .
+  cp "$work/runs/binaryllm/training.png" "$OUT/binaryllm-training.png" || true
+  ;;
+d)
+  steps=$(python3 -c "import json;print(json.load(open('$work/runs/binaryllm/plan.json'))['stage2_steps'])")
+  say "binllm convert: ste with the same $steps Stage-2 steps"
+  timed "$bin" convert "${common_convert[@]}" --out "$work/runs/ste" --method ste --steps "$steps"
+  tar -C "$work/runs/ste" -czf "$OUT/run-ste.tar.gz" --exclude checkpoints --exclude sign-model.safetensors .
+  say "eval: binaryllm sign model"
+  timed "$bin" eval --model "$work/runs/binaryllm/sign-model.safetensors" --tasks all --device cuda --data-dir "$work/eval" --out "$OUT/eval-binaryllm.json"
+  ;;
+e)
+  say "eval: ste sign model"
+  timed "$bin" eval --model "$work/runs/ste/sign-model.safetensors" --tasks all --device cuda --data-dir "$work/eval" --out "$OUT/eval-ste.json"
+  timed "$bin" convert "${common_convert[@]}" --out "$work/runs/ptq" --method ptq
+  timed "$bin" eval --model "$work/runs/ptq/sign-model.safetensors" --tasks all --device cuda --data-dir "$work/eval" --out "$OUT/eval-ptq.json"
+  ;;
+esac
+say "stage $stage done"
