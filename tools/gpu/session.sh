@@ -59,7 +59,7 @@ a)
 b)
   cat "$work/gguf.part-aa" "$pack"/b/gguf.part-a[b-z] > "$model"
   echo "$(cat "$pack/b/gguf.sha256")  $model" | sha256sum -c
-  "$bin" inspect "$model" | head -12
+  "$bin" inspect "$model"
   for dtype in bf16 f32; do
     timed "$bin" generate "$model" --chat --prompt "Explain in two sentences why the sky is blue." --max-tokens 96 --device cuda --dtype $dtype --stats
   done
