@@ -970,13 +970,16 @@ impl Trainer<'_> {
                 };
                 phase_losses.clear();
                 self.metrics.write(serde_json::json!({"event": "phase_end", "global_step": global + 1, "report": report}))?;
-                crate::progress::println(&progress, format!(
-                    "phase {phase:>2}/{}  t {t:>7.2}  train {:.4}  held-out {:.4}{}",
-                    config.phases,
-                    report.train_loss,
-                    val_loss,
-                    val_loss_sign.map_or(String::new(), |s| format!("  sign {s:.4}"))
-                ));
+                crate::progress::println(
+                    &progress,
+                    format!(
+                        "phase {phase:>2}/{}  t {t:>7.2}  train {:.4}  held-out {:.4}{}",
+                        config.phases,
+                        report.train_loss,
+                        val_loss,
+                        val_loss_sign.map_or(String::new(), |s| format!("  sign {s:.4}"))
+                    ),
+                );
                 phases.push(report);
             }
             if phase_end || (config.checkpoint_every > 0 && (k + 1) % config.checkpoint_every == 0)
