@@ -1,0 +1,615 @@
+//! The LLaMA-family decoder on a packed 1-bit model, readable top to bottom (llama2.c style):
+//! embedding lookup, then per layer RMSNorm -> attention (q/k/v, optional bias and q/k
+//! RMSNorm, RoPE in the rotate-half layout, GQA over the KV cache) -> residual, RMSNorm ->
+//! SwiGLU MLP -> residual; final RMSNorm and the LM head.
+//!
+//! It computes exactly what `binllm_train::model::Llama` computes for the same weights (the
+//! libtorch engine, `sign_model::llama_from_packed`), in f32. Block linears are 1-bit
+//! ([`PreparedMatrix`], `y = row_scale * (B (input_scale * x)) + bias`); a prompt goes through
+//! them as one GEMM, a decoded token as a GEMV.
+
+use anyhow::{bail, ensure, Context, Result};
+use binllm_format::names::{self, BlockLinear};
+use binllm_format::packed::{PackedLinear, PackedModel, Q8Tensors};
+use binllm_format::{ModelConfig, TensorData};
+use binllm_kernels::{DenseKernel, Kernel, PackedMatrix, PreparedMatrix, Q8Matrix};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::threads::ThreadPlan;
+
+/// How to prepare a model for running.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Threads for the products (0: every core).
+    pub threads: usize,
+    /// 1-bit kernel (default: [`Kernel::best`]).
+    pub kernel: Option<Kernel>,
+    /// Time each layer shape with one thread and with `threads` at load and keep the faster
+    /// for decode (waking a thread costs as much as a small GEMV).
+    pub tune_threads: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            threads: 0,
+            kernel: None,
+            tune_threads: true,
+        }
+    }
+}
+
+/// One binarized linear layer ready for products.
+pub struct Linear {
+    pub(crate) matrix: PreparedMatrix,
+    input_scale: Option<Vec<f32>>,
+    bias: Option<Vec<f32>>,
+    /// Threads for a single-token product (decode).
+    pub(crate) gemv_threads: usize,
+}
+
+impl Linear {
+    fn new(l: &PackedLinear, kernel: Kernel) -> Self {
+        let matrix =
+            PackedMatrix::from_parts(l.rows, l.cols, l.sign_bits.clone(), l.row_scale.clone());
+        Linear {
+            matrix: PreparedMatrix::new(matrix, kernel),
+            input_scale: l.input_scale.clone(),
+            bias: l.bias.clone(),
+            gemv_threads: 1,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.matrix.rows()
+    }
+
+    pub fn cols(&self) -> usize {
+        self.matrix.cols()
+    }
+
+    /// `ys[t] = row_scale * (B (input_scale * xs[t])) + bias` for `n` rows of `xs`.
+    fn forward(&self, xs: &[f32], n: usize, ys: &mut [f32], threads: usize) {
+        let scaled;
+        let xs = match &self.input_scale {
+            Some(s) => {
+                scaled = xs
+                    .chunks_exact(s.len())
+                    .flat_map(|x| x.iter().zip(s).map(|(x, s)| x * s))
+                    .collect::<Vec<f32>>();
+                &scaled[..]
+            }
+            None => xs,
+        };
+        if n == 1 {
+            self.matrix.gemv(xs, ys, self.gemv_threads.min(threads));
+        } else {
+            self.matrix.gemm(xs, n, ys, threads);
+        }
+        if let Some(b) = &self.bias {
+            for y in ys.chunks_exact_mut(b.len()) {
+                y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        }
+    }
+}
+
+/// A floating-point matrix: the embedding table and the LM head.
+pub enum DenseMatrix {
+    F32 {
+        rows: usize,
+        cols: usize,
+        w: Vec<f32>,
+    },
+    F16 {
+        rows: usize,
+        cols: usize,
+        w: Vec<f16>,
+    },
+    Q8(Q8Matrix),
+}
+
+impl DenseMatrix {
+    pub fn rows(&self) -> usize {
+        match self {
+            DenseMatrix::F32 { rows, .. } | DenseMatrix::F16 { rows, .. } => *rows,
+            DenseMatrix::Q8(m) => m.rows,
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            DenseMatrix::F32 { .. } => "f32",
+            DenseMatrix::F16 { .. } => "f16",
+            DenseMatrix::Q8(_) => "q8_0",
+        }
+    }
+
+    /// Bytes read by one product.
+    pub fn bytes(&self) -> usize {
+        match self {
+            DenseMatrix::F32 { w, .. } => 4 * w.len(),
+            DenseMatrix::F16 { w, .. } => 2 * w.len(),
+            DenseMatrix::Q8(m) => m.bytes(),
+        }
+    }
+
+    /// Row `r` as f32 (the embedding lookup).
+    fn row(&self, r: usize, out: &mut [f32]) {
+        match self {
+            DenseMatrix::F32 { cols, w, .. } => out.copy_from_slice(&w[r * cols..(r + 1) * cols]),
+            DenseMatrix::F16 { cols, w, .. } => {
+                for (o, v) in out.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
+                    *o = v.to_f32();
+                }
+            }
+            DenseMatrix::Q8(m) => {
+                let quants = &m.quants[r * m.blocks_per_row * 32..];
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o = m.scales[r * m.blocks_per_row + c / 32] * f32::from(quants[c]);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn gemv(&self, x: &[f32], y: &mut [f32], threads: usize) {
+        match self {
+            DenseMatrix::F32 { rows, cols, w } => {
+                binllm_kernels::gemv_f32(w, *rows, *cols, x, y, threads)
+            }
+            DenseMatrix::F16 { rows, cols, w } => {
+                binllm_kernels::gemv_f16(w, *rows, *cols, x, y, threads)
+            }
+            // AVX2's q8 path streamed faster than AVX-512's on Zen 4 in gemv_bench.
+            DenseMatrix::Q8(m) => binllm_kernels::gemv_q8_with(q8_kernel(), m, x, y, threads),
+        }
+    }
+}
+
+fn q8_kernel() -> DenseKernel {
+    if DenseKernel::Avx2.is_available() {
+        DenseKernel::Avx2
+    } else {
+        DenseKernel::best()
+    }
+}
+
+pub struct Layer {
+    attn_norm: Vec<f32>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    mlp_norm: Vec<f32>,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+}
+
+impl Layer {
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+}
+
+/// The packed model, ready to run.
+pub struct Model {
+    pub config: ModelConfig,
+    embed: DenseMatrix,
+    /// None: tied to the embedding.
+    head: Option<DenseMatrix>,
+    final_norm: Vec<f32>,
+    pub(crate) layers: Vec<Layer>,
+    /// RoPE inverse frequencies as the libtorch engine uses them (f32).
+    inv_freq: Vec<f32>,
+    pub(crate) plan: ThreadPlan,
+    kernel: Kernel,
+}
+
+/// Keys and values of every layer for the positions seen so far, and the tokens they came
+/// from (so a new prompt can reuse the longest common prefix).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    kv_dim: usize,
+    tokens: Vec<u32>,
+}
+
+impl KvCache {
+    pub fn new(config: &ModelConfig) -> Self {
+        KvCache {
+            keys: vec![Vec::new(); config.num_layers],
+            values: vec![Vec::new(); config.num_layers],
+            kv_dim: config.kv_dim(),
+            tokens: Vec::new(),
+        }
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        let len = len.min(self.tokens.len());
+        self.tokens.truncate(len);
+        for (k, v) in self.keys.iter_mut().zip(&mut self.values) {
+            k.truncate(len * self.kv_dim);
+            v.truncate(len * self.kv_dim);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+}
+
+fn dense_f32(packed: &PackedModel, name: &str) -> Result<Vec<f32>> {
+    Ok(packed
+        .dense
+        .get(name)
+        .with_context(|| format!("packed model lacks '{name}'"))?
+        .to_f32_vec())
+}
+
+fn dense_matrix(packed: &PackedModel, q8: &Q8Tensors, name: &str) -> Result<DenseMatrix> {
+    if let Some(t) = q8.get(name) {
+        return Ok(DenseMatrix::Q8(t.to_kernel_matrix()));
+    }
+    let t = packed
+        .dense
+        .get(name)
+        .with_context(|| format!("packed model lacks '{name}'"))?;
+    ensure!(t.shape.len() == 2, "'{name}' is not a matrix");
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    Ok(match &t.data {
+        TensorData::F16(w) => DenseMatrix::F16 {
+            rows,
+            cols,
+            w: w.clone(),
+        },
+        _ => DenseMatrix::F32 {
+            rows,
+            cols,
+            w: t.to_f32_vec(),
+        },
+    })
+}
+
+impl Model {
+    /// Builds the runtime model from a packed model (and the q8 tensors read with it).
+    pub fn new(packed: &PackedModel, q8: &Q8Tensors, options: &LoadOptions) -> Result<Self> {
+        packed.validate()?;
+        let config = packed.config.clone();
+        let kernel = options.kernel.unwrap_or_else(Kernel::best);
+        if !kernel.is_available() {
+            bail!("kernel {kernel} is not available on this CPU");
+        }
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for layer in 0..config.num_layers {
+            let linear = |which: BlockLinear| -> Result<Linear> {
+                let l = packed
+                    .linears
+                    .get(&(layer, which))
+                    .with_context(|| format!("layer {layer} lacks {}", which.module()))?;
+                Ok(Linear::new(l, kernel))
+            };
+            layers.push(Layer {
+                attn_norm: dense_f32(packed, &names::attn_norm(layer))?,
+                q_norm: config
+                    .qk_norm
+                    .then(|| dense_f32(packed, &names::q_norm(layer)))
+                    .transpose()?,
+                k_norm: config
+                    .qk_norm
+                    .then(|| dense_f32(packed, &names::k_norm(layer)))
+                    .transpose()?,
+                q: linear(BlockLinear::Q)?,
+                k: linear(BlockLinear::K)?,
+                v: linear(BlockLinear::V)?,
+                o: linear(BlockLinear::O)?,
+                mlp_norm: dense_f32(packed, &names::mlp_norm(layer))?,
+                gate: linear(BlockLinear::Gate)?,
+                up: linear(BlockLinear::Up)?,
+                down: linear(BlockLinear::Down)?,
+            });
+        }
+        let head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(dense_matrix(packed, q8, names::LM_HEAD)?)
+        };
+        let mut model = Model {
+            embed: dense_matrix(packed, q8, names::EMBED)?,
+            head,
+            final_norm: dense_f32(packed, names::FINAL_NORM)?,
+            layers,
+            inv_freq: config.rope_inv_freq().iter().map(|&f| f as f32).collect(),
+            plan: ThreadPlan::new(options.threads)?,
+            kernel,
+            config,
+        };
+        if options.tune_threads {
+            model.tune_threads();
+        } else {
+            model.use_threads_everywhere();
+        }
+        Ok(model)
+    }
+
+    /// Reads a packed file and builds the model.
+    pub fn load(path: &std::path::Path, options: &LoadOptions) -> Result<(Self, PackedModel)> {
+        let (packed, q8) = PackedModel::read_parts(path)?;
+        let model = Self::new(&packed, &q8, options)
+            .with_context(|| format!("{}: cannot prepare the model", path.display()))?;
+        Ok((model, packed))
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    pub fn threads(&self) -> usize {
+        self.plan.threads
+    }
+
+    pub fn head(&self) -> &DenseMatrix {
+        self.head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Bytes of weights streamed per decoded token: sign bits, the head, and the vectors.
+    pub fn bytes_per_token(&self) -> usize {
+        let linears: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .map(|l| {
+                l.matrix.packed_bytes()
+                    + 4 * (l.rows() + l.input_scale.as_ref().map_or(0, Vec::len))
+            })
+            .sum();
+        linears + self.head().bytes()
+    }
+
+    /// Decode threads per layer shape, for reports.
+    pub fn thread_choices(&self) -> Vec<(String, usize)> {
+        let Some(layer) = self.layers.first() else {
+            return vec![];
+        };
+        let mut out: Vec<(String, usize)> = [
+            ("q", &layer.q),
+            ("k", &layer.k),
+            ("v", &layer.v),
+            ("o", &layer.o),
+            ("gate", &layer.gate),
+            ("up", &layer.up),
+            ("down", &layer.down),
+        ]
+        .iter()
+        .map(|(n, l)| (format!("{n} {}x{}", l.rows(), l.cols()), l.gemv_threads))
+        .collect();
+        out.push((
+            format!("head {}x{}", self.head().rows(), self.config.hidden_size),
+            self.plan.head_threads,
+        ));
+        out
+    }
+
+    /// Logits of the last of `tokens`, which continue the cached positions (and are cached).
+    pub fn forward(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.plan
+            .install(|| self.forward_chunks(cache, tokens, false))
+    }
+
+    /// Logits of every one of `tokens` (`tokens.len() x vocab`, row-major): for tests.
+    pub fn forward_all(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.plan
+            .install(|| self.forward_chunks(cache, tokens, true))
+    }
+
+    fn forward_chunks(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        ensure!(!tokens.is_empty(), "no tokens to process");
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the vocabulary ({vocab})");
+        }
+        // Long prompts in chunks, to bound the activations held at once.
+        const CHUNK: usize = 256;
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(CHUNK) {
+            let out = self.forward_chunk(cache, chunk, all_logits);
+            if all_logits {
+                logits.extend_from_slice(&out);
+            } else {
+                logits = out;
+            }
+        }
+        Ok(logits)
+    }
+
+    /// The forward pass for `n` new tokens at positions `cache.len()..`.
+    fn forward_chunk(&self, cache: &mut KvCache, tokens: &[u32], all_logits: bool) -> Vec<f32> {
+        let c = &self.config;
+        let (n, h, inter) = (tokens.len(), c.hidden_size, c.intermediate_size);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let eps = c.rms_norm_eps as f32;
+        let threads = self.plan.threads;
+        let start = cache.len();
+
+        // Embedding lookup.
+        let mut x = vec![0f32; n * h];
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            self.embed.row(t as usize, row);
+        }
+        let mut xn = vec![0f32; n * h];
+        let (mut q, mut k, mut v) = (
+            vec![0f32; n * q_dim],
+            vec![0f32; n * kv_dim],
+            vec![0f32; n * kv_dim],
+        );
+        let mut attn = vec![0f32; n * q_dim];
+        let mut out = vec![0f32; n * h];
+        let (mut gate, mut up) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention.
+            rms_norm(&x, &layer.attn_norm, eps, &mut xn);
+            layer.q.forward(&xn, n, &mut q, threads);
+            layer.k.forward(&xn, n, &mut k, threads);
+            layer.v.forward(&xn, n, &mut v, threads);
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                rms_norm(&q.clone(), qn, eps, &mut q);
+                rms_norm(&k.clone(), kn, eps, &mut k);
+            }
+            for t in 0..n {
+                let pos = start + t;
+                self.rope(&mut q[t * q_dim..(t + 1) * q_dim], pos);
+                self.rope(&mut k[t * kv_dim..(t + 1) * kv_dim], pos);
+            }
+            cache.keys[l].extend_from_slice(&k);
+            cache.values[l].extend_from_slice(&v);
+            attention(
+                c,
+                &q,
+                &cache.keys[l],
+                &cache.values[l],
+                start,
+                &mut attn,
+                threads,
+            );
+            layer.o.forward(&attn, n, &mut out, threads);
+            x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+
+            // SwiGLU MLP.
+            rms_norm(&x, &layer.mlp_norm, eps, &mut xn);
+            layer.gate.forward(&xn, n, &mut gate, threads);
+            layer.up.forward(&xn, n, &mut up, threads);
+            gate.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = silu(*g) * u);
+            layer.down.forward(&gate, n, &mut out, threads);
+            x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+        }
+        cache.tokens.extend_from_slice(tokens);
+
+        // Final norm and LM head (only the last position unless every one is asked for).
+        let rows = if all_logits { 0..n } else { n - 1..n };
+        let head = self.head();
+        let vocab = c.vocab_size;
+        let mut logits = vec![0f32; rows.len() * vocab];
+        for (t, out) in rows.zip(logits.chunks_exact_mut(vocab)) {
+            let mut normed = vec![0f32; h];
+            rms_norm(&x[t * h..(t + 1) * h], &self.final_norm, eps, &mut normed);
+            head.gemv(&normed, out, self.plan.head_threads);
+        }
+        logits
+    }
+
+    /// Rotary embedding in the rotate-half layout, pairs (i, i + head_dim/2), angles
+    /// `position * inv_freq` in f32 as the libtorch engine computes them.
+    fn rope(&self, x: &mut [f32], position: usize) {
+        let hd = self.config.head_dim;
+        let half = hd / 2;
+        for (i, &f) in self.inv_freq.iter().enumerate() {
+            let angle = position as f32 * f;
+            let (sin, cos) = angle.sin_cos();
+            for head in x.chunks_exact_mut(hd) {
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos - b * sin;
+                head[i + half] = b * cos + a * sin;
+            }
+        }
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * weight`, row by row (rows of `weight.len()`).
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (x, out) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean_square = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean_square + eps).sqrt();
+        for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+            *o = w * (v * inv);
+        }
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Causal multi-head attention of `n` new queries (positions `start..start + n`) over the
+/// cached keys and values (positions `0..start + n`); query head `h` reads kv head
+/// `h / (heads / kv_heads)`.
+fn attention(
+    c: &ModelConfig,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    start: usize,
+    out: &mut [f32],
+    threads: usize,
+) {
+    let (heads, hd, kv_dim) = (c.num_heads, c.head_dim, c.kv_dim());
+    let group = c.num_heads / c.num_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let one = |index: usize, out: &mut [f32]| {
+        let (t, h) = (index / heads, index % heads);
+        let query = &q[t * heads * hd + h * hd..][..hd];
+        let kv_offset = (h / group) * hd;
+        let visible = start + t + 1;
+        let mut scores: Vec<f32> = (0..visible)
+            .map(|p| {
+                let key = &keys[p * kv_dim + kv_offset..][..hd];
+                query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale
+            })
+            .collect();
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut total = 0.0;
+        for s in &mut scores {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        out.fill(0.0);
+        for (p, s) in scores.iter().enumerate() {
+            let w = s / total;
+            let value = &values[p * kv_dim + kv_offset..][..hd];
+            out.iter_mut().zip(value).for_each(|(o, v)| *o += w * v);
+        }
+    };
+    let n_items = out.len() / hd;
+    // Parallel only when there is enough work to pay for waking threads (prompts).
+    if threads > 1 && n_items * (start + 1) >= 4096 {
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(i, o)| one(i, o));
+    } else {
+        out.chunks_mut(hd).enumerate().for_each(|(i, o)| one(i, o));
+    }
+}
