@@ -935,3 +935,26 @@ pub fn export(sign_model: &PackedModel, options: &ExportOptions) -> Result<Expor
     }
     Ok(Exported { model, q8, report })
 }
+
+/// Whether `path` is a file whose safetensors header says it is a binllm packed model
+/// (reads the header only).
+pub fn is_packed_file(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut file) = std::fs::File::open(path) else { return false };
+    let mut len = [0u8; 8];
+    if file.read_exact(&mut len).is_err() {
+        return false;
+    }
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return false;
+    }
+    let mut header = vec![0u8; len as usize];
+    if file.read_exact(&mut header).is_err() {
+        return false;
+    }
+    serde_json::from_slice::<serde_json::Value>(&header)
+        .ok()
+        .and_then(|h| h.get("__metadata__")?.get("binllm.format")?.as_str().map(|f| f == FORMAT_NAME))
+        .unwrap_or(false)
+}

@@ -1,0 +1,185 @@
+//! `binllm export`, `run`, `bench` and `inspect` on a packed stories260K, as a user runs them
+//! (pure Rust: these pass in the `--no-default-features` build too).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn binllm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_binllm"))
+        .args(args)
+        .output()
+        .expect("binllm runs")
+}
+
+fn stories_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K")
+}
+
+fn exported(dir: &Path, head: &str) -> PathBuf {
+    let out = dir.join(format!("stories-{head}.b1"));
+    let s = stories_dir();
+    let result = binllm(&[
+        "export",
+        "--ptq",
+        s.join("stories260K.bin").to_str().unwrap(),
+        "--tokenizer",
+        s.join("tok512.bin").to_str().unwrap(),
+        "--head",
+        head,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(stdout.contains("bits/weight    body 1.2"), "{stdout}");
+    assert!(stdout.contains("file size"), "{stdout}");
+    out
+}
+
+#[test]
+fn export_then_run_streams_a_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    for head in ["f16", "q8"] {
+        let model = exported(dir.path(), head);
+        let result = binllm(&[
+            "run",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "20",
+            "--threads",
+            "1",
+            "--stats",
+        ]);
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        assert!(
+            stdout.starts_with("Once upon a time") && stdout.len() > "Once upon a time".len() + 5,
+            "{stdout}"
+        );
+        assert!(String::from_utf8_lossy(&result.stderr).contains("tok/s"));
+        // Seeded sampling repeats exactly.
+        let sample = |seed: &str| {
+            let r = binllm(&[
+                "run",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "Lily saw",
+                "--max-tokens",
+                "16",
+                "--temperature",
+                "0.8",
+                "--top-k",
+                "40",
+                "--top-p",
+                "0.9",
+                "--seed",
+                seed,
+            ]);
+            assert!(r.status.success());
+            String::from_utf8_lossy(&r.stdout).to_string()
+        };
+        assert_eq!(sample("3"), sample("3"));
+    }
+}
+
+#[test]
+fn chat_needs_a_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = exported(dir.path(), "f16");
+    let result = binllm(&["run", "--model", model.to_str().unwrap(), "--chat"]);
+    assert!(!result.status.success());
+    assert!(String::from_utf8_lossy(&result.stderr).contains("no chat template"));
+}
+
+#[test]
+fn bench_reports_speeds_and_bandwidth() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = exported(dir.path(), "q8");
+    let result = binllm(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "8",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!(report["threads"], 1);
+    assert_eq!(report["head"], "q8_0");
+    for key in [
+        "pp_tokens_per_second",
+        "tg_tokens_per_second",
+        "memcpy_gb_per_second",
+        "read_gb_per_second",
+    ] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+    }
+}
+
+#[test]
+fn inspect_reads_a_packed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = exported(dir.path(), "q8");
+    let result = binllm(&["inspect", model.to_str().unwrap(), "--json"]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!(report["format"], "binllm packed 1-bit");
+    assert_eq!(report["q8_tensors"][0], "model.embed_tokens.weight");
+    assert_eq!(report["block_linears"], 35);
+}
+
+#[test]
+fn a_broken_file_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = exported(dir.path(), "f16");
+    let bytes = std::fs::read(&model).unwrap();
+    let broken = dir.path().join("broken.b1");
+    std::fs::write(&broken, &bytes[..bytes.len() - 100]).unwrap();
+    for args in [
+        vec!["run", "--model", broken.to_str().unwrap(), "--prompt", "x"],
+        vec!["bench", "--model", broken.to_str().unwrap()],
+    ] {
+        let result = binllm(&args);
+        assert!(!result.status.success());
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(
+            stderr.contains("broken.b1") && stderr.contains("truncated"),
+            "{stderr}"
+        );
+    }
+    let result = binllm(&[
+        "export",
+        broken.to_str().unwrap(),
+        "--out",
+        dir.path().join("x.b1").to_str().unwrap(),
+    ]);
+    assert!(!result.status.success());
+    assert!(String::from_utf8_lossy(&result.stderr).contains("broken.b1"));
+}
