@@ -566,7 +566,7 @@ fn silu(x: f32) -> f32 {
 
 /// Causal multi-head attention of `n` new queries (positions `start..start + n`) over the
 /// cached keys and values (positions `0..start + n`); query head `h` reads kv head
-/// `h / (heads / kv_heads)`.
+/// `h / (heads / kv_heads)`. Softmax of `q.k / sqrt(head_dim)`, as scaled_dot_product_attention.
 fn attention(
     c: &ModelConfig,
     q: &[f32],
@@ -578,38 +578,161 @@ fn attention(
 ) {
     let (heads, hd, kv_dim) = (c.num_heads, c.head_dim, c.kv_dim());
     let group = c.num_heads / c.num_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let one = |index: usize, out: &mut [f32]| {
         let (t, h) = (index / heads, index % heads);
         let query = &q[t * heads * hd + h * hd..][..hd];
         let kv_offset = (h / group) * hd;
-        let visible = start + t + 1;
-        let mut scores: Vec<f32> = (0..visible)
-            .map(|p| {
-                let key = &keys[p * kv_dim + kv_offset..][..hd];
-                query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale
-            })
-            .collect();
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut total = 0.0;
-        for s in &mut scores {
-            *s = (*s - max).exp();
-            total += *s;
-        }
-        out.fill(0.0);
-        for (p, s) in scores.iter().enumerate() {
-            let w = s / total;
-            let value = &values[p * kv_dim + kv_offset..][..hd];
-            out.iter_mut().zip(value).for_each(|(o, v)| *o += w * v);
-        }
+        attend(query, keys, values, kv_dim, kv_offset, start + t + 1, out);
     };
-    let n_items = out.len() / hd;
-    // Parallel only when there is enough work to pay for waking threads (prompts).
-    if threads > 1 && n_items * (start + 1) >= 4096 {
+    let items = out.len() / hd;
+    // Parallel only when there is enough work to pay for waking threads.
+    if threads > 1 && items * (start + items / heads) >= 16384 {
         out.par_chunks_mut(hd)
             .enumerate()
             .for_each(|(i, o)| one(i, o));
     } else {
         out.chunks_mut(hd).enumerate().for_each(|(i, o)| one(i, o));
     }
+}
+
+/// One query head over `visible` cached positions (keys and values strided by `kv_dim`,
+/// starting at `kv_offset`), into `out` (`head_dim` floats).
+fn attend(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    kv_dim: usize,
+    kv_offset: usize,
+    visible: usize,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { attend_avx512(query, keys, values, kv_dim, kv_offset, visible, out) };
+    }
+    attend_generic(query, keys, values, kv_dim, kv_offset, visible, out)
+}
+
+/// [`attend_generic`] with AVX-512 dot products and updates for head dims that are whole
+/// multiples of 16 (64 and 128 in practice).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn attend_avx512(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    kv_dim: usize,
+    kv_offset: usize,
+    visible: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let hd = query.len();
+    if hd % 16 != 0 || hd > 256 {
+        return attend_generic(query, keys, values, kv_dim, kv_offset, visible, out);
+    }
+    assert!(
+        keys.len() >= (visible - 1) * kv_dim + kv_offset + hd
+            && values.len() >= (visible - 1) * kv_dim + kv_offset + hd
+    );
+    assert!(out.len() == hd);
+    let chunks = hd / 16;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut q = [_mm512_setzero_ps(); 16];
+    for (i, q) in q.iter_mut().enumerate().take(chunks) {
+        // SAFETY: i * 16 + 16 <= hd = query.len().
+        *q = unsafe { _mm512_loadu_ps(query.as_ptr().add(i * 16)) };
+    }
+    let mut scores = Vec::with_capacity(visible);
+    let mut max = f32::NEG_INFINITY;
+    for p in 0..visible {
+        // SAFETY: in bounds by the assertion above.
+        let key = unsafe { keys.as_ptr().add(p * kv_dim + kv_offset) };
+        let mut acc = _mm512_setzero_ps();
+        for (i, q) in q.iter().enumerate().take(chunks) {
+            acc = _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(key.add(i * 16)) }, acc);
+        }
+        let s = _mm512_reduce_add_ps(acc) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut total = 0.0;
+    for s in &mut scores {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    let inv_total = 1.0 / total;
+    let mut acc = [_mm512_setzero_ps(); 16];
+    for (p, s) in scores.iter().enumerate() {
+        let w = _mm512_set1_ps(s * inv_total);
+        // SAFETY: in bounds by the assertion above.
+        let value = unsafe { values.as_ptr().add(p * kv_dim + kv_offset) };
+        for (i, a) in acc.iter_mut().enumerate().take(chunks) {
+            *a = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(value.add(i * 16)) }, *a);
+        }
+    }
+    for (i, a) in acc.iter().enumerate().take(chunks) {
+        // SAFETY: out.len() == hd (asserted).
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(i * 16), *a) };
+    }
+}
+
+#[inline(always)]
+fn attend_generic(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    kv_dim: usize,
+    kv_offset: usize,
+    visible: usize,
+    out: &mut [f32],
+) {
+    let hd = query.len();
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Plain loops, no closures: a closure would be compiled apart from this body, without
+    // the caller's target features.
+    let mut scores = Vec::with_capacity(visible);
+    let mut max = f32::NEG_INFINITY;
+    for p in 0..visible {
+        let s = dot(query, &keys[p * kv_dim + kv_offset..][..hd]) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut total = 0.0;
+    for s in &mut scores {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    out.fill(0.0);
+    let inv_total = 1.0 / total;
+    for (p, s) in scores.iter().enumerate() {
+        let w = s * inv_total;
+        let value = &values[p * kv_dim + kv_offset..][..hd];
+        for (o, v) in out.iter_mut().zip(value) {
+            *o += w * v;
+        }
+    }
+}
+
+/// Dot product in 16 independent lanes (which the compiler keeps in vector registers; a
+/// single running sum would be one long dependency chain).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let mut tail = 0.0;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    let mut sum = tail;
+    for l in lanes {
+        sum += l;
+    }
+    sum
 }
