@@ -24,9 +24,6 @@ pub struct Args {
     /// Repetitions of each measurement.
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
-    /// Use every thread for every product instead of timing 1 vs all per layer shape at load.
-    #[arg(long)]
-    pub no_tune: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -76,7 +73,6 @@ pub fn run(args: Args) -> Result<()> {
         &LoadOptions {
             threads: args.threads,
             kernel: None,
-            tune_threads: !args.no_tune,
         },
     )?;
     let vocab = model.config.vocab_size as u64;
@@ -147,7 +143,6 @@ pub fn run(args: Args) -> Result<()> {
             "weights_streamed_gb_per_second": streamed_gbs,
             "memcpy_gb_per_second": copy_gbs,
             "read_gb_per_second": read_gbs,
-            "decode_threads": model.thread_choices().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -167,12 +162,6 @@ pub fn run(args: Args) -> Result<()> {
         model.threads(),
         model.kernel()
     );
-    let choices: Vec<String> = model
-        .thread_choices()
-        .iter()
-        .map(|(n, t)| format!("{n}: {t}"))
-        .collect();
-    println!("decode threads   {}", choices.join(", "));
     println!("memory           memcpy {copy_gbs:.1} GB/s (bytes copied), read {read_gbs:.1} GB/s (256 MiB, 1 thread)");
     println!();
     println!("| test | tokens/s | ± |");

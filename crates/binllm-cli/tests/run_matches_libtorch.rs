@@ -47,7 +47,6 @@ fn compare(packed: &PackedModel, q8: &Q8Tensors, label: &str) {
         &LoadOptions {
             threads: 2,
             kernel: None,
-            tune_threads: false,
         },
     )
     .unwrap();

@@ -6,7 +6,8 @@
 //! It computes exactly what `binllm_train::model::Llama` computes for the same weights (the
 //! libtorch engine, `sign_model::llama_from_packed`), in f32. Block linears are 1-bit
 //! ([`PreparedMatrix`], `y = row_scale * (B (input_scale * x)) + bias`); a prompt goes through
-//! them as one GEMM, a decoded token as a GEMV.
+//! them as one GEMM, a decoded token as a GEMV. Every matrix is split by rows into one part
+//! per member of the thread [`Team`]; member `i` computes part `i` of each product.
 
 use anyhow::{bail, ensure, Context, Result};
 use binllm_format::names::{self, BlockLinear};
@@ -14,137 +15,199 @@ use binllm_format::packed::{PackedLinear, PackedModel, Q8Tensors};
 use binllm_format::{ModelConfig, TensorData};
 use binllm_kernels::{DenseKernel, Kernel, PackedMatrix, PreparedMatrix, Q8Matrix};
 use half::f16;
-use rayon::prelude::*;
 
-use crate::threads::ThreadPlan;
+use crate::threads::{split_rows, SharedOut, Team};
 
 /// How to prepare a model for running.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    /// Threads for the products (0: every core).
+    /// Threads (0: every core).
     pub threads: usize,
     /// 1-bit kernel (default: [`Kernel::best`]).
     pub kernel: Option<Kernel>,
-    /// Time each layer shape with one thread and with `threads` at load and keep the faster
-    /// for decode (waking a thread costs as much as a small GEMV).
-    pub tune_threads: bool,
 }
 
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions {
-            threads: 0,
-            kernel: None,
-            tune_threads: true,
-        }
-    }
-}
+/// Rows per kernel block: parts split on multiples of this never cut a LUT tile.
+const ROW_ALIGN: usize = 32;
 
-/// One binarized linear layer ready for products.
+/// One binarized linear layer ready for products, split by rows into one part per team member.
 pub struct Linear {
-    pub(crate) matrix: PreparedMatrix,
+    rows: usize,
+    cols: usize,
+    parts: Vec<(std::ops::Range<usize>, Option<PreparedMatrix>)>,
     input_scale: Option<Vec<f32>>,
     bias: Option<Vec<f32>>,
-    /// Threads for a single-token product (decode).
-    pub(crate) gemv_threads: usize,
+    packed_bytes: usize,
 }
 
 impl Linear {
-    fn new(l: &PackedLinear, kernel: Kernel) -> Self {
-        let matrix =
-            PackedMatrix::from_parts(l.rows, l.cols, l.sign_bits.clone(), l.row_scale.clone());
+    fn new(l: &PackedLinear, kernel: Kernel, parts: usize) -> Self {
+        let wpr = binllm_format::packed::words_per_row(l.cols);
+        let parts: Vec<_> = split_rows(l.rows, parts, ROW_ALIGN)
+            .into_iter()
+            .map(|range| {
+                let matrix = (!range.is_empty()).then(|| {
+                    let bits = l.sign_bits[range.start * wpr..range.end * wpr].to_vec();
+                    let scales = l.row_scale[range.clone()].to_vec();
+                    PreparedMatrix::new(
+                        PackedMatrix::from_parts(range.len(), l.cols, bits, scales),
+                        kernel,
+                    )
+                });
+                (range, matrix)
+            })
+            .collect();
         Linear {
-            matrix: PreparedMatrix::new(matrix, kernel),
+            rows: l.rows,
+            cols: l.cols,
+            packed_bytes: parts
+                .iter()
+                .filter_map(|(_, m)| m.as_ref())
+                .map(|m| m.packed_bytes())
+                .sum(),
+            parts,
             input_scale: l.input_scale.clone(),
             bias: l.bias.clone(),
-            gemv_threads: 1,
         }
     }
 
     pub fn rows(&self) -> usize {
-        self.matrix.rows()
+        self.rows
     }
 
     pub fn cols(&self) -> usize {
-        self.matrix.cols()
+        self.cols
     }
 
-    /// `ys[t] = row_scale * (B (input_scale * xs[t])) + bias` for `n` rows of `xs`.
-    fn forward(&self, xs: &[f32], n: usize, ys: &mut [f32], threads: usize) {
-        let scaled;
-        let xs = match &self.input_scale {
-            Some(s) => {
-                scaled = xs
-                    .chunks_exact(s.len())
-                    .flat_map(|x| x.iter().zip(s).map(|(x, s)| x * s))
-                    .collect::<Vec<f32>>();
-                &scaled[..]
-            }
-            None => xs,
+    /// `xs` times the input scale (a copy only when there is one), before the team starts.
+    fn scaled_input<'a>(&self, xs: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match &self.input_scale {
+            Some(s) => xs
+                .chunks_exact(s.len())
+                .flat_map(|x| x.iter().zip(s).map(|(x, s)| x * s))
+                .collect(),
+            None => xs.into(),
+        }
+    }
+
+    /// Member `member`'s rows of `ys[t] = row_scale * (B xs[t]) + bias` for the `n` rows of
+    /// `xs` (already input-scaled); `ys` is `n x rows`.
+    fn forward_part(&self, member: usize, xs: &[f32], n: usize, ys: &SharedOut) {
+        let Some((range, Some(matrix))) = self.parts.get(member) else {
+            return;
         };
+        let part_rows = range.len();
+        let mut local = vec![0f32; n * part_rows];
         if n == 1 {
-            self.matrix.gemv(xs, ys, self.gemv_threads.min(threads));
+            matrix.gemv(xs, &mut local, 1);
         } else {
-            self.matrix.gemm(xs, n, ys, threads);
+            matrix.gemm(xs, n, &mut local, 1);
         }
         if let Some(b) = &self.bias {
-            for y in ys.chunks_exact_mut(b.len()) {
-                y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            for y in local.chunks_exact_mut(part_rows) {
+                y.iter_mut()
+                    .zip(&b[range.clone()])
+                    .for_each(|(y, b)| *y += b);
             }
+        }
+        for (t, y) in local.chunks_exact(part_rows).enumerate() {
+            // SAFETY: member parts are disjoint row ranges of each output row.
+            unsafe { ys.slice(t * self.rows + range.start, part_rows) }.copy_from_slice(y);
         }
     }
 }
 
-/// A floating-point matrix: the embedding table and the LM head.
-pub enum DenseMatrix {
-    F32 {
-        rows: usize,
-        cols: usize,
-        w: Vec<f32>,
-    },
-    F16 {
-        rows: usize,
-        cols: usize,
-        w: Vec<f16>,
-    },
-    Q8(Q8Matrix),
+/// A floating-point matrix, the embedding table and the LM head, split by rows like [`Linear`].
+pub struct DenseMatrix {
+    rows: usize,
+    cols: usize,
+    parts: Vec<std::ops::Range<usize>>,
+    data: DenseData,
+}
+
+enum DenseData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    /// One q8 matrix per part.
+    Q8(Vec<Q8Matrix>),
 }
 
 impl DenseMatrix {
+    fn from_tensor(packed: &PackedModel, q8: &Q8Tensors, name: &str, parts: usize) -> Result<Self> {
+        let t = packed
+            .dense
+            .get(name)
+            .with_context(|| format!("packed model lacks '{name}'"))?;
+        ensure!(t.shape.len() == 2, "'{name}' is not a matrix");
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let parts = split_rows(rows, parts, ROW_ALIGN);
+        let data = if let Some(q) = q8.get(name) {
+            let m = q.to_kernel_matrix();
+            let per_row = m.blocks_per_row;
+            DenseData::Q8(
+                parts
+                    .iter()
+                    .map(|r| Q8Matrix {
+                        rows: r.len(),
+                        cols,
+                        blocks_per_row: per_row,
+                        quants: m.quants[r.start * per_row * 32..r.end * per_row * 32].to_vec(),
+                        scales: m.scales[r.start * per_row..r.end * per_row].to_vec(),
+                    })
+                    .collect(),
+            )
+        } else {
+            match &t.data {
+                TensorData::F16(w) => DenseData::F16(w.clone()),
+                _ => DenseData::F32(t.to_f32_vec()),
+            }
+        };
+        Ok(DenseMatrix {
+            rows,
+            cols,
+            parts,
+            data,
+        })
+    }
+
     pub fn rows(&self) -> usize {
-        match self {
-            DenseMatrix::F32 { rows, .. } | DenseMatrix::F16 { rows, .. } => *rows,
-            DenseMatrix::Q8(m) => m.rows,
-        }
+        self.rows
     }
 
     pub fn label(&self) -> &'static str {
-        match self {
-            DenseMatrix::F32 { .. } => "f32",
-            DenseMatrix::F16 { .. } => "f16",
-            DenseMatrix::Q8(_) => "q8_0",
+        match self.data {
+            DenseData::F32(_) => "f32",
+            DenseData::F16(_) => "f16",
+            DenseData::Q8(_) => "q8_0",
         }
     }
 
     /// Bytes read by one product.
     pub fn bytes(&self) -> usize {
-        match self {
-            DenseMatrix::F32 { w, .. } => 4 * w.len(),
-            DenseMatrix::F16 { w, .. } => 2 * w.len(),
-            DenseMatrix::Q8(m) => m.bytes(),
+        match &self.data {
+            DenseData::F32(w) => 4 * w.len(),
+            DenseData::F16(w) => 2 * w.len(),
+            DenseData::Q8(parts) => parts.iter().map(|m| m.bytes()).sum(),
         }
     }
 
     /// Row `r` as f32 (the embedding lookup).
     fn row(&self, r: usize, out: &mut [f32]) {
-        match self {
-            DenseMatrix::F32 { cols, w, .. } => out.copy_from_slice(&w[r * cols..(r + 1) * cols]),
-            DenseMatrix::F16 { cols, w, .. } => {
+        let cols = self.cols;
+        match &self.data {
+            DenseData::F32(w) => out.copy_from_slice(&w[r * cols..(r + 1) * cols]),
+            DenseData::F16(w) => {
                 for (o, v) in out.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
                     *o = v.to_f32();
                 }
             }
-            DenseMatrix::Q8(m) => {
+            DenseData::Q8(parts) => {
+                let p = self
+                    .parts
+                    .iter()
+                    .position(|range| range.contains(&r))
+                    .expect("row in range");
+                let (m, r) = (&parts[p], r - self.parts[p].start);
                 let quants = &m.quants[r * m.blocks_per_row * 32..];
                 for (c, o) in out.iter_mut().enumerate() {
                     *o = m.scales[r * m.blocks_per_row + c / 32] * f32::from(quants[c]);
@@ -153,16 +216,35 @@ impl DenseMatrix {
         }
     }
 
-    pub(crate) fn gemv(&self, x: &[f32], y: &mut [f32], threads: usize) {
-        match self {
-            DenseMatrix::F32 { rows, cols, w } => {
-                binllm_kernels::gemv_f32(w, *rows, *cols, x, y, threads)
-            }
-            DenseMatrix::F16 { rows, cols, w } => {
-                binllm_kernels::gemv_f16(w, *rows, *cols, x, y, threads)
-            }
+    /// Member `member`'s rows of `y = W x`.
+    fn gemv_part(&self, member: usize, x: &[f32], y: &SharedOut) {
+        let Some(range) = self.parts.get(member).filter(|r| !r.is_empty()) else {
+            return;
+        };
+        // SAFETY: member parts are disjoint row ranges.
+        let out = unsafe { y.slice(range.start, range.len()) };
+        let (rows, cols) = (range.len(), self.cols);
+        match &self.data {
+            DenseData::F32(w) => binllm_kernels::gemv_f32(
+                &w[range.start * cols..range.end * cols],
+                rows,
+                cols,
+                x,
+                out,
+                1,
+            ),
+            DenseData::F16(w) => binllm_kernels::gemv_f16(
+                &w[range.start * cols..range.end * cols],
+                rows,
+                cols,
+                x,
+                out,
+                1,
+            ),
             // AVX2's q8 path streamed faster than AVX-512's on Zen 4 in gemv_bench.
-            DenseMatrix::Q8(m) => binllm_kernels::gemv_q8_with(q8_kernel(), m, x, y, threads),
+            DenseData::Q8(parts) => {
+                binllm_kernels::gemv_q8_with(q8_kernel(), &parts[member], x, out, 1)
+            }
         }
     }
 }
@@ -179,28 +261,14 @@ pub struct Layer {
     attn_norm: Vec<f32>,
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
-    pub(crate) q: Linear,
-    pub(crate) k: Linear,
-    pub(crate) v: Linear,
-    pub(crate) o: Linear,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     mlp_norm: Vec<f32>,
-    pub(crate) gate: Linear,
-    pub(crate) up: Linear,
-    pub(crate) down: Linear,
-}
-
-impl Layer {
-    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 7] {
-        [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
-            &mut self.o,
-            &mut self.gate,
-            &mut self.up,
-            &mut self.down,
-        ]
-    }
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// The packed model, ready to run.
@@ -210,10 +278,10 @@ pub struct Model {
     /// None: tied to the embedding.
     head: Option<DenseMatrix>,
     final_norm: Vec<f32>,
-    pub(crate) layers: Vec<Layer>,
+    layers: Vec<Layer>,
     /// RoPE inverse frequencies as the libtorch engine uses them (f32).
     inv_freq: Vec<f32>,
-    pub(crate) plan: ThreadPlan,
+    team: Team,
     kernel: Kernel,
 }
 
@@ -273,30 +341,6 @@ fn dense_f32(packed: &PackedModel, name: &str) -> Result<Vec<f32>> {
         .to_f32_vec())
 }
 
-fn dense_matrix(packed: &PackedModel, q8: &Q8Tensors, name: &str) -> Result<DenseMatrix> {
-    if let Some(t) = q8.get(name) {
-        return Ok(DenseMatrix::Q8(t.to_kernel_matrix()));
-    }
-    let t = packed
-        .dense
-        .get(name)
-        .with_context(|| format!("packed model lacks '{name}'"))?;
-    ensure!(t.shape.len() == 2, "'{name}' is not a matrix");
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    Ok(match &t.data {
-        TensorData::F16(w) => DenseMatrix::F16 {
-            rows,
-            cols,
-            w: w.clone(),
-        },
-        _ => DenseMatrix::F32 {
-            rows,
-            cols,
-            w: t.to_f32_vec(),
-        },
-    })
-}
-
 impl Model {
     /// Builds the runtime model from a packed model (and the q8 tensors read with it).
     pub fn new(packed: &PackedModel, q8: &Q8Tensors, options: &LoadOptions) -> Result<Self> {
@@ -306,6 +350,12 @@ impl Model {
         if !kernel.is_available() {
             bail!("kernel {kernel} is not available on this CPU");
         }
+        let team = Team::new(options.threads)?;
+        // One part per member for the block linears (a LUT GEMV builds its tables once per
+        // part); finer parts for the head, the largest product, so that a member the OS
+        // descheduled holds up little of it.
+        let parts = team.size();
+        let head_parts = if parts > 1 { 8 * parts } else { 1 };
         let mut layers = Vec::with_capacity(config.num_layers);
         for layer in 0..config.num_layers {
             let linear = |which: BlockLinear| -> Result<Linear> {
@@ -313,7 +363,7 @@ impl Model {
                     .linears
                     .get(&(layer, which))
                     .with_context(|| format!("layer {layer} lacks {}", which.module()))?;
-                Ok(Linear::new(l, kernel))
+                Ok(Linear::new(l, kernel, parts))
             };
             layers.push(Layer {
                 attn_norm: dense_f32(packed, &names::attn_norm(layer))?,
@@ -338,24 +388,23 @@ impl Model {
         let head = if config.tie_word_embeddings {
             None
         } else {
-            Some(dense_matrix(packed, q8, names::LM_HEAD)?)
+            Some(DenseMatrix::from_tensor(
+                packed,
+                q8,
+                names::LM_HEAD,
+                head_parts,
+            )?)
         };
-        let mut model = Model {
-            embed: dense_matrix(packed, q8, names::EMBED)?,
+        Ok(Model {
+            embed: DenseMatrix::from_tensor(packed, q8, names::EMBED, head_parts)?,
             head,
             final_norm: dense_f32(packed, names::FINAL_NORM)?,
             layers,
             inv_freq: config.rope_inv_freq().iter().map(|&f| f as f32).collect(),
-            plan: ThreadPlan::new(options.threads)?,
+            team,
             kernel,
             config,
-        };
-        if options.tune_threads {
-            model.tune_threads();
-        } else {
-            model.use_threads_everywhere();
-        }
-        Ok(model)
+        })
     }
 
     /// Reads a packed file and builds the model.
@@ -371,61 +420,32 @@ impl Model {
     }
 
     pub fn threads(&self) -> usize {
-        self.plan.threads
+        self.team.size()
     }
 
     pub fn head(&self) -> &DenseMatrix {
         self.head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Bytes of weights streamed per decoded token: sign bits, the head, and the vectors.
+    /// Bytes of weights streamed per decoded token: sign bits, vectors (f32 in memory), head.
     pub fn bytes_per_token(&self) -> usize {
         let linears: usize = self
             .layers
             .iter()
             .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
-            .map(|l| {
-                l.matrix.packed_bytes()
-                    + 4 * (l.rows() + l.input_scale.as_ref().map_or(0, Vec::len))
-            })
+            .map(|l| l.packed_bytes + 4 * (l.rows + l.input_scale.as_ref().map_or(0, Vec::len)))
             .sum();
         linears + self.head().bytes()
     }
 
-    /// Decode threads per layer shape, for reports.
-    pub fn thread_choices(&self) -> Vec<(String, usize)> {
-        let Some(layer) = self.layers.first() else {
-            return vec![];
-        };
-        let mut out: Vec<(String, usize)> = [
-            ("q", &layer.q),
-            ("k", &layer.k),
-            ("v", &layer.v),
-            ("o", &layer.o),
-            ("gate", &layer.gate),
-            ("up", &layer.up),
-            ("down", &layer.down),
-        ]
-        .iter()
-        .map(|(n, l)| (format!("{n} {}x{}", l.rows(), l.cols()), l.gemv_threads))
-        .collect();
-        out.push((
-            format!("head {}x{}", self.head().rows(), self.config.hidden_size),
-            self.plan.head_threads,
-        ));
-        out
-    }
-
     /// Logits of the last of `tokens`, which continue the cached positions (and are cached).
     pub fn forward(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.plan
-            .install(|| self.forward_chunks(cache, tokens, false))
+        self.forward_chunks(cache, tokens, false)
     }
 
     /// Logits of every one of `tokens` (`tokens.len() x vocab`, row-major): for tests.
     pub fn forward_all(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.plan
-            .install(|| self.forward_chunks(cache, tokens, true))
+        self.forward_chunks(cache, tokens, true)
     }
 
     fn forward_chunks(
@@ -439,6 +459,10 @@ impl Model {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             bail!("token id {bad} is outside the vocabulary ({vocab})");
         }
+        ensure!(
+            cache.kv_dim == self.config.kv_dim() && cache.keys.len() == self.layers.len(),
+            "the KV cache belongs to another model"
+        );
         // Long prompts in chunks, to bound the activations held at once.
         const CHUNK: usize = 256;
         let mut logits = Vec::new();
@@ -453,14 +477,16 @@ impl Model {
         Ok(logits)
     }
 
-    /// The forward pass for `n` new tokens at positions `cache.len()..`.
+    /// The forward pass for `n` new tokens at positions `cache.len()..`. Products and
+    /// attention run on the team (each member its rows / heads); the small element-wise steps
+    /// run on the calling thread between them.
     fn forward_chunk(&self, cache: &mut KvCache, tokens: &[u32], all_logits: bool) -> Vec<f32> {
         let c = &self.config;
         let (n, h, inter) = (tokens.len(), c.hidden_size, c.intermediate_size);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let eps = c.rms_norm_eps as f32;
-        let threads = self.plan.threads;
         let start = cache.len();
+        let team = &self.team;
 
         // Embedding lookup.
         let mut x = vec![0f32; n * h];
@@ -478,42 +504,82 @@ impl Model {
         let (mut gate, mut up) = (vec![0f32; n * inter], vec![0f32; n * inter]);
 
         for (l, layer) in self.layers.iter().enumerate() {
-            // Attention.
+            // Attention: q, k, v projections.
             rms_norm(&x, &layer.attn_norm, eps, &mut xn);
-            layer.q.forward(&xn, n, &mut q, threads);
-            layer.k.forward(&xn, n, &mut k, threads);
-            layer.v.forward(&xn, n, &mut v, threads);
+            let (qx, kx, vx) = (
+                layer.q.scaled_input(&xn),
+                layer.k.scaled_input(&xn),
+                layer.v.scaled_input(&xn),
+            );
+            {
+                let (qo, ko, vo) = (
+                    SharedOut::new(&mut q),
+                    SharedOut::new(&mut k),
+                    SharedOut::new(&mut v),
+                );
+                team.run(team.size(), &|m| {
+                    layer.q.forward_part(m, &qx, n, &qo);
+                    layer.k.forward_part(m, &kx, n, &ko);
+                    layer.v.forward_part(m, &vx, n, &vo);
+                });
+            }
+            // q/k RMSNorm per head (Qwen3), then RoPE; keys and values into the cache.
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 rms_norm(&q.clone(), qn, eps, &mut q);
                 rms_norm(&k.clone(), kn, eps, &mut k);
             }
             for t in 0..n {
-                let pos = start + t;
-                self.rope(&mut q[t * q_dim..(t + 1) * q_dim], pos);
-                self.rope(&mut k[t * kv_dim..(t + 1) * kv_dim], pos);
+                self.rope(&mut q[t * q_dim..(t + 1) * q_dim], start + t);
+                self.rope(&mut k[t * kv_dim..(t + 1) * kv_dim], start + t);
             }
             cache.keys[l].extend_from_slice(&k);
             cache.values[l].extend_from_slice(&v);
             attention(
                 c,
+                team,
                 &q,
                 &cache.keys[l],
                 &cache.values[l],
                 start,
                 &mut attn,
-                threads,
             );
-            layer.o.forward(&attn, n, &mut out, threads);
+            // Output projection and residual.
+            let ox = layer.o.scaled_input(&attn);
+            {
+                let oo = SharedOut::new(&mut out);
+                team.run(team.size(), &|m| layer.o.forward_part(m, &ox, n, &oo));
+            }
             x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
 
-            // SwiGLU MLP.
+            // SwiGLU MLP: each member gates its own rows of gate and up.
             rms_norm(&x, &layer.mlp_norm, eps, &mut xn);
-            layer.gate.forward(&xn, n, &mut gate, threads);
-            layer.up.forward(&xn, n, &mut up, threads);
-            gate.iter_mut()
-                .zip(&up)
-                .for_each(|(g, u)| *g = silu(*g) * u);
-            layer.down.forward(&gate, n, &mut out, threads);
+            let (gx, ux) = (layer.gate.scaled_input(&xn), layer.up.scaled_input(&xn));
+            {
+                let (go, uo) = (SharedOut::new(&mut gate), SharedOut::new(&mut up));
+                team.run(team.size(), &|m| {
+                    layer.gate.forward_part(m, &gx, n, &go);
+                    layer.up.forward_part(m, &ux, n, &uo);
+                    if let Some((range, _)) = layer.gate.parts.get(m) {
+                        for t in 0..n {
+                            // SAFETY: this member's rows only.
+                            let (g, u) = unsafe {
+                                (
+                                    go.slice(t * inter + range.start, range.len()),
+                                    uo.slice(t * inter + range.start, range.len()),
+                                )
+                            };
+                            g.iter_mut()
+                                .zip(u.iter())
+                                .for_each(|(g, u)| *g = silu(*g) * u);
+                        }
+                    }
+                });
+            }
+            let dx = layer.down.scaled_input(&gate);
+            {
+                let oo = SharedOut::new(&mut out);
+                team.run(team.size(), &|m| layer.down.forward_part(m, &dx, n, &oo));
+            }
             x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
         }
         cache.tokens.extend_from_slice(tokens);
@@ -523,10 +589,11 @@ impl Model {
         let head = self.head();
         let vocab = c.vocab_size;
         let mut logits = vec![0f32; rows.len() * vocab];
+        let mut normed = vec![0f32; h];
         for (t, out) in rows.zip(logits.chunks_exact_mut(vocab)) {
-            let mut normed = vec![0f32; h];
             rms_norm(&x[t * h..(t + 1) * h], &self.final_norm, eps, &mut normed);
-            head.gemv(&normed, out, self.plan.head_threads);
+            let lo = SharedOut::new(out);
+            team.run(head.parts.len(), &|m| head.gemv_part(m, &normed, &lo));
         }
         logits
     }
@@ -567,32 +634,38 @@ fn silu(x: f32) -> f32 {
 /// Causal multi-head attention of `n` new queries (positions `start..start + n`) over the
 /// cached keys and values (positions `0..start + n`); query head `h` reads kv head
 /// `h / (heads / kv_heads)`. Softmax of `q.k / sqrt(head_dim)`, as scaled_dot_product_attention.
+/// Part `p` of the team's job takes every `parts`-th (token, head) pair.
 fn attention(
     c: &ModelConfig,
+    team: &Team,
     q: &[f32],
     keys: &[f32],
     values: &[f32],
     start: usize,
     out: &mut [f32],
-    threads: usize,
 ) {
     let (heads, hd, kv_dim) = (c.num_heads, c.head_dim, c.kv_dim());
     let group = c.num_heads / c.num_kv_heads;
-    let one = |index: usize, out: &mut [f32]| {
-        let (t, h) = (index / heads, index % heads);
-        let query = &q[t * heads * hd + h * hd..][..hd];
-        let kv_offset = (h / group) * hd;
-        attend(query, keys, values, kv_dim, kv_offset, start + t + 1, out);
-    };
     let items = out.len() / hd;
-    // Parallel only when there is enough work to pay for waking threads.
-    if threads > 1 && items * (start + items / heads) >= 16384 {
-        out.par_chunks_mut(hd)
-            .enumerate()
-            .for_each(|(i, o)| one(i, o));
-    } else {
-        out.chunks_mut(hd).enumerate().for_each(|(i, o)| one(i, o));
-    }
+    let parts = team.size().min(items);
+    let shared = SharedOut::new(out);
+    team.run(parts, &|part| {
+        for index in (part..items).step_by(parts) {
+            let (t, h) = (index / heads, index % heads);
+            let query = &q[t * heads * hd + h * hd..][..hd];
+            // SAFETY: each (token, head) item belongs to exactly one part.
+            let out = unsafe { shared.slice(index * hd, hd) };
+            attend(
+                query,
+                keys,
+                values,
+                kv_dim,
+                (h / group) * hd,
+                start + t + 1,
+                out,
+            );
+        }
+    });
 }
 
 /// One query head over `visible` cached positions (keys and values strided by `kv_dim`,
@@ -735,4 +808,45 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         sum += l;
     }
     sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simd_attention_matches_the_generic_loop() {
+        let mut rng = crate::sampling::SplitMix64::new(4);
+        for (hd, kv_dim, visible) in [(64, 192, 1), (64, 192, 37), (128, 256, 300), (8, 32, 5)] {
+            let mut values = |n: usize| {
+                (0..n)
+                    .map(|_| rng.next_f32() * 2.0 - 1.0)
+                    .collect::<Vec<f32>>()
+            };
+            let (query, keys, vals) = (
+                values(hd),
+                values(visible * kv_dim),
+                values(visible * kv_dim),
+            );
+            let offset = kv_dim - hd;
+            let mut fast = vec![0f32; hd];
+            let mut reference = vec![0f32; hd];
+            attend(&query, &keys, &vals, kv_dim, offset, visible, &mut fast);
+            attend_generic(
+                &query,
+                &keys,
+                &vals,
+                kv_dim,
+                offset,
+                visible,
+                &mut reference,
+            );
+            for (a, b) in fast.iter().zip(&reference) {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "head_dim {hd}, {visible} positions: {a} vs {b}"
+                );
+            }
+        }
+    }
 }
