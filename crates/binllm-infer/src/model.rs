@@ -97,12 +97,20 @@ impl Linear {
             return;
         };
         let part_rows = range.len();
-        let mut local = vec![0f32; n * part_rows];
         if n == 1 {
-            matrix.gemv(xs, &mut local, 1);
-        } else {
-            matrix.gemm(xs, n, &mut local, 1);
+            // One token: this member's rows are contiguous in `ys`.
+            // SAFETY: member parts are disjoint row ranges.
+            let y = unsafe { ys.slice(range.start, part_rows) };
+            matrix.gemv(xs, y, 1);
+            if let Some(b) = &self.bias {
+                y.iter_mut()
+                    .zip(&b[range.clone()])
+                    .for_each(|(y, b)| *y += b);
+            }
+            return;
         }
+        let mut local = vec![0f32; n * part_rows];
+        matrix.gemm(xs, n, &mut local, 1);
         if let Some(b) = &self.bias {
             for y in local.chunks_exact_mut(part_rows) {
                 y.iter_mut()
@@ -502,6 +510,8 @@ impl Model {
         let mut attn = vec![0f32; n * q_dim];
         let mut out = vec![0f32; n * h];
         let (mut gate, mut up) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+        let rope: Vec<(Vec<f32>, Vec<f32>)> =
+            (start..start + n).map(|p| self.rope_angles(p)).collect();
 
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention: q, k, v projections.
@@ -528,9 +538,9 @@ impl Model {
                 rms_norm(&q.clone(), qn, eps, &mut q);
                 rms_norm(&k.clone(), kn, eps, &mut k);
             }
-            for t in 0..n {
-                self.rope(&mut q[t * q_dim..(t + 1) * q_dim], start + t);
-                self.rope(&mut k[t * kv_dim..(t + 1) * kv_dim], start + t);
+            for (t, (cos, sin)) in rope.iter().enumerate() {
+                rotate_half(&mut q[t * q_dim..(t + 1) * q_dim], cos, sin);
+                rotate_half(&mut k[t * kv_dim..(t + 1) * kv_dim], cos, sin);
             }
             cache.keys[l].extend_from_slice(&k);
             cache.values[l].extend_from_slice(&v);
@@ -598,19 +608,27 @@ impl Model {
         logits
     }
 
-    /// Rotary embedding in the rotate-half layout, pairs (i, i + head_dim/2), angles
-    /// `position * inv_freq` in f32 as the libtorch engine computes them.
-    fn rope(&self, x: &mut [f32], position: usize) {
-        let hd = self.config.head_dim;
-        let half = hd / 2;
-        for (i, &f) in self.inv_freq.iter().enumerate() {
-            let angle = position as f32 * f;
-            let (sin, cos) = angle.sin_cos();
-            for head in x.chunks_exact_mut(hd) {
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * cos - b * sin;
-                head[i + half] = b * cos + a * sin;
-            }
+    /// cos and sin of `position * inv_freq` in f32, as the libtorch engine computes the
+    /// RoPE angles (the same for every layer, so once per position).
+    fn rope_angles(&self, position: usize) -> (Vec<f32>, Vec<f32>) {
+        self.inv_freq
+            .iter()
+            .map(|&f| (position as f32 * f).sin_cos())
+            .map(|(s, c)| (c, s))
+            .unzip()
+    }
+}
+
+/// Rotary embedding in the rotate-half layout: in each head, the pair (i, i + head_dim/2)
+/// turns by angle i.
+fn rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for head in x.chunks_exact_mut(2 * half) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x1, x2) = (a[i], b[i]);
+            a[i] = x1 * cos[i] - x2 * sin[i];
+            b[i] = x2 * cos[i] + x1 * sin[i];
         }
     }
 }
