@@ -183,3 +183,71 @@ fn a_broken_file_is_refused_by_name() {
     assert!(!result.status.success());
     assert!(String::from_utf8_lossy(&result.stderr).contains("broken.b1"));
 }
+
+#[test]
+fn chat_keeps_the_conversation_over_stdin_lines() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let s = stories_dir();
+    let pretrained = binllm_format::PretrainedModel::load(
+        &s.join("stories260K.bin"),
+        &binllm_format::LoadOptions {
+            tokenizer: Some(s.join("tok512.bin")),
+        },
+    )
+    .unwrap();
+    let mut sign =
+        binllm_infer::ptq::ptq_sign_model(&pretrained, binllm_infer::ptq::InputScales::None)
+            .unwrap();
+    // A minimal template: each message on its own line, then the assistant's turn.
+    sign.chat_template = Some("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}".into());
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("chat.b1");
+    sign.write(&model).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_binllm"))
+        .args([
+            "run",
+            "--model",
+            model.to_str().unwrap(),
+            "--chat",
+            "--max-tokens",
+            "6",
+            "--threads",
+            "1",
+            "--stats",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello there\n\nTell me a story\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Two replies (the empty line is skipped), three prompts (the last one meets end of input).
+    assert_eq!(stderr.matches("generated").count(), 2, "{stderr}");
+    assert_eq!(stderr.matches("> ").count(), 4, "{stderr}");
+    // The second turn runs only what the cache lacks: less than the whole conversation.
+    let prompt_tokens: Vec<usize> = stderr
+        .lines()
+        .filter_map(|l| l.split("prompt ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(prompt_tokens.len(), 2, "{stderr}");
+    // The whole second prompt is the first one, the reply (up to 6 tokens) and the new turn.
+    let new_turn = pretrained
+        .tokenizer()
+        .unwrap()
+        .encode("\nuser: Tell me a story\nassistant:", false)
+        .unwrap()
+        .len();
+    assert!(
+        prompt_tokens[1] < prompt_tokens[0] + new_turn,
+        "{prompt_tokens:?}"
+    );
+}
