@@ -251,3 +251,55 @@ fn chat_keeps_the_conversation_over_stdin_lines() {
         "{prompt_tokens:?}"
     );
 }
+
+#[test]
+fn export_of_a_run_dir_folds_and_reports_what_it_kept() {
+    let s = stories_dir();
+    let pretrained = binllm_format::PretrainedModel::load(
+        &s.join("stories260K.bin"),
+        &binllm_format::LoadOptions {
+            tokenizer: Some(s.join("tok512.bin")),
+        },
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (scales, folded, kept) in [
+        (
+            binllm_infer::ptq::InputScales::Foldable { seed: 1 },
+            "20 folded, 0 kept",
+            0,
+        ),
+        // Independent vectors: q/k/v, gate/up and o_proj (2 query heads per kv head) stay.
+        (
+            binllm_infer::ptq::InputScales::Independent { seed: 1 },
+            "5 folded, 15 kept",
+            15,
+        ),
+    ] {
+        let run = dir.path().join(format!("run-{kept}"));
+        std::fs::create_dir_all(&run).unwrap();
+        binllm_infer::ptq::ptq_sign_model(&pretrained, scales)
+            .unwrap()
+            .write(&run.join("sign-model.safetensors"))
+            .unwrap();
+        let out = run.join("model.b1");
+        let result = binllm(&[
+            "export",
+            run.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        assert!(stdout.contains(folded), "{stdout}");
+        assert_eq!(stdout.matches("  kept: ").count(), kept, "{stdout}");
+        let inspect = binllm(&["inspect", out.to_str().unwrap(), "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+        let vectors = report["input_scale_vectors"].as_u64().unwrap();
+        assert_eq!(vectors, if kept == 0 { 0 } else { 5 * 6 }, "{report}");
+    }
+}
