@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use binllm_infer::sampling::{argmax, SplitMix64};
-use binllm_infer::{KvCache, LoadOptions, Model};
+use binllm_infer::{Kernel, KvCache, LoadOptions, Model};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,6 +17,10 @@ pub struct Args {
     /// Threads (0: every core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// 1-bit kernel (default: the fastest exact one here). `lut-i8-avx512` is faster on some
+    /// shapes but rounds activations to int8 (approximate).
+    #[arg(long)]
+    pub kernel: Option<String>,
     #[arg(long, default_value_t = 128)]
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
@@ -72,7 +76,12 @@ pub fn run(args: Args) -> Result<()> {
         &args.model,
         &LoadOptions {
             threads: args.threads,
-            kernel: None,
+            kernel: args
+                .kernel
+                .as_deref()
+                .map(str::parse::<Kernel>)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
         },
     )?;
     let vocab = model.config.vocab_size as u64;
@@ -158,7 +167,7 @@ pub fn run(args: Args) -> Result<()> {
         bpw.body, bpw.embeddings_and_head, bpw.whole_model
     );
     println!(
-        "threads          {} (1-bit kernel {})",
+        "threads          {} (each product split by rows across them; 1-bit kernel {})",
         model.threads(),
         model.kernel()
     );

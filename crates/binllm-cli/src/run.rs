@@ -10,7 +10,7 @@ use binllm_format::tokenizer::StreamDecoder;
 use binllm_format::TextTokenizer;
 use binllm_infer::generate::{generate, GenerateOptions, GenerationStats};
 use binllm_infer::sampling::SamplingParams;
-use binllm_infer::{KvCache, LoadOptions, Model};
+use binllm_infer::{Kernel, KvCache, LoadOptions, Model};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -43,6 +43,10 @@ pub struct Args {
     /// Threads (0: every core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// 1-bit kernel (default: the fastest exact one here). `lut-i8-avx512` is faster on some
+    /// shapes but rounds activations to int8 (approximate).
+    #[arg(long)]
+    pub kernel: Option<String>,
     /// Print speeds (prompt and decode tokens/s) to stderr after each reply.
     #[arg(long)]
     pub stats: bool,
@@ -53,7 +57,12 @@ pub fn run(args: Args) -> Result<()> {
         &args.model,
         &LoadOptions {
             threads: args.threads,
-            ..Default::default()
+            kernel: args
+                .kernel
+                .as_deref()
+                .map(str::parse::<Kernel>)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
         },
     )?;
     let tokenizer = packed

@@ -11,4 +11,5 @@ pub mod ptq;
 pub mod sampling;
 mod threads;
 
+pub use binllm_kernels::Kernel;
 pub use model::{KvCache, LoadOptions, Model};
