@@ -324,3 +324,20 @@ fn q8_head_round_trips_and_stays_close() {
     );
     assert!(err < 2e-2, "{err}");
 }
+
+#[test]
+fn long_prompts_run_in_chunks_with_the_same_result() {
+    let pretrained = stories();
+    let packed = ptq_sign_model(&pretrained, InputScales::None).unwrap();
+    let model = runtime(&packed, 2);
+    let vocab = model.config.vocab_size;
+    // 300 tokens: one call goes through the 256-token chunks, the other is split by hand.
+    let ids: Vec<u32> = (0..300).map(|i| (i * 7 + 3) % vocab as u32).collect();
+    let all = model.forward_all(&mut KvCache::new(&model.config), &ids).unwrap();
+    let mut cache = KvCache::new(&model.config);
+    model.forward(&mut cache, &ids[..100]).unwrap();
+    let last = model.forward(&mut cache, &ids[100..]).unwrap();
+    assert!(relative_l2(&last, &all[299 * vocab..]) < 1e-5);
+    // Out-of-vocabulary ids are refused, not read past the table.
+    assert!(model.forward(&mut cache, &[vocab as u32]).is_err());
+}
