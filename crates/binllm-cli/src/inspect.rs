@@ -7,7 +7,7 @@ use binllm_format::{LoadOptions, PretrainedModel};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face directory, a GGUF file or a llama2.c checkpoint.
+    /// A Hugging Face directory, a GGUF file, a llama2.c checkpoint or a packed 1-bit model.
     pub model: PathBuf,
     /// Tokenizer file, when it is not beside the model (llama2.c: tok*.bin or .model).
     #[arg(long)]
@@ -18,6 +18,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if binllm_format::packed::is_packed_file(&args.model) {
+        return inspect_packed(&args);
+    }
     let options = LoadOptions {
         tokenizer: args.tokenizer.clone(),
     };
@@ -106,5 +109,103 @@ pub fn run(args: Args) -> Result<()> {
     for note in &model.notes {
         println!("note           {note}");
     }
+    Ok(())
+}
+
+/// A packed 1-bit model (sign model or exported file).
+fn inspect_packed(args: &Args) -> Result<()> {
+    use binllm_format::packed::{PackedModel, Q8_STORED_AS};
+    let (model, q8) = PackedModel::read_parts(&args.model)?;
+    let c = &model.config;
+    let bpw = model.bits_per_weight();
+    let vectors = model
+        .linears
+        .values()
+        .filter(|l| l.input_scale.is_some())
+        .count();
+    let size = std::fs::metadata(&args.model)?.len();
+    let tokenizer = model.tokenizer()?;
+    let mut dense_types = std::collections::BTreeMap::new();
+    for t in model.dense.values() {
+        *dense_types.entry(t.stored_as.clone()).or_insert(0usize) += 1;
+    }
+    if args.json {
+        let report = serde_json::json!({
+            "path": args.model,
+            "format": "binllm packed 1-bit",
+            "file_bytes": size,
+            "config": c,
+            "precision": model.precision,
+            "bits_per_weight": bpw,
+            "block_linears": model.linears.len(),
+            "input_scale_vectors": vectors,
+            "dense_tensor_types": dense_types,
+            "q8_tensors": q8.keys().collect::<Vec<_>>(),
+            "provenance": model.provenance,
+            "tokenizer": tokenizer.as_ref().map(|t| serde_json::json!({
+                "kind": t.kind.label(), "vocab_size": t.vocab_size(), "bos": t.bos_id, "eos": t.eos_ids})),
+            "chat_template": model.chat_template.is_some(),
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("model          {}", args.model.display());
+    println!(
+        "format         binllm packed 1-bit ({:.2} MiB)",
+        size as f64 / (1 << 20) as f64
+    );
+    println!("architecture   {}", c.architecture);
+    println!(
+        "shape          {} layers, hidden {}, mlp {}, {} heads / {} kv heads, head dim {}",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    );
+    println!("vocabulary     {}", c.vocab_size);
+    println!(
+        "head           {}",
+        if c.tie_word_embeddings {
+            "tied to the embedding"
+        } else {
+            "separate"
+        }
+    );
+    println!("precision      {:?} vectors", model.precision);
+    println!(
+        "block linears  {} (1-bit), {vectors} with an input-scale vector",
+        model.linears.len()
+    );
+    let types: Vec<String> = dense_types
+        .iter()
+        .map(|(t, n)| format!("{n} {t}"))
+        .collect();
+    println!("dense tensors  {}", types.join(", "));
+    for name in q8.keys() {
+        println!("  {name}: {Q8_STORED_AS} (8.5 bits/weight)");
+    }
+    println!(
+        "bits/weight    body {:.4}, embeddings+head {:.3}, whole model {:.4}",
+        bpw.body, bpw.embeddings_and_head, bpw.whole_model
+    );
+    println!(
+        "provenance     {} from {}",
+        model.provenance.method, model.provenance.source_model
+    );
+    match &tokenizer {
+        Some(t) => println!(
+            "tokenizer      {}, {} tokens, bos {:?}, eos {:?}",
+            t.kind.label(),
+            t.vocab_size(),
+            t.bos_id,
+            t.eos_ids
+        ),
+        None => println!("tokenizer      none"),
+    }
+    println!(
+        "chat template  {}",
+        if model.chat_template.is_some() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
     Ok(())
 }

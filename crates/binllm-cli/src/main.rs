@@ -1,11 +1,14 @@
 //! `binllm`: turn a pretrained LLM into a true 1-bit LLM, evaluate it, export it, run it.
 
+mod bench;
+mod export;
 #[cfg(feature = "torch")]
 mod convert;
 mod eval;
 #[cfg(feature = "torch")]
 mod generate;
 mod inspect;
+mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -33,6 +36,12 @@ enum Command {
     /// Generate text from a full-precision model on libtorch (CPU or CUDA), streaming tokens.
     #[cfg(feature = "torch")]
     Generate(generate::Args),
+    /// Write the deployment file: input scales folded where exact, f16 (or q8_0 head).
+    Export(export::Args),
+    /// Run a packed 1-bit model (pure Rust): complete a prompt or chat, streaming tokens.
+    Run(run::Args),
+    /// Measure a packed model's prompt and decode tokens/s and the memory bandwidth.
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -48,6 +57,9 @@ fn main() {
         Command::Inspect(args) => inspect::run(args),
         #[cfg(feature = "torch")]
         Command::Generate(args) => generate::run(args),
+        Command::Export(args) => export::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -24,7 +24,18 @@ use crate::tensor::{HostTensor, TensorData, TensorMap};
 use crate::{ModelConfig, TextTokenizer};
 
 pub const FORMAT_NAME: &str = "binllm-packed";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added q8_0 dense tensors (`NAME.q8` + `NAME.q8_scale`) and export provenance;
+/// a version-1 file is a valid version-2 file without them, so both are read.
+pub const FORMAT_VERSION: u32 = 2;
+pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
+
+/// A dense tensor stored q8_0 is written as two tensors: `NAME` + this suffix (I8
+/// `[rows, 32 * blocks_per_row]`) and `NAME` + [`Q8_SCALE_SUFFIX`] (F16 `[rows, blocks_per_row]`).
+pub const Q8_SUFFIX: &str = ".q8";
+pub const Q8_SCALE_SUFFIX: &str = ".q8_scale";
+/// `stored_as` of a dense [`HostTensor`] that is q8_0 in its file (its data is dequantized).
+pub const Q8_STORED_AS: &str = "Q8_0";
+pub use binllm_kernels::q8::Q8_BLOCK;
 
 pub use binllm_kernels::layout::words_per_row;
 
@@ -37,24 +48,6 @@ pub fn pack_signs(values: &[f32], rows: usize, cols: usize) -> Vec<u64> {
 pub fn unpack_signs(bits: &[u64], rows: usize, cols: usize) -> Vec<f32> {
     binllm_kernels::PackedMatrix::from_parts(rows, cols, bits.to_vec(), vec![1.0; rows])
         .unpack_signs()
-}
-
-/// Whether `path` is a binllm packed model (a safetensors file with binllm's metadata).
-pub fn is_packed_file(path: &Path) -> bool {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return false;
-    };
-    use std::io::Read;
-    let mut len = [0u8; 8];
-    if file.read_exact(&mut len).is_err() {
-        return false;
-    }
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return false;
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header).is_ok() && String::from_utf8_lossy(&header).contains(FORMAT_NAME)
 }
 
 /// How scale vectors and dense tensors are stored.
@@ -152,9 +145,14 @@ impl PackedModel {
         let (mut dense_weights, mut dense_bits, mut emb_weights, mut emb_bits) =
             (0f64, 0f64, 0f64, 0f64);
         for (name, t) in &self.dense {
-            let bits = match t.data {
-                TensorData::F32(_) => 32.0,
-                _ => 16.0,
+            let bits = if t.stored_as == Q8_STORED_AS && t.shape.len() == 2 {
+                Q8Tensor::bits_per_weight(t.shape[0], t.shape[1])
+            } else {
+                match t.data {
+                    // write() stores f32 data at the model's precision.
+                    TensorData::F32(_) => vector_bits,
+                    _ => 16.0,
+                }
             } * t.numel() as f64;
             dense_weights += t.numel() as f64;
             dense_bits += bits;
@@ -231,9 +229,45 @@ impl PackedModel {
         Ok(())
     }
 
+    /// Writes the model; dense tensors marked `stored_as == "Q8_0"` (read from a q8 file) are
+    /// quantized again, which gives back the stored tensors (see [`Q8Tensor::quantize`]).
     pub fn write(&self, path: &Path) -> Result<()> {
+        let q8: Q8Tensors = self
+            .dense
+            .iter()
+            .filter(|(_, t)| t.stored_as == Q8_STORED_AS && t.shape.len() == 2)
+            .map(|(name, t)| {
+                (
+                    name.clone(),
+                    Q8Tensor::quantize(&t.to_f32_vec(), t.shape[0], t.shape[1]),
+                )
+            })
+            .collect();
+        self.write_with_q8(path, &q8)
+    }
+
+    /// Writes the model with the dense tensors named in `q8` stored as those q8_0 tensors.
+    /// Each must also be in `dense` with `stored_as == "Q8_0"` (its dequantized values), so
+    /// that the in-memory model, its bits per weight and the file agree.
+    pub fn write_with_q8(&self, path: &Path, q8: &Q8Tensors) -> Result<()> {
         self.validate()
             .context("refusing to write an inconsistent packed model")?;
+        for (name, t) in q8 {
+            let d = self.dense.get(name).with_context(|| {
+                format!("q8 tensor '{name}' is not a dense tensor of the model")
+            })?;
+            ensure!(
+                d.stored_as == Q8_STORED_AS && d.shape == [t.rows, t.cols],
+                "dense tensor '{name}' must be marked {Q8_STORED_AS} with shape [{}, {}] to be written as q8",
+                t.rows,
+                t.cols
+            );
+            ensure!(
+                t.quants.len() == t.rows * t.blocks_per_row() * Q8_BLOCK
+                    && t.scales.len() == t.rows * t.blocks_per_row(),
+                "q8 tensor '{name}' has inconsistent lengths"
+            );
+        }
         let mut blobs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let vector = |values: &[f32]| -> (safetensors::Dtype, Vec<u8>) {
             match self.precision {
@@ -270,7 +304,26 @@ impl PackedModel {
                 blobs.push((format!("{prefix}.bias"), dt, vec![l.rows], b));
             }
         }
-        for (name, t) in &self.dense {
+        for (name, t) in q8 {
+            let blocks = t.blocks_per_row();
+            blobs.push((
+                format!("{name}{Q8_SUFFIX}"),
+                safetensors::Dtype::I8,
+                vec![t.rows, blocks * Q8_BLOCK],
+                t.quants.iter().map(|&q| q as u8).collect(),
+            ));
+            blobs.push((
+                format!("{name}{Q8_SCALE_SUFFIX}"),
+                safetensors::Dtype::F16,
+                vec![t.rows, blocks],
+                t.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            ));
+        }
+        for (name, t) in self
+            .dense
+            .iter()
+            .filter(|(name, _)| !q8.contains_key(*name))
+        {
             let (dt, b) = match (&t.data, self.precision) {
                 (TensorData::F16(v), _) => (
                     safetensors::Dtype::F16,
@@ -323,16 +376,26 @@ impl PackedModel {
     }
 
     pub fn read(path: &Path) -> Result<Self> {
+        Ok(Self::read_parts(path)?.0)
+    }
+
+    /// [`PackedModel::read`], plus the q8_0 tensors exactly as stored (the runtime computes
+    /// with those; `dense` holds their dequantized values for every other consumer).
+    pub fn read_parts(path: &Path) -> Result<(Self, Q8Tensors)> {
         let file = std::fs::File::open(path)
             .with_context(|| format!("{}: cannot open packed model", path.display()))?;
         // SAFETY: read-only map, dropped before returning.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("{}: cannot map", path.display()))?;
-        Self::from_bytes(&mmap)
+        Self::from_bytes_parts(&mmap)
             .with_context(|| format!("{}: not a valid binllm packed model", path.display()))
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        Ok(Self::from_bytes_parts(bytes)?.0)
+    }
+
+    pub fn from_bytes_parts(bytes: &[u8]) -> Result<(Self, Q8Tensors)> {
         let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| anyhow!("bad safetensors header (truncated or corrupt file?): {e}"))?;
         let st = safetensors::SafeTensors::deserialize(bytes)
@@ -350,8 +413,8 @@ impl PackedModel {
             .parse()
             .context("bad binllm.version")?;
         ensure!(
-            version == FORMAT_VERSION,
-            "format version {version} is not supported (this binllm reads {FORMAT_VERSION})"
+            READABLE_VERSIONS.contains(&version),
+            "format version {version} is not supported (this binllm reads versions {READABLE_VERSIONS:?})"
         );
         let config: ModelConfig =
             serde_json::from_str(field("binllm.config")?).context("bad binllm.config")?;
@@ -415,10 +478,25 @@ impl PackedModel {
             }
         }
         let mut dense = TensorMap::new();
-        for (name, _) in names::expected_tensors(&config)
+        let mut q8 = Q8Tensors::new();
+        for (name, shape) in names::expected_tensors(&config)
             .into_iter()
             .filter(|(n, _)| !n.contains("_proj."))
         {
+            let q8_name = format!("{name}{Q8_SUFFIX}");
+            if !names_present.contains(&name) && names_present.contains(&q8_name) {
+                let t = read_q8(&st, &name, &shape)?;
+                dense.insert(
+                    name.clone(),
+                    HostTensor {
+                        shape,
+                        data: TensorData::F32(t.dequantize()),
+                        stored_as: Q8_STORED_AS.into(),
+                    },
+                );
+                q8.insert(name, t);
+                continue;
+            }
             let v = st
                 .tensor(&name)
                 .map_err(|e| anyhow!("tensor '{name}': {e}"))?;
@@ -449,7 +527,142 @@ impl PackedModel {
             precision,
         };
         model.validate()?;
-        Ok(model)
+        Ok((model, q8))
+    }
+}
+
+fn read_q8(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Q8Tensor> {
+    ensure!(
+        shape.len() == 2,
+        "tensor '{name}' is stored q8_0 but is not a matrix"
+    );
+    let (rows, cols) = (shape[0], shape[1]);
+    let blocks = cols.div_ceil(Q8_BLOCK);
+    let quants_name = format!("{name}{Q8_SUFFIX}");
+    let scales_name = format!("{name}{Q8_SCALE_SUFFIX}");
+    let quants = st
+        .tensor(&quants_name)
+        .map_err(|e| anyhow!("tensor '{quants_name}': {e}"))?;
+    let scales = st
+        .tensor(&scales_name)
+        .map_err(|e| anyhow!("tensor '{scales_name}': {e}"))?;
+    ensure!(
+        quants.dtype() == safetensors::Dtype::I8,
+        "'{quants_name}' must be I8"
+    );
+    ensure!(
+        scales.dtype() == safetensors::Dtype::F16,
+        "'{scales_name}' must be F16"
+    );
+    ensure!(
+        quants.shape() == [rows, blocks * Q8_BLOCK],
+        "'{quants_name}' has shape {:?}, expected [{rows}, {}]",
+        quants.shape(),
+        blocks * Q8_BLOCK
+    );
+    ensure!(
+        scales.shape() == [rows, blocks],
+        "'{scales_name}' has shape {:?}, expected [{rows}, {blocks}]",
+        scales.shape()
+    );
+    Ok(Q8Tensor {
+        rows,
+        cols,
+        quants: quants.data().iter().map(|&b| b as i8).collect(),
+        scales: le_values(scales.data(), f16::from_le_bytes),
+    })
+}
+
+/// Dense tensors stored q8_0, by canonical name.
+pub type Q8Tensors = BTreeMap<String, Q8Tensor>;
+
+/// A row-major `rows x cols` matrix in q8_0 (GGML's block format): each row split into blocks
+/// of 32 weights, `w = scale * q` with one f16 scale per block and `q` in -127..=127; a row's
+/// last block is padded with `q = 0`. 8.5 bits per weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q8Tensor {
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows * blocks_per_row * 32`; weight `(r, c)` is `quants[r * 32 * blocks_per_row + c]`.
+    pub quants: Vec<i8>,
+    /// `rows * blocks_per_row`; block `b` of row `r` is `scales[r * blocks_per_row + b]`.
+    pub scales: Vec<f16>,
+}
+
+impl Q8Tensor {
+    /// `scale = max|w| / 127` rounded to f16, `q = round(w / scale)`: dividing by the stored
+    /// (rounded) scale makes `dequantize` then `quantize` give back the same tensor whenever
+    /// the scales are normal f16 numbers.
+    pub fn quantize(values: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(
+            values.len(),
+            rows * cols,
+            "Q8Tensor::quantize: values.len() != rows * cols"
+        );
+        let blocks = cols.div_ceil(Q8_BLOCK);
+        let mut quants = vec![0i8; rows * blocks * Q8_BLOCK];
+        let mut scales = vec![f16::ZERO; rows * blocks];
+        for r in 0..rows {
+            for b in 0..blocks {
+                let (start, end) = (b * Q8_BLOCK, ((b + 1) * Q8_BLOCK).min(cols));
+                let block = &values[r * cols + start..r * cols + end];
+                let max_abs = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let scale = f16::from_f32(max_abs / 127.0);
+                scales[r * blocks + b] = scale;
+                let scale = scale.to_f32();
+                if scale == 0.0 {
+                    continue;
+                }
+                let out = &mut quants[(r * blocks + b) * Q8_BLOCK..];
+                for (q, v) in out.iter_mut().zip(block) {
+                    *q = (v / scale).round().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        }
+        Q8Tensor {
+            rows,
+            cols,
+            quants,
+            scales,
+        }
+    }
+
+    pub fn blocks_per_row(&self) -> usize {
+        self.cols.div_ceil(Q8_BLOCK)
+    }
+
+    /// Row `r`, dequantized into `out` (`cols` floats): the embedding lookup of a q8 table.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let blocks = self.blocks_per_row();
+        let quants = &self.quants[r * blocks * Q8_BLOCK..];
+        for (c, o) in out[..self.cols].iter_mut().enumerate() {
+            *o = self.scales[r * blocks + c / Q8_BLOCK].to_f32() * f32::from(quants[c]);
+        }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.dequantize_row(r, row);
+        }
+        out
+    }
+
+    /// The kernels' q8 matrix (same quants; scales widened to f32, exactly).
+    pub fn to_kernel_matrix(&self) -> binllm_kernels::Q8Matrix {
+        binllm_kernels::Q8Matrix {
+            rows: self.rows,
+            cols: self.cols,
+            blocks_per_row: self.blocks_per_row(),
+            quants: self.quants.clone(),
+            scales: self.scales.iter().map(|s| s.to_f32()).collect(),
+        }
+    }
+
+    /// Bits per weight as stored, block padding and scales included.
+    pub fn bits_per_weight(rows: usize, cols: usize) -> f64 {
+        let blocks = cols.div_ceil(Q8_BLOCK) as f64;
+        (rows as f64 * blocks * (Q8_BLOCK as f64 * 8.0 + 16.0)) / (rows * cols).max(1) as f64
     }
 }
 
@@ -477,4 +690,271 @@ mod tests {
             );
         }
     }
+}
+
+/// How `binllm export` stores the LM head (and with a tied head, the embedding it shares).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadFormat {
+    F16,
+    /// q8_0 ([`Q8Tensor`]): 8.5 bits per weight.
+    Q8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportOptions {
+    pub head: HeadFormat,
+    /// Of the written vectors and dense tensors: F16 for deployment; F32 keeps the folded
+    /// model exactly (tests use it to see folding alone).
+    pub precision: Precision,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            head: HeadFormat::F16,
+            precision: Precision::F16,
+        }
+    }
+}
+
+/// What folding did, one line per decision.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FoldReport {
+    pub folded: Vec<String>,
+    pub kept: Vec<String>,
+}
+
+/// An exported model: what [`PackedModel::write_with_q8`] writes.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    pub model: PackedModel,
+    pub q8: Q8Tensors,
+    pub report: FoldReport,
+}
+
+impl Exported {
+    pub fn write(&self, path: &Path) -> Result<()> {
+        self.model.write_with_q8(path, &self.q8)
+    }
+}
+
+fn bitwise_equal(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+fn scale_dense(model: &mut PackedModel, name: &str, by: &[f32]) -> Result<()> {
+    let t = model
+        .dense
+        .get_mut(name)
+        .with_context(|| format!("missing dense tensor '{name}'"))?;
+    ensure!(
+        t.numel() == by.len(),
+        "'{name}' has {} values, the input scale {}",
+        t.numel(),
+        by.len()
+    );
+    let values: Vec<f32> = t.to_f32_vec().iter().zip(by).map(|(w, s)| w * s).collect();
+    *t = HostTensor::from_f32(t.shape.clone(), values);
+    Ok(())
+}
+
+/// Folds Stage-1 input scales into neighbouring weights wherever that computes the same
+/// function (METHOD.md), deciding by value: vectors are folded only when the ones that must
+/// agree are bitwise equal. Per layer:
+///
+/// - q/k/v read the same normed input: one vector shared by all three becomes part of the
+///   attention RMSNorm weight (`w * (s * x) == (w * s) * x`). Likewise gate/up and the MLP
+///   RMSNorm.
+/// - o_proj's input is the attention output, a mix of value rows: `s[h * head_dim + d]` can
+///   move into v_proj's row scale (and bias) `g * head_dim + d` when it is the same for every
+///   query head `h` of kv head `g = h / (heads / kv_heads)`.
+/// - down_proj's input is `silu(gate) * up`: its vector always moves into up_proj's row scales.
+///
+/// The result is f32; anything that cannot fold stays as an input-scale vector.
+pub fn fold_input_scales(model: &PackedModel) -> Result<(PackedModel, FoldReport)> {
+    model.validate()?;
+    let c = model.config.clone();
+    let mut out = model.clone();
+    let mut report = FoldReport::default();
+    for layer in 0..c.num_layers {
+        let input = |m: &PackedModel, w: BlockLinear| m.linears[&(layer, w)].input_scale.clone();
+
+        for (group, norm, label) in [
+            (
+                [BlockLinear::Q, BlockLinear::K, BlockLinear::V].as_slice(),
+                names::attn_norm(layer),
+                "q/k/v",
+            ),
+            (
+                [BlockLinear::Gate, BlockLinear::Up].as_slice(),
+                names::mlp_norm(layer),
+                "gate/up",
+            ),
+        ] {
+            let vectors: Vec<Option<Vec<f32>>> = group.iter().map(|&w| input(&out, w)).collect();
+            if vectors.iter().all(Option::is_none) {
+                continue;
+            }
+            let first = vectors[0].clone();
+            let shared = match &first {
+                Some(s) => vectors
+                    .iter()
+                    .all(|v| v.as_deref().is_some_and(|v| bitwise_equal(v, s))),
+                None => false,
+            };
+            if let (true, Some(s)) = (shared, first) {
+                scale_dense(&mut out, &norm, &s)?;
+                for &w in group {
+                    out.linears
+                        .get_mut(&(layer, w))
+                        .expect("validated")
+                        .input_scale = None;
+                }
+                report
+                    .folded
+                    .push(format!("layer {layer}: {label} input scale -> {norm}"));
+            } else {
+                report.kept.push(format!(
+                    "layer {layer}: {label} input scales differ; kept as vectors"
+                ));
+            }
+        }
+
+        if let Some(s) = input(&out, BlockLinear::O) {
+            let group = c.num_heads / c.num_kv_heads;
+            let per_kv: Option<Vec<f32>> = (0..c.kv_dim())
+                .map(|i| {
+                    let (g, d) = (i / c.head_dim, i % c.head_dim);
+                    let value = s[g * group * c.head_dim + d];
+                    (0..group)
+                        .all(|k| s[(g * group + k) * c.head_dim + d].to_bits() == value.to_bits())
+                        .then_some(value)
+                })
+                .collect();
+            match per_kv {
+                Some(per_kv) => {
+                    let v = out.linears.get_mut(&(layer, BlockLinear::V)).expect("validated");
+                    v.row_scale.iter_mut().zip(&per_kv).for_each(|(r, s)| *r *= s);
+                    if let Some(b) = &mut v.bias {
+                        b.iter_mut().zip(&per_kv).for_each(|(b, s)| *b *= s);
+                    }
+                    out.linears.get_mut(&(layer, BlockLinear::O)).expect("validated").input_scale = None;
+                    report.folded.push(format!("layer {layer}: o_proj input scale -> v_proj row scales"));
+                }
+                None => report.kept.push(format!(
+                    "layer {layer}: o_proj input scale differs across the query heads of a kv head; kept as a vector"
+                )),
+            }
+        }
+
+        if let Some(s) = input(&out, BlockLinear::Down) {
+            let up = out
+                .linears
+                .get_mut(&(layer, BlockLinear::Up))
+                .expect("validated");
+            up.row_scale.iter_mut().zip(&s).for_each(|(r, s)| *r *= s);
+            out.linears
+                .get_mut(&(layer, BlockLinear::Down))
+                .expect("validated")
+                .input_scale = None;
+            report.folded.push(format!(
+                "layer {layer}: down_proj input scale -> up_proj row scales"
+            ));
+        }
+    }
+    Ok((out, report))
+}
+
+fn round_f16(values: &mut [f32]) {
+    values
+        .iter_mut()
+        .for_each(|v| *v = f16::from_f32(*v).to_f32());
+}
+
+/// `binllm export`: folds what folds exactly ([`fold_input_scales`]), then stores vectors and
+/// dense tensors at `options.precision` (rounded in memory too, so the returned model computes
+/// what the file holds) and the head as `options.head`. The fold report goes into the
+/// provenance (`details.export`).
+pub fn export(sign_model: &PackedModel, options: &ExportOptions) -> Result<Exported> {
+    let (mut model, report) = fold_input_scales(sign_model)?;
+    model.precision = options.precision;
+    if options.precision == Precision::F16 {
+        for l in model.linears.values_mut() {
+            round_f16(&mut l.row_scale);
+            l.input_scale.iter_mut().for_each(|v| round_f16(v));
+            l.bias.iter_mut().for_each(|v| round_f16(v));
+        }
+        for t in model.dense.values_mut() {
+            let values: Vec<f16> = t.to_f32_vec().into_iter().map(f16::from_f32).collect();
+            *t = HostTensor {
+                shape: t.shape.clone(),
+                data: TensorData::F16(values),
+                stored_as: "F16".into(),
+            };
+        }
+    }
+    let mut q8 = Q8Tensors::new();
+    if options.head == HeadFormat::Q8 {
+        let name = if model.config.tie_word_embeddings {
+            names::EMBED
+        } else {
+            names::LM_HEAD
+        };
+        let t = model
+            .dense
+            .get_mut(name)
+            .with_context(|| format!("missing dense tensor '{name}'"))?;
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let quantized = Q8Tensor::quantize(&t.to_f32_vec(), rows, cols);
+        *t = HostTensor {
+            shape: t.shape.clone(),
+            data: TensorData::F32(quantized.dequantize()),
+            stored_as: Q8_STORED_AS.into(),
+        };
+        q8.insert(name.to_string(), quantized);
+    }
+    let export_details = serde_json::json!({
+        "head": options.head,
+        "precision": options.precision,
+        "folded": report.folded.len(),
+        "kept": report.kept,
+        "input_scale_vectors_left": model.linears.values().filter(|l| l.input_scale.is_some()).count(),
+    });
+    match &mut model.provenance.details {
+        serde_json::Value::Object(map) => {
+            map.insert("export".into(), export_details);
+        }
+        serde_json::Value::Null => {
+            model.provenance.details = serde_json::json!({ "export": export_details })
+        }
+        other => {
+            let previous = other.take();
+            *other = serde_json::json!({ "export": export_details, "before_export": previous });
+        }
+    }
+    Ok(Exported { model, q8, report })
+}
+
+/// Whether `path` is a file whose safetensors header says it is a binllm packed model
+/// (reads the header only).
+pub fn is_packed_file(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut file) = std::fs::File::open(path) else { return false };
+    let mut len = [0u8; 8];
+    if file.read_exact(&mut len).is_err() {
+        return false;
+    }
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return false;
+    }
+    let mut header = vec![0u8; len as usize];
+    if file.read_exact(&mut header).is_err() {
+        return false;
+    }
+    serde_json::from_slice::<serde_json::Value>(&header)
+        .ok()
+        .and_then(|h| h.get("__metadata__")?.get("binllm.format")?.as_str().map(|f| f == FORMAT_NAME))
+        .unwrap_or(false)
 }

@@ -1,7 +1,15 @@
 //! binllm-infer: the pure-Rust runtime. It owns the LLaMA-family forward pass on packed
-//! 1-bit weights (no libtorch), its KV cache, token sampling and the chat loop.
+//! 1-bit weights (no libtorch), its KV cache and threads, generation with token sampling and
+//! the chat loop's prompt handling, and the PTQ sign model used by tests and benchmarks.
 //!
 //! The sampler here is also used by the libtorch engine, so both engines pick tokens the
 //! same way.
 
+pub mod generate;
+pub mod model;
+pub mod ptq;
 pub mod sampling;
+mod threads;
+
+pub use binllm_kernels::Kernel;
+pub use model::{KvCache, LoadOptions, Model};

@@ -1,0 +1,118 @@
+//! `binllm export SIGN_MODEL_OR_RUN_DIR --out model.b1`: the deployment file. Folds the
+//! Stage-1 input scales where that is exact, stores vectors and dense tensors in f16 and the
+//! head in f16 or q8_0, and reports bits per weight and the file size.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use binllm_format::packed::{
+    export, is_packed_file, ExportOptions, HeadFormat, PackedModel, Precision,
+};
+use binllm_format::{LoadOptions, PretrainedModel};
+use binllm_infer::ptq::{ptq_sign_model, InputScales};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A sign model (`binllm convert` output) or a run directory holding
+    /// `sign-model.safetensors`; with --ptq, a pretrained model (HF directory, GGUF, llama2.c).
+    pub input: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// LM head (and, when tied, embedding) storage: f16 or q8 (q8_0, 8.5 bits per weight).
+    #[arg(long, default_value = "f16")]
+    pub head: String,
+    /// Vectors and dense tensors: f16 (deployment) or f32 (exact folded model).
+    #[arg(long, default_value = "f16")]
+    pub precision: String,
+    /// Binarize a pretrained model by PTQ first (sign(W), mean|W| row scales, no training):
+    /// poor quality, but the exact size and speed of a converted model.
+    #[arg(long)]
+    pub ptq: bool,
+    /// Tokenizer file for --ptq, when it is not beside the model (llama2.c).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+fn sign_model_path(input: &Path) -> PathBuf {
+    if input.is_dir() {
+        input.join("sign-model.safetensors")
+    } else {
+        input.to_path_buf()
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let head = match args.head.as_str() {
+        "f16" => HeadFormat::F16,
+        "q8" | "q8_0" => HeadFormat::Q8,
+        other => bail!("unknown --head '{other}' (expected f16 or q8)"),
+    };
+    let precision = match args.precision.as_str() {
+        "f16" => Precision::F16,
+        "f32" => Precision::F32,
+        other => bail!("unknown --precision '{other}' (expected f16 or f32)"),
+    };
+    let sign = if args.ptq {
+        let pretrained = PretrainedModel::load(
+            &args.input,
+            &LoadOptions {
+                tokenizer: args.tokenizer.clone(),
+            },
+        )?;
+        ptq_sign_model(&pretrained, InputScales::None)?
+    } else {
+        let path = sign_model_path(&args.input);
+        if !is_packed_file(&path) {
+            bail!(
+                "{}: not a binllm sign model (a packed safetensors file; for a pretrained model add --ptq)",
+                path.display()
+            );
+        }
+        PackedModel::read(&path)?
+    };
+    let exported = export(&sign, &ExportOptions { head, precision })?;
+    exported
+        .write(&args.out)
+        .with_context(|| format!("{}: cannot write the exported model", args.out.display()))?;
+
+    let r = &exported.report;
+    println!(
+        "exported {} -> {}",
+        args.input.display(),
+        args.out.display()
+    );
+    println!(
+        "input scales   {} folded, {} kept as {} vectors",
+        r.folded.len(),
+        r.kept.len(),
+        precision_label(precision)
+    );
+    for line in &r.kept {
+        println!("  kept: {line}");
+    }
+    let bpw = exported.model.bits_per_weight();
+    println!(
+        "bits/weight    body {:.4}, embeddings+head {:.3}, whole model {:.4}",
+        bpw.body, bpw.embeddings_and_head, bpw.whole_model
+    );
+    println!(
+        "head           {}",
+        match head {
+            HeadFormat::F16 => "f16",
+            HeadFormat::Q8 => "q8_0",
+        }
+    );
+    let size = std::fs::metadata(&args.out)?.len();
+    println!(
+        "file size      {size} bytes ({:.2} MiB)",
+        size as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+fn precision_label(p: Precision) -> &'static str {
+    match p {
+        Precision::F16 => "f16",
+        Precision::F32 => "f32",
+    }
+}

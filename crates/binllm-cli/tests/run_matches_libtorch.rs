@@ -1,0 +1,227 @@
+//! The packed runtime (binllm-infer, pure Rust) against the libtorch engine on the same
+//! weights: `sign_model::llama_from_packed` builds a libtorch model whose block linears are
+//! the dense `row_scale * B * input_scale` of each packed linear, so both must compute the
+//! same function. On stories260K, a PTQ sign model with input scales on every linear, as the
+//! f32 sign model and as the exported f16 file read back; and on tiny synthetic Qwen2 (q/k/v
+//! bias, untied head) and Qwen3 (q/k RMSNorm, head_dim 64, Llama 3 RoPE scaling) models.
+#![cfg(feature = "torch")]
+
+use std::path::Path;
+
+use binllm_format::packed::{export, ExportOptions, PackedModel, Q8Tensors};
+use binllm_format::{LoadOptions as SourceOptions, PretrainedModel};
+use binllm_infer::generate::{generate, GenerateOptions};
+use binllm_infer::ptq::{ptq_sign_model, InputScales};
+use binllm_infer::sampling::SamplingParams;
+use binllm_infer::{KvCache, LoadOptions, Model};
+use tch::{Device, Kind, Tensor};
+
+const PROMPTS: [&str; 3] = [
+    "Once upon a time, there was a little girl named Lily.",
+    "The sun was shining and the birds were singing",
+    "Tom and his dog went to the park. They",
+];
+
+fn stories() -> PretrainedModel {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K");
+    PretrainedModel::load(
+        &dir.join("stories260K.bin"),
+        &SourceOptions {
+            tokenizer: Some(dir.join("tok512.bin")),
+        },
+    )
+    .expect("stories260K must sit in ../shared/models beside the repository")
+}
+
+fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+fn compare(packed: &PackedModel, q8: &Q8Tensors, label: &str) {
+    let tokenizer = packed.tokenizer().unwrap().unwrap();
+    let prompts: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| tokenizer.encode(p, true).unwrap())
+        .collect();
+    compare_ids(packed, q8, label, &prompts, 1e-3);
+}
+
+fn compare_ids(
+    packed: &PackedModel,
+    q8: &Q8Tensors,
+    label: &str,
+    prompts: &[Vec<u32>],
+    tolerance: f64,
+) {
+    let runtime = Model::new(
+        packed,
+        q8,
+        &LoadOptions {
+            threads: 2,
+            kernel: None,
+        },
+    )
+    .unwrap();
+    let reference =
+        binllm_train::sign_model::llama_from_packed(packed, Device::Cpu, Kind::Float).unwrap();
+    let options = GenerateOptions {
+        max_tokens: 40,
+        sampling: SamplingParams::default(),
+        stop_tokens: vec![],
+    };
+    for ids in prompts {
+        let prompt = format!("{:?}", &ids[..ids.len().min(6)]);
+        let ids = ids.clone();
+        let ours = runtime
+            .forward_all(&mut KvCache::new(&runtime.config), &ids)
+            .unwrap();
+        let input =
+            Tensor::from_slice(&ids.iter().map(|&i| i as i64).collect::<Vec<_>>()).unsqueeze(0);
+        let theirs = tch::no_grad(|| reference.forward(&input, None));
+        let theirs = Vec::<f32>::try_from(theirs.flatten(0, -1)).unwrap();
+        let err = relative_l2(&ours, &theirs);
+        eprintln!("{label}: '{prompt}': logits relative L2 {err:.2e}");
+        assert!(
+            err <= tolerance,
+            "{label}: '{prompt}': logits differ by {err}"
+        );
+
+        let mut ours = Vec::new();
+        generate(
+            &runtime,
+            &mut KvCache::new(&runtime.config),
+            &ids,
+            &options,
+            |id| {
+                ours.push(id);
+                Ok(true)
+            },
+        )
+        .unwrap();
+        let mut theirs = Vec::new();
+        let train_options = binllm_train::generate::GenerateOptions {
+            max_tokens: options.max_tokens,
+            sampling: options.sampling.clone(),
+            stop_tokens: vec![],
+        };
+        binllm_train::generate::generate(&reference, &ids, &train_options, |id| {
+            theirs.push(id);
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(ours.len(), options.max_tokens);
+        assert_eq!(
+            ours, theirs,
+            "{label}: greedy generation differs after '{prompt}'"
+        );
+    }
+}
+
+#[test]
+fn sign_model_matches_libtorch() {
+    let sign = ptq_sign_model(&stories(), InputScales::Independent { seed: 7 }).unwrap();
+    compare(&sign, &Q8Tensors::new(), "f32 sign model");
+}
+
+#[test]
+fn exported_file_matches_libtorch() {
+    let sign = ptq_sign_model(&stories(), InputScales::Foldable { seed: 9 }).unwrap();
+    let exported = export(&sign, &ExportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.b1");
+    exported.write(&path).unwrap();
+    let (read, q8) = PackedModel::read_parts(&path).unwrap();
+    compare(&read, &q8, "exported f16 file");
+}
+
+fn synthetic(config: binllm_format::ModelConfig) -> PretrainedModel {
+    PretrainedModel {
+        tensors: binllm_format::synthetic::synthetic_tensors(&config),
+        config,
+        tokenizer: None,
+        chat_template: None,
+        format: binllm_format::SourceFormat::HuggingFace,
+        path: "<synthetic>".into(),
+        notes: vec![],
+    }
+}
+
+fn tiny_config(architecture: binllm_format::Architecture) -> binllm_format::ModelConfig {
+    binllm_format::ModelConfig {
+        architecture,
+        vocab_size: 300,
+        hidden_size: 128,
+        intermediate_size: 192,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 512,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        qk_norm: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    }
+}
+
+#[test]
+fn qwen_variants_match_libtorch() {
+    let prompts: Vec<Vec<u32>> = vec![
+        (3..40).collect(),
+        vec![1, 17, 250, 4, 99, 123, 7],
+        (0..90).map(|i| (i * 37 % 300) as u32).collect(),
+    ];
+    let qwen2 = binllm_format::ModelConfig {
+        attention_bias: true,
+        ..tiny_config(binllm_format::Architecture::Qwen2)
+    };
+    let qwen3 = binllm_format::ModelConfig {
+        qk_norm: true,
+        tie_word_embeddings: true,
+        rope_scaling: Some(binllm_format::RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        }),
+        ..tiny_config(binllm_format::Architecture::Qwen3)
+    };
+    for (name, config) in [("qwen2", qwen2), ("qwen3", qwen3)] {
+        let sign =
+            ptq_sign_model(&synthetic(config), InputScales::Independent { seed: 2 }).unwrap();
+        compare_ids(
+            &sign,
+            &Q8Tensors::new(),
+            &format!("{name} sign model"),
+            &prompts,
+            1e-3,
+        );
+        let exported = export(
+            &sign,
+            &ExportOptions {
+                head: binllm_format::packed::HeadFormat::Q8,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.b1");
+        exported.write(&path).unwrap();
+        let (read, q8) = PackedModel::read_parts(&path).unwrap();
+        assert_eq!(q8.len(), 1, "{name}: the head is stored q8_0");
+        compare_ids(
+            &read,
+            &q8,
+            &format!("{name} exported, q8 head"),
+            &prompts,
+            1e-3,
+        );
+    }
+}

@@ -1,0 +1,870 @@
+//! The LLaMA-family decoder on a packed 1-bit model, readable top to bottom (llama2.c style):
+//! embedding lookup, then per layer RMSNorm -> attention (q/k/v, optional bias and q/k
+//! RMSNorm, RoPE in the rotate-half layout, GQA over the KV cache) -> residual, RMSNorm ->
+//! SwiGLU MLP -> residual; final RMSNorm and the LM head.
+//!
+//! It computes exactly what `binllm_train::model::Llama` computes for the same weights (the
+//! libtorch engine, `sign_model::llama_from_packed`), in f32. Block linears are 1-bit
+//! ([`PreparedMatrix`], `y = row_scale * (B (input_scale * x)) + bias`); a prompt goes through
+//! them as one GEMM, a decoded token as a GEMV. Every matrix is split by rows into one part
+//! per member of the thread [`Team`]; member `i` computes part `i` of each product.
+
+use anyhow::{bail, ensure, Context, Result};
+use binllm_format::names::{self, BlockLinear};
+use binllm_format::packed::{PackedLinear, PackedModel, Q8Tensors};
+use binllm_format::{ModelConfig, TensorData};
+use binllm_kernels::{DenseKernel, Kernel, PackedMatrix, PreparedMatrix, Q8Matrix};
+use half::f16;
+
+use crate::threads::{split_rows, SharedOut, Team};
+
+/// How to prepare a model for running.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Threads (0: every core).
+    pub threads: usize,
+    /// 1-bit kernel (default: [`Kernel::best`]).
+    pub kernel: Option<Kernel>,
+}
+
+/// Rows per kernel block: parts split on multiples of this never cut a LUT tile.
+const ROW_ALIGN: usize = 32;
+
+/// One binarized linear layer ready for products, split by rows into one part per team member.
+pub struct Linear {
+    rows: usize,
+    cols: usize,
+    parts: Vec<(std::ops::Range<usize>, Option<PreparedMatrix>)>,
+    input_scale: Option<Vec<f32>>,
+    bias: Option<Vec<f32>>,
+    packed_bytes: usize,
+}
+
+impl Linear {
+    fn new(l: &PackedLinear, kernel: Kernel, parts: usize) -> Self {
+        let wpr = binllm_format::packed::words_per_row(l.cols);
+        let parts: Vec<_> = split_rows(l.rows, parts, ROW_ALIGN)
+            .into_iter()
+            .map(|range| {
+                let matrix = (!range.is_empty()).then(|| {
+                    let bits = l.sign_bits[range.start * wpr..range.end * wpr].to_vec();
+                    let scales = l.row_scale[range.clone()].to_vec();
+                    PreparedMatrix::new(
+                        PackedMatrix::from_parts(range.len(), l.cols, bits, scales),
+                        kernel,
+                    )
+                });
+                (range, matrix)
+            })
+            .collect();
+        Linear {
+            rows: l.rows,
+            cols: l.cols,
+            packed_bytes: parts
+                .iter()
+                .filter_map(|(_, m)| m.as_ref())
+                .map(|m| m.packed_bytes())
+                .sum(),
+            parts,
+            input_scale: l.input_scale.clone(),
+            bias: l.bias.clone(),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `xs` times the input scale (a copy only when there is one), before the team starts.
+    fn scaled_input<'a>(&self, xs: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match &self.input_scale {
+            Some(s) => xs
+                .chunks_exact(s.len())
+                .flat_map(|x| x.iter().zip(s).map(|(x, s)| x * s))
+                .collect(),
+            None => xs.into(),
+        }
+    }
+
+    /// Member `member`'s rows of `ys[t] = row_scale * (B xs[t]) + bias` for the `n` rows of
+    /// `xs` (already input-scaled); `ys` is `n x rows`.
+    fn forward_part(&self, member: usize, xs: &[f32], n: usize, ys: &SharedOut) {
+        let Some((range, Some(matrix))) = self.parts.get(member) else {
+            return;
+        };
+        let part_rows = range.len();
+        if n == 1 {
+            // One token: this member's rows are contiguous in `ys`.
+            // SAFETY: member parts are disjoint row ranges.
+            let y = unsafe { ys.slice(range.start, part_rows) };
+            matrix.gemv(xs, y, 1);
+            if let Some(b) = &self.bias {
+                y.iter_mut()
+                    .zip(&b[range.clone()])
+                    .for_each(|(y, b)| *y += b);
+            }
+            return;
+        }
+        let mut local = vec![0f32; n * part_rows];
+        matrix.gemm(xs, n, &mut local, 1);
+        if let Some(b) = &self.bias {
+            for y in local.chunks_exact_mut(part_rows) {
+                y.iter_mut()
+                    .zip(&b[range.clone()])
+                    .for_each(|(y, b)| *y += b);
+            }
+        }
+        for (t, y) in local.chunks_exact(part_rows).enumerate() {
+            // SAFETY: member parts are disjoint row ranges of each output row.
+            unsafe { ys.slice(t * self.rows + range.start, part_rows) }.copy_from_slice(y);
+        }
+    }
+}
+
+/// A floating-point matrix, the embedding table and the LM head, split by rows like [`Linear`].
+pub struct DenseMatrix {
+    rows: usize,
+    cols: usize,
+    parts: Vec<std::ops::Range<usize>>,
+    data: DenseData,
+}
+
+enum DenseData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    /// One q8 matrix per part.
+    Q8(Vec<Q8Matrix>),
+}
+
+impl DenseMatrix {
+    fn from_tensor(packed: &PackedModel, q8: &Q8Tensors, name: &str, parts: usize) -> Result<Self> {
+        let t = packed
+            .dense
+            .get(name)
+            .with_context(|| format!("packed model lacks '{name}'"))?;
+        ensure!(t.shape.len() == 2, "'{name}' is not a matrix");
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let parts = split_rows(rows, parts, ROW_ALIGN);
+        let data = if let Some(q) = q8.get(name) {
+            let m = q.to_kernel_matrix();
+            let per_row = m.blocks_per_row;
+            DenseData::Q8(
+                parts
+                    .iter()
+                    .map(|r| Q8Matrix {
+                        rows: r.len(),
+                        cols,
+                        blocks_per_row: per_row,
+                        quants: m.quants[r.start * per_row * 32..r.end * per_row * 32].to_vec(),
+                        scales: m.scales[r.start * per_row..r.end * per_row].to_vec(),
+                    })
+                    .collect(),
+            )
+        } else {
+            match &t.data {
+                TensorData::F16(w) => DenseData::F16(w.clone()),
+                _ => DenseData::F32(t.to_f32_vec()),
+            }
+        };
+        Ok(DenseMatrix {
+            rows,
+            cols,
+            parts,
+            data,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self.data {
+            DenseData::F32(_) => "f32",
+            DenseData::F16(_) => "f16",
+            DenseData::Q8(_) => "q8_0",
+        }
+    }
+
+    /// Bytes read by one product.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            DenseData::F32(w) => 4 * w.len(),
+            DenseData::F16(w) => 2 * w.len(),
+            DenseData::Q8(parts) => parts.iter().map(|m| m.bytes()).sum(),
+        }
+    }
+
+    /// Row `r` as f32 (the embedding lookup).
+    fn row(&self, r: usize, out: &mut [f32]) {
+        let cols = self.cols;
+        match &self.data {
+            DenseData::F32(w) => out.copy_from_slice(&w[r * cols..(r + 1) * cols]),
+            DenseData::F16(w) => {
+                for (o, v) in out.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
+                    *o = v.to_f32();
+                }
+            }
+            DenseData::Q8(parts) => {
+                let p = self
+                    .parts
+                    .iter()
+                    .position(|range| range.contains(&r))
+                    .expect("row in range");
+                let (m, r) = (&parts[p], r - self.parts[p].start);
+                let quants = &m.quants[r * m.blocks_per_row * 32..];
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o = m.scales[r * m.blocks_per_row + c / 32] * f32::from(quants[c]);
+                }
+            }
+        }
+    }
+
+    /// Member `member`'s rows of `y = W x`.
+    fn gemv_part(&self, member: usize, x: &[f32], y: &SharedOut) {
+        let Some(range) = self.parts.get(member).filter(|r| !r.is_empty()) else {
+            return;
+        };
+        // SAFETY: member parts are disjoint row ranges.
+        let out = unsafe { y.slice(range.start, range.len()) };
+        let (rows, cols) = (range.len(), self.cols);
+        match &self.data {
+            DenseData::F32(w) => binllm_kernels::gemv_f32(
+                &w[range.start * cols..range.end * cols],
+                rows,
+                cols,
+                x,
+                out,
+                1,
+            ),
+            DenseData::F16(w) => binllm_kernels::gemv_f16(
+                &w[range.start * cols..range.end * cols],
+                rows,
+                cols,
+                x,
+                out,
+                1,
+            ),
+            // AVX2's q8 path streamed faster than AVX-512's on Zen 4 in gemv_bench.
+            DenseData::Q8(parts) => {
+                binllm_kernels::gemv_q8_with(q8_kernel(), &parts[member], x, out, 1)
+            }
+        }
+    }
+}
+
+fn q8_kernel() -> DenseKernel {
+    if DenseKernel::Avx2.is_available() {
+        DenseKernel::Avx2
+    } else {
+        DenseKernel::best()
+    }
+}
+
+pub struct Layer {
+    attn_norm: Vec<f32>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: Vec<f32>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// The packed model, ready to run.
+pub struct Model {
+    pub config: ModelConfig,
+    embed: DenseMatrix,
+    /// None: tied to the embedding.
+    head: Option<DenseMatrix>,
+    final_norm: Vec<f32>,
+    layers: Vec<Layer>,
+    /// RoPE inverse frequencies as the libtorch engine uses them (f32).
+    inv_freq: Vec<f32>,
+    team: Team,
+    kernel: Kernel,
+}
+
+/// Keys and values of every layer for the positions seen so far, and the tokens they came
+/// from (so a new prompt can reuse the longest common prefix).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    kv_dim: usize,
+    tokens: Vec<u32>,
+}
+
+impl KvCache {
+    pub fn new(config: &ModelConfig) -> Self {
+        KvCache {
+            keys: vec![Vec::new(); config.num_layers],
+            values: vec![Vec::new(); config.num_layers],
+            kv_dim: config.kv_dim(),
+            tokens: Vec::new(),
+        }
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        let len = len.min(self.tokens.len());
+        self.tokens.truncate(len);
+        for (k, v) in self.keys.iter_mut().zip(&mut self.values) {
+            k.truncate(len * self.kv_dim);
+            v.truncate(len * self.kv_dim);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+}
+
+fn dense_f32(packed: &PackedModel, name: &str) -> Result<Vec<f32>> {
+    Ok(packed
+        .dense
+        .get(name)
+        .with_context(|| format!("packed model lacks '{name}'"))?
+        .to_f32_vec())
+}
+
+impl Model {
+    /// Builds the runtime model from a packed model (and the q8 tensors read with it).
+    pub fn new(packed: &PackedModel, q8: &Q8Tensors, options: &LoadOptions) -> Result<Self> {
+        packed.validate()?;
+        let config = packed.config.clone();
+        let kernel = options.kernel.unwrap_or_else(Kernel::best);
+        if !kernel.is_available() {
+            bail!("kernel {kernel} is not available on this CPU");
+        }
+        let team = Team::new(options.threads)?;
+        // One part per member for the block linears (a LUT GEMV builds its tables once per
+        // part); finer parts for the head, the largest product, so that a member the OS
+        // descheduled holds up little of it.
+        let parts = team.size();
+        let head_parts = if parts > 1 { 8 * parts } else { 1 };
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for layer in 0..config.num_layers {
+            let linear = |which: BlockLinear| -> Result<Linear> {
+                let l = packed
+                    .linears
+                    .get(&(layer, which))
+                    .with_context(|| format!("layer {layer} lacks {}", which.module()))?;
+                Ok(Linear::new(l, kernel, parts))
+            };
+            layers.push(Layer {
+                attn_norm: dense_f32(packed, &names::attn_norm(layer))?,
+                q_norm: config
+                    .qk_norm
+                    .then(|| dense_f32(packed, &names::q_norm(layer)))
+                    .transpose()?,
+                k_norm: config
+                    .qk_norm
+                    .then(|| dense_f32(packed, &names::k_norm(layer)))
+                    .transpose()?,
+                q: linear(BlockLinear::Q)?,
+                k: linear(BlockLinear::K)?,
+                v: linear(BlockLinear::V)?,
+                o: linear(BlockLinear::O)?,
+                mlp_norm: dense_f32(packed, &names::mlp_norm(layer))?,
+                gate: linear(BlockLinear::Gate)?,
+                up: linear(BlockLinear::Up)?,
+                down: linear(BlockLinear::Down)?,
+            });
+        }
+        let head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(DenseMatrix::from_tensor(
+                packed,
+                q8,
+                names::LM_HEAD,
+                head_parts,
+            )?)
+        };
+        Ok(Model {
+            embed: DenseMatrix::from_tensor(packed, q8, names::EMBED, head_parts)?,
+            head,
+            final_norm: dense_f32(packed, names::FINAL_NORM)?,
+            layers,
+            inv_freq: config.rope_inv_freq().iter().map(|&f| f as f32).collect(),
+            team,
+            kernel,
+            config,
+        })
+    }
+
+    /// Reads a packed file and builds the model.
+    pub fn load(path: &std::path::Path, options: &LoadOptions) -> Result<(Self, PackedModel)> {
+        let (packed, q8) = PackedModel::read_parts(path)?;
+        let model = Self::new(&packed, &q8, options)
+            .with_context(|| format!("{}: cannot prepare the model", path.display()))?;
+        Ok((model, packed))
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    pub fn threads(&self) -> usize {
+        self.team.size()
+    }
+
+    pub fn head(&self) -> &DenseMatrix {
+        self.head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Bytes of weights streamed per decoded token: sign bits, vectors (f32 in memory), head.
+    pub fn bytes_per_token(&self) -> usize {
+        let linears: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .map(|l| l.packed_bytes + 4 * (l.rows + l.input_scale.as_ref().map_or(0, Vec::len)))
+            .sum();
+        linears + self.head().bytes()
+    }
+
+    /// Logits of the last of `tokens`, which continue the cached positions (and are cached).
+    pub fn forward(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward_chunks(cache, tokens, false)
+    }
+
+    /// Logits of every one of `tokens` (`tokens.len() x vocab`, row-major): for tests.
+    pub fn forward_all(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward_chunks(cache, tokens, true)
+    }
+
+    fn forward_chunks(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        ensure!(!tokens.is_empty(), "no tokens to process");
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the vocabulary ({vocab})");
+        }
+        ensure!(
+            cache.kv_dim == self.config.kv_dim() && cache.keys.len() == self.layers.len(),
+            "the KV cache belongs to another model"
+        );
+        // Long prompts in chunks, to bound the activations held at once.
+        const CHUNK: usize = 256;
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(CHUNK) {
+            let out = self.forward_chunk(cache, chunk, all_logits);
+            if all_logits {
+                logits.extend_from_slice(&out);
+            } else {
+                logits = out;
+            }
+        }
+        Ok(logits)
+    }
+
+    /// The forward pass for `n` new tokens at positions `cache.len()..`. Products and
+    /// attention run on the team (each member its rows / heads); the small element-wise steps
+    /// run on the calling thread between them.
+    fn forward_chunk(&self, cache: &mut KvCache, tokens: &[u32], all_logits: bool) -> Vec<f32> {
+        let c = &self.config;
+        let (n, h, inter) = (tokens.len(), c.hidden_size, c.intermediate_size);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let eps = c.rms_norm_eps as f32;
+        let start = cache.len();
+        let team = &self.team;
+
+        // Embedding lookup.
+        let mut x = vec![0f32; n * h];
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            self.embed.row(t as usize, row);
+        }
+        let mut xn = vec![0f32; n * h];
+        let (mut q, mut k, mut v) = (
+            vec![0f32; n * q_dim],
+            vec![0f32; n * kv_dim],
+            vec![0f32; n * kv_dim],
+        );
+        let mut attn = vec![0f32; n * q_dim];
+        let mut out = vec![0f32; n * h];
+        let (mut gate, mut up) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+        let rope: Vec<(Vec<f32>, Vec<f32>)> =
+            (start..start + n).map(|p| self.rope_angles(p)).collect();
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention: q, k, v projections.
+            rms_norm(&x, &layer.attn_norm, eps, &mut xn);
+            let (qx, kx, vx) = (
+                layer.q.scaled_input(&xn),
+                layer.k.scaled_input(&xn),
+                layer.v.scaled_input(&xn),
+            );
+            {
+                let (qo, ko, vo) = (
+                    SharedOut::new(&mut q),
+                    SharedOut::new(&mut k),
+                    SharedOut::new(&mut v),
+                );
+                team.run(team.size(), &|m| {
+                    layer.q.forward_part(m, &qx, n, &qo);
+                    layer.k.forward_part(m, &kx, n, &ko);
+                    layer.v.forward_part(m, &vx, n, &vo);
+                });
+            }
+            // q/k RMSNorm per head (Qwen3), then RoPE; keys and values into the cache.
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                rms_norm(&q.clone(), qn, eps, &mut q);
+                rms_norm(&k.clone(), kn, eps, &mut k);
+            }
+            for (t, (cos, sin)) in rope.iter().enumerate() {
+                rotate_half(&mut q[t * q_dim..(t + 1) * q_dim], cos, sin);
+                rotate_half(&mut k[t * kv_dim..(t + 1) * kv_dim], cos, sin);
+            }
+            cache.keys[l].extend_from_slice(&k);
+            cache.values[l].extend_from_slice(&v);
+            attention(
+                c,
+                team,
+                &q,
+                &cache.keys[l],
+                &cache.values[l],
+                start,
+                &mut attn,
+            );
+            // Output projection and residual.
+            let ox = layer.o.scaled_input(&attn);
+            {
+                let oo = SharedOut::new(&mut out);
+                team.run(team.size(), &|m| layer.o.forward_part(m, &ox, n, &oo));
+            }
+            x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+
+            // SwiGLU MLP: each member gates its own rows of gate and up.
+            rms_norm(&x, &layer.mlp_norm, eps, &mut xn);
+            let (gx, ux) = (layer.gate.scaled_input(&xn), layer.up.scaled_input(&xn));
+            {
+                let (go, uo) = (SharedOut::new(&mut gate), SharedOut::new(&mut up));
+                team.run(team.size(), &|m| {
+                    layer.gate.forward_part(m, &gx, n, &go);
+                    layer.up.forward_part(m, &ux, n, &uo);
+                    if let Some((range, _)) = layer.gate.parts.get(m) {
+                        for t in 0..n {
+                            // SAFETY: this member's rows only.
+                            let (g, u) = unsafe {
+                                (
+                                    go.slice(t * inter + range.start, range.len()),
+                                    uo.slice(t * inter + range.start, range.len()),
+                                )
+                            };
+                            g.iter_mut()
+                                .zip(u.iter())
+                                .for_each(|(g, u)| *g = silu(*g) * u);
+                        }
+                    }
+                });
+            }
+            let dx = layer.down.scaled_input(&gate);
+            {
+                let oo = SharedOut::new(&mut out);
+                team.run(team.size(), &|m| layer.down.forward_part(m, &dx, n, &oo));
+            }
+            x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+        }
+        cache.tokens.extend_from_slice(tokens);
+
+        // Final norm and LM head (only the last position unless every one is asked for).
+        let rows = if all_logits { 0..n } else { n - 1..n };
+        let head = self.head();
+        let vocab = c.vocab_size;
+        let mut logits = vec![0f32; rows.len() * vocab];
+        let mut normed = vec![0f32; h];
+        for (t, out) in rows.zip(logits.chunks_exact_mut(vocab)) {
+            rms_norm(&x[t * h..(t + 1) * h], &self.final_norm, eps, &mut normed);
+            let lo = SharedOut::new(out);
+            team.run(head.parts.len(), &|m| head.gemv_part(m, &normed, &lo));
+        }
+        logits
+    }
+
+    /// cos and sin of `position * inv_freq` in f32, as the libtorch engine computes the
+    /// RoPE angles (the same for every layer, so once per position).
+    fn rope_angles(&self, position: usize) -> (Vec<f32>, Vec<f32>) {
+        self.inv_freq
+            .iter()
+            .map(|&f| (position as f32 * f).sin_cos())
+            .map(|(s, c)| (c, s))
+            .unzip()
+    }
+}
+
+/// Rotary embedding in the rotate-half layout: in each head, the pair (i, i + head_dim/2)
+/// turns by angle i.
+fn rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for head in x.chunks_exact_mut(2 * half) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x1, x2) = (a[i], b[i]);
+            a[i] = x1 * cos[i] - x2 * sin[i];
+            b[i] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * weight`, row by row (rows of `weight.len()`).
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (x, out) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean_square = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean_square + eps).sqrt();
+        for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+            *o = w * (v * inv);
+        }
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Causal multi-head attention of `n` new queries (positions `start..start + n`) over the
+/// cached keys and values (positions `0..start + n`); query head `h` reads kv head
+/// `h / (heads / kv_heads)`. Softmax of `q.k / sqrt(head_dim)`, as scaled_dot_product_attention.
+/// Part `p` of the team's job takes every `parts`-th (token, head) pair.
+fn attention(
+    c: &ModelConfig,
+    team: &Team,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    start: usize,
+    out: &mut [f32],
+) {
+    let (heads, hd, kv_dim) = (c.num_heads, c.head_dim, c.kv_dim());
+    let group = c.num_heads / c.num_kv_heads;
+    let items = out.len() / hd;
+    let parts = team.size().min(items);
+    let shared = SharedOut::new(out);
+    team.run(parts, &|part| {
+        for index in (part..items).step_by(parts) {
+            let (t, h) = (index / heads, index % heads);
+            let query = &q[t * heads * hd + h * hd..][..hd];
+            // SAFETY: each (token, head) item belongs to exactly one part.
+            let out = unsafe { shared.slice(index * hd, hd) };
+            attend(
+                query,
+                keys,
+                values,
+                kv_dim,
+                (h / group) * hd,
+                start + t + 1,
+                out,
+            );
+        }
+    });
+}
+
+/// One query head over `visible` cached positions (keys and values strided by `kv_dim`,
+/// starting at `kv_offset`), into `out` (`head_dim` floats).
+fn attend(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    kv_dim: usize,
+    kv_offset: usize,
+    visible: usize,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { attend_avx512(query, keys, values, kv_dim, kv_offset, visible, out) };
+    }
+    attend_generic(query, keys, values, kv_dim, kv_offset, visible, out)
+}
+
+/// [`attend_generic`] with AVX-512 dot products and updates for head dims that are whole
+/// multiples of 16 (64 and 128 in practice).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn attend_avx512(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    kv_dim: usize,
+    kv_offset: usize,
+    visible: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let hd = query.len();
+    if hd % 16 != 0 || hd > 256 {
+        return attend_generic(query, keys, values, kv_dim, kv_offset, visible, out);
+    }
+    assert!(
+        keys.len() >= (visible - 1) * kv_dim + kv_offset + hd
+            && values.len() >= (visible - 1) * kv_dim + kv_offset + hd
+    );
+    assert!(out.len() == hd);
+    let chunks = hd / 16;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut q = [_mm512_setzero_ps(); 16];
+    for (i, q) in q.iter_mut().enumerate().take(chunks) {
+        // SAFETY: i * 16 + 16 <= hd = query.len().
+        *q = unsafe { _mm512_loadu_ps(query.as_ptr().add(i * 16)) };
+    }
+    let mut scores = Vec::with_capacity(visible);
+    let mut max = f32::NEG_INFINITY;
+    for p in 0..visible {
+        // SAFETY: in bounds by the assertion above.
+        let key = unsafe { keys.as_ptr().add(p * kv_dim + kv_offset) };
+        let mut acc = _mm512_setzero_ps();
+        for (i, q) in q.iter().enumerate().take(chunks) {
+            acc = _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(key.add(i * 16)) }, acc);
+        }
+        let s = _mm512_reduce_add_ps(acc) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut total = 0.0;
+    for s in &mut scores {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    let inv_total = 1.0 / total;
+    let mut acc = [_mm512_setzero_ps(); 16];
+    for (p, s) in scores.iter().enumerate() {
+        let w = _mm512_set1_ps(s * inv_total);
+        // SAFETY: in bounds by the assertion above.
+        let value = unsafe { values.as_ptr().add(p * kv_dim + kv_offset) };
+        for (i, a) in acc.iter_mut().enumerate().take(chunks) {
+            *a = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(value.add(i * 16)) }, *a);
+        }
+    }
+    for (i, a) in acc.iter().enumerate().take(chunks) {
+        // SAFETY: out.len() == hd (asserted).
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(i * 16), *a) };
+    }
+}
+
+#[inline(always)]
+fn attend_generic(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    kv_dim: usize,
+    kv_offset: usize,
+    visible: usize,
+    out: &mut [f32],
+) {
+    let hd = query.len();
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Plain loops, no closures: a closure would be compiled apart from this body, without
+    // the caller's target features.
+    let mut scores = Vec::with_capacity(visible);
+    let mut max = f32::NEG_INFINITY;
+    for p in 0..visible {
+        let s = dot(query, &keys[p * kv_dim + kv_offset..][..hd]) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut total = 0.0;
+    for s in &mut scores {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    out.fill(0.0);
+    let inv_total = 1.0 / total;
+    for (p, s) in scores.iter().enumerate() {
+        let w = s * inv_total;
+        let value = &values[p * kv_dim + kv_offset..][..hd];
+        for (o, v) in out.iter_mut().zip(value) {
+            *o += w * v;
+        }
+    }
+}
+
+/// Dot product in 16 independent lanes (which the compiler keeps in vector registers; a
+/// single running sum would be one long dependency chain).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let mut tail = 0.0;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    let mut sum = tail;
+    for l in lanes {
+        sum += l;
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simd_attention_matches_the_generic_loop() {
+        let mut rng = crate::sampling::SplitMix64::new(4);
+        for (hd, kv_dim, visible) in [(64, 192, 1), (64, 192, 37), (128, 256, 300), (8, 32, 5)] {
+            let mut values = |n: usize| {
+                (0..n)
+                    .map(|_| rng.next_f32() * 2.0 - 1.0)
+                    .collect::<Vec<f32>>()
+            };
+            let (query, keys, vals) = (
+                values(hd),
+                values(visible * kv_dim),
+                values(visible * kv_dim),
+            );
+            let offset = kv_dim - hd;
+            let mut fast = vec![0f32; hd];
+            let mut reference = vec![0f32; hd];
+            attend(&query, &keys, &vals, kv_dim, offset, visible, &mut fast);
+            attend_generic(
+                &query,
+                &keys,
+                &vals,
+                kv_dim,
+                offset,
+                visible,
+                &mut reference,
+            );
+            for (a, b) in fast.iter().zip(&reference) {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "head_dim {hd}, {visible} positions: {a} vs {b}"
+                );
+            }
+        }
+    }
+}

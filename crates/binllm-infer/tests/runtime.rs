@@ -1,0 +1,343 @@
+//! The packed runtime on stories260K (a real 260K-parameter Llama): file errors, decode
+//! through the KV cache against the whole-sequence forward, thread counts, export folding.
+//! The comparison with the libtorch engine is in binllm-cli's tests (it needs libtorch).
+
+use std::path::{Path, PathBuf};
+
+use binllm_format::packed::{export, ExportOptions, HeadFormat, PackedModel, Precision};
+use binllm_format::{LoadOptions as SourceOptions, PretrainedModel};
+use binllm_infer::generate::{generate, GenerateOptions};
+use binllm_infer::ptq::{ptq_sign_model, InputScales};
+use binllm_infer::sampling::SamplingParams;
+use binllm_infer::{KvCache, LoadOptions, Model};
+
+fn stories() -> PretrainedModel {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K");
+    PretrainedModel::load(
+        &dir.join("stories260K.bin"),
+        &SourceOptions {
+            tokenizer: Some(dir.join("tok512.bin")),
+        },
+    )
+    .expect("stories260K must sit in ../shared/models beside the repository")
+}
+
+fn options(threads: usize) -> LoadOptions {
+    LoadOptions {
+        threads,
+        kernel: None,
+    }
+}
+
+fn runtime(packed: &PackedModel, threads: usize) -> Model {
+    Model::new(packed, &Default::default(), &options(threads)).unwrap()
+}
+
+fn prompt_ids(model: &PretrainedModel, text: &str) -> Vec<u32> {
+    model.tokenizer().unwrap().encode(text, true).unwrap()
+}
+
+fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn corrupt_and_truncated_files_name_the_file() {
+    let pretrained = stories();
+    let packed = ptq_sign_model(&pretrained, InputScales::None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.b1");
+    packed.write(&good).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+
+    let truncated = dir.path().join("truncated.b1");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let garbage = dir.path().join("garbage.b1");
+    std::fs::write(&garbage, b"definitely not a safetensors file").unwrap();
+    let missing = dir.path().join("missing.b1");
+    let mut wrong_magic = bytes.clone();
+    let pos = bytes
+        .windows(13)
+        .position(|w| w == b"binllm-packed")
+        .unwrap();
+    wrong_magic[pos] = b'X';
+    let relabelled = dir.path().join("relabelled.b1");
+    std::fs::write(&relabelled, &wrong_magic).unwrap();
+
+    for path in [&truncated, &garbage, &missing, &relabelled] {
+        let err = match Model::load(path, &options(1)) {
+            Ok(_) => panic!("{} loaded", path.display()),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains(&path.display().to_string()),
+            "error does not name the file: {err}"
+        );
+    }
+    let err = format!("{:#}", Model::load(&truncated, &options(1)).err().unwrap());
+    assert!(err.contains("truncated"), "{err}");
+    assert!(Model::load(&good, &options(1)).is_ok());
+}
+
+#[test]
+fn decoding_through_the_cache_matches_the_whole_sequence() {
+    let pretrained = stories();
+    let packed = ptq_sign_model(&pretrained, InputScales::Independent { seed: 3 }).unwrap();
+    let model = runtime(&packed, 1);
+    let ids = prompt_ids(
+        &pretrained,
+        "Once upon a time, there was a little girl named Lily.",
+    );
+    let vocab = model.config.vocab_size;
+    let all = model
+        .forward_all(&mut KvCache::new(&model.config), &ids)
+        .unwrap();
+    assert_eq!(all.len(), ids.len() * vocab);
+    // Prompt of 5 tokens through GEMM, then the rest one at a time through GEMV.
+    let mut cache = KvCache::new(&model.config);
+    let first = model.forward(&mut cache, &ids[..5]).unwrap();
+    assert!(relative_l2(&first, &all[4 * vocab..5 * vocab]) < 1e-5);
+    for t in 5..ids.len() {
+        let step = model.forward(&mut cache, &ids[t..t + 1]).unwrap();
+        let err = relative_l2(&step, &all[t * vocab..(t + 1) * vocab]);
+        assert!(err < 1e-5, "position {t}: relative L2 {err}");
+    }
+    assert_eq!(cache.tokens(), &ids[..]);
+}
+
+#[test]
+fn thread_counts_give_the_same_logits() {
+    let pretrained = stories();
+    let packed = ptq_sign_model(&pretrained, InputScales::None).unwrap();
+    let ids = prompt_ids(&pretrained, "The cat sat on the mat and");
+    let one = runtime(&packed, 1);
+    let two = runtime(&packed, 2);
+    let a = one
+        .forward_all(&mut KvCache::new(&one.config), &ids)
+        .unwrap();
+    let b = two
+        .forward_all(&mut KvCache::new(&two.config), &ids)
+        .unwrap();
+    assert!(relative_l2(&a, &b) < 1e-6);
+}
+
+#[test]
+fn a_longer_prompt_reuses_the_cached_prefix() {
+    let pretrained = stories();
+    let packed = ptq_sign_model(&pretrained, InputScales::None).unwrap();
+    let model = runtime(&packed, 1);
+    let options = GenerateOptions {
+        max_tokens: 8,
+        sampling: SamplingParams::default(),
+        stop_tokens: vec![],
+    };
+    let first = prompt_ids(&pretrained, "Tom had a red ball.");
+    let mut cache = KvCache::new(&model.config);
+    let mut reply = Vec::new();
+    generate(&model, &mut cache, &first, &options, |id| {
+        reply.push(id);
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(cache.len(), first.len() + reply.len() - 1);
+    // The next turn: everything so far plus more text. Only the new part runs.
+    let mut second = first.clone();
+    second.extend(&reply);
+    second.extend(&prompt_ids(&pretrained, "He")[1..]);
+    let mut fresh_reply = Vec::new();
+    let stats = generate(&model, &mut cache, &second, &options, |id| {
+        fresh_reply.push(id);
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(
+        stats.prompt_tokens,
+        second.len() - (first.len() + reply.len() - 1)
+    );
+    let mut expected = Vec::new();
+    generate(
+        &model,
+        &mut KvCache::new(&model.config),
+        &second,
+        &options,
+        |id| {
+            expected.push(id);
+            Ok(true)
+        },
+    )
+    .unwrap();
+    assert_eq!(fresh_reply, expected);
+}
+
+fn logits_of(packed: &PackedModel, q8: &binllm_format::packed::Q8Tensors, ids: &[u32]) -> Vec<f32> {
+    let model = Model::new(packed, q8, &options(1)).unwrap();
+    model
+        .forward_all(&mut KvCache::new(&model.config), ids)
+        .unwrap()
+}
+
+#[test]
+fn export_folds_tied_input_scales_exactly() {
+    let pretrained = stories();
+    let sign = ptq_sign_model(&pretrained, InputScales::Foldable { seed: 11 }).unwrap();
+    let ids = prompt_ids(&pretrained, "One day, a little bird flew over the big tree");
+    let reference = logits_of(&sign, &Default::default(), &ids);
+
+    // Folding alone (f32) is exact up to f32 rounding, and every vector folds.
+    let exact = export(
+        &sign,
+        &ExportOptions {
+            head: HeadFormat::F16,
+            precision: Precision::F32,
+        },
+    )
+    .unwrap();
+    assert!(
+        exact
+            .model
+            .linears
+            .values()
+            .all(|l| l.input_scale.is_none()),
+        "{:?}",
+        exact.report.kept
+    );
+    assert!(exact.report.kept.is_empty());
+    assert_eq!(exact.report.folded.len(), 4 * sign.config.num_layers);
+    let err_fold = relative_l2(&logits_of(&exact.model, &exact.q8, &ids), &reference);
+    assert!(err_fold < 1e-5, "folding changed the logits by {err_fold}");
+
+    // The f16 file: what folding adds is within f16 rounding, the error of storing the
+    // unfolded model in f16.
+    let deployed = export(&sign, &ExportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.b1");
+    deployed.write(&path).unwrap();
+    let (read, q8) = PackedModel::read_parts(&path).unwrap();
+    let err_f16 = relative_l2(&logits_of(&read, &q8, &ids), &reference);
+    let mut unfolded_f16 = sign.clone();
+    for l in unfolded_f16.linears.values_mut() {
+        for v in [Some(&mut l.row_scale), l.input_scale.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            v.iter_mut()
+                .for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+        }
+    }
+    for t in unfolded_f16.dense.values_mut() {
+        let rounded = t
+            .to_f32_vec()
+            .iter()
+            .map(|x| half::f16::from_f32(*x).to_f32())
+            .collect();
+        *t = binllm_format::HostTensor::from_f32(t.shape.clone(), rounded);
+    }
+    let err_rounding = relative_l2(
+        &logits_of(&unfolded_f16, &Default::default(), &ids),
+        &reference,
+    );
+    eprintln!("relative L2 vs the f32 sign model: folded f16 file {err_f16:.2e}, unfolded f16 {err_rounding:.2e}");
+    assert!(
+        err_f16 < 3.0 * err_rounding + 1e-4,
+        "folded f16 {err_f16} vs f16 rounding {err_rounding}"
+    );
+    assert!(err_f16 < 1e-2);
+    // Nothing left but one f16 row scale per row on top of the sign bits.
+    let rows: usize = read.linears.values().map(|l| l.rows).sum();
+    let weights: usize = read.linears.values().map(|l| l.rows * l.cols).sum();
+    let body = read.bits_per_weight().body;
+    assert!(
+        (body - (1.0 + 16.0 * rows as f64 / weights as f64)).abs() < 1e-12,
+        "{body}"
+    );
+}
+
+#[test]
+fn export_keeps_untied_input_scales() {
+    let pretrained = stories();
+    let sign = ptq_sign_model(&pretrained, InputScales::Independent { seed: 5 }).unwrap();
+    let ids = prompt_ids(&pretrained, "Sara found a shiny stone");
+    let exported = export(
+        &sign,
+        &ExportOptions {
+            head: HeadFormat::F16,
+            precision: Precision::F32,
+        },
+    )
+    .unwrap();
+    for ((layer, which), l) in &exported.model.linears {
+        use binllm_format::names::BlockLinear::*;
+        let grouped = sign.config.num_heads != sign.config.num_kv_heads;
+        let expect_kept = matches!(which, Q | K | V | Gate | Up) || (*which == O && grouped);
+        assert_eq!(
+            l.input_scale.is_some(),
+            expect_kept,
+            "layer {layer} {which:?}"
+        );
+        if expect_kept {
+            assert_eq!(l.input_scale, sign.linears[&(*layer, *which)].input_scale);
+        }
+    }
+    let err = relative_l2(
+        &logits_of(&exported.model, &exported.q8, &ids),
+        &logits_of(&sign, &Default::default(), &ids),
+    );
+    assert!(err < 1e-5, "{err}");
+    // The kept vectors count in the bits per weight.
+    assert!(exported.model.bits_per_weight().body > sign_bpw_without_vectors(&exported.model));
+}
+
+fn sign_bpw_without_vectors(m: &PackedModel) -> f64 {
+    let weights: usize = m.linears.values().map(|l| l.rows * l.cols).sum();
+    let rows: usize = m.linears.values().map(|l| l.rows).sum();
+    1.0 + 32.0 * rows as f64 / weights as f64
+}
+
+#[test]
+fn q8_head_round_trips_and_stays_close() {
+    let pretrained = stories();
+    let sign = ptq_sign_model(&pretrained, InputScales::None).unwrap();
+    let ids = prompt_ids(&pretrained, "The dog ran to the park");
+    let exported = export(
+        &sign,
+        &ExportOptions {
+            head: HeadFormat::Q8,
+            precision: Precision::F16,
+        },
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().join("q8.b1");
+    exported.write(&path).unwrap();
+    let (read, q8) = PackedModel::read_parts(&path).unwrap();
+    assert_eq!(q8, exported.q8, "q8 tensors change through the file");
+    // Re-writing a model read from a q8 file keeps the tensors exactly.
+    let again = dir.path().join("again.b1");
+    read.write(&again).unwrap();
+    assert_eq!(PackedModel::read_parts(&again).unwrap().1, q8);
+    let err = relative_l2(
+        &logits_of(&read, &q8, &ids),
+        &logits_of(&sign, &Default::default(), &ids),
+    );
+    assert!(err < 2e-2, "{err}");
+}
+
+#[test]
+fn long_prompts_run_in_chunks_with_the_same_result() {
+    let pretrained = stories();
+    let packed = ptq_sign_model(&pretrained, InputScales::None).unwrap();
+    let model = runtime(&packed, 2);
+    let vocab = model.config.vocab_size;
+    // 300 tokens: one call goes through the 256-token chunks, the other is split by hand.
+    let ids: Vec<u32> = (0..300).map(|i| (i * 7 + 3) % vocab as u32).collect();
+    let all = model.forward_all(&mut KvCache::new(&model.config), &ids).unwrap();
+    let mut cache = KvCache::new(&model.config);
+    model.forward(&mut cache, &ids[..100]).unwrap();
+    let last = model.forward(&mut cache, &ids[100..]).unwrap();
+    assert!(relative_l2(&last, &all[299 * vocab..]) < 1e-5);
+    // Out-of-vocabulary ids are refused, not read past the table.
+    assert!(model.forward(&mut cache, &[vocab as u32]).is_err());
+}

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Decode and prompt speed of 1-bit SmolLM2-135M in binllm against llama.cpp running the same
+# model as F16, Q8_0 and Q4_0 GGUF, on this machine with the same thread count and lengths.
+#
+#   tools/bench/compare.sh [GGUF] [THREAD_COUNTS] [ROUNDS]      e.g. compare.sh "" "1 2" 3
+#
+# GGUF (default models/SmolLM2-135M-Instruct.Q4_1.gguf) is requantized by llama.cpp's own
+# llama-quantize (--allow-requantize) to F16, Q8_0 and Q4_0; binllm's model is a PTQ sign model
+# made from the same GGUF (speed does not depend on the values) exported with an f16 head and
+# with a q8_0 head. Every engine runs with the same thread count, prompt and generation
+# lengths (llama-bench -r 5; binllm bench --reps 5: mean of 5 after a warm-up). Rounds
+# interleave the engines; the table gives each one's median over rounds and its best round:
+# on a shared machine, load from other processes moves every figure between runs, and
+# spinning thread pools (llama.cpp's and binllm's) suffer most when another process holds a
+# core. Prints one Markdown table (raw per-round figures on stderr).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+GGUF=${1:-}
+THREADS=${2:-"1 $(nproc)"}
+[[ -n "$GGUF" ]] || GGUF=models/SmolLM2-135M-Instruct.Q4_1.gguf
+ROUNDS=${3:-3}
+PP=${PP:-128}
+TG=${TG:-64}
+WORK=target/bench
+[[ -f "$GGUF" ]] || { echo "error: $GGUF not found" >&2; exit 1; }
+
+bash tools/bench/setup_llama_cpp.sh "$WORK" >&2
+cargo build -q --release -p binllm-cli --no-default-features >&2
+BIN=$WORK/llama.cpp/build/bin
+BINLLM=target/release/binllm
+mkdir -p "$WORK/models" "$WORK/results"
+for t in F16 Q8_0 Q4_0; do
+  out="$WORK/models/smollm2-$t.gguf"
+  [[ -f "$out" ]] || "$BIN/llama-quantize" --allow-requantize "$GGUF" "$out" "$t" >/dev/null 2>&1
+done
+for head in f16 q8; do
+  "$BINLLM" export --ptq "$GGUF" --head "$head" --out "$WORK/models/smollm2-1bit-$head.b1" >/dev/null
+done
+
+rm -f "$WORK"/results/*.json
+for round in $(seq 1 "$ROUNDS"); do
+  for threads in $THREADS; do
+    for t in F16 Q8_0 Q4_0; do
+      "$BIN/llama-bench" -m "$WORK/models/smollm2-$t.gguf" -t "$threads" -p "$PP" -n "$TG" -r 5 -o json \
+        2>/dev/null > "$WORK/results/llama-$t-t$threads-$round.json"
+    done
+    for head in f16 q8; do
+      "$BINLLM" bench --model "$WORK/models/smollm2-1bit-$head.b1" --threads "$threads" \
+        --prompt-tokens "$PP" --gen-tokens "$TG" --reps 5 --json > "$WORK/results/binllm-$head-t$threads-$round.json"
+    done
+  done
+done
+
+python3 - "$WORK" "$THREADS" "$PP" "$TG" "$ROUNDS" <<'PY'
+import glob, json, os, statistics, sys
+work, thread_counts, pp, tg, rounds = sys.argv[1], [int(t) for t in sys.argv[2].split()], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rows = {}
+def add(key, pp_ts, tg_ts, size, head, weights):
+    r = rows.setdefault(key, {"pp": [], "tg": [], "size": size, "head": head, "weights": weights})
+    r["pp"].append(pp_ts); r["tg"].append(tg_ts)
+bandwidth = []
+for threads in thread_counts:
+    for t in ["F16", "Q8_0", "Q4_0"]:
+        for f in sorted(glob.glob(f"{work}/results/llama-{t}-t{threads}-*.json")):
+            entries = json.load(open(f))
+            pp_ts = next(e["avg_ts"] for e in entries if e["n_prompt"] > 0)
+            tg_ts = next(e["avg_ts"] for e in entries if e["n_gen"] > 0)
+            size = os.path.getsize(f"{work}/models/smollm2-{t}.gguf")
+            # The tied embedding/head as llama-quantize writes it: Q4_0 files keep it Q8_0
+            # (`binllm inspect` lists 210 Q4_0 + 1 Q8_0; 576 columns rule out Q6_K).
+            head = {"F16": "f16", "Q8_0": "q8_0", "Q4_0": "q8_0"}[t]
+            add(("llama.cpp", t, threads), pp_ts, tg_ts, size, head, t)
+            print(f"raw {f}: pp {pp_ts:.1f} tg {tg_ts:.1f}", file=sys.stderr)
+    for h in ["f16", "q8"]:
+        for f in sorted(glob.glob(f"{work}/results/binllm-{h}-t{threads}-*.json")):
+            r = json.load(open(f))
+            add(("binllm", h, threads), r["pp_tokens_per_second"], r["tg_tokens_per_second"], r["file_bytes"], r["head"],
+                f"1-bit, {r['bits_per_weight']['whole_model']:.2f} bits/weight overall")
+            bandwidth.append(r["read_gb_per_second"])
+            print(f"raw {f}: pp {r['pp_tokens_per_second']:.1f} tg {r['tg_tokens_per_second']:.1f} "
+                  f"weights streamed {r['weights_streamed_gb_per_second']:.1f} GB/s", file=sys.stderr)
+med = {k: (statistics.median(v["pp"]), statistics.median(v["tg"])) for k, v in rows.items()}
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+print(f"SmolLM2-135M-Instruct on {cpu} ({os.cpu_count()} logical CPUs, shared); pp{pp} / tg{tg}; "
+      f"median (best) of {rounds} rounds, each the mean of 5 reps; load average at the end {os.getloadavg()[0]:.1f}; "
+      f"single-thread read bandwidth {statistics.median(bandwidth):.1f} GB/s")
+print()
+print(f"| engine | weights | head | file MiB | threads | pp{pp} tok/s | tg{tg} tok/s | tg vs llama.cpp Q4_0 | tg vs llama.cpp F16 |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+for threads in thread_counts:
+    q4 = med[("llama.cpp", "Q4_0", threads)][1]
+    f16 = med[("llama.cpp", "F16", threads)][1]
+    for k, v in rows.items():
+        if k[2] != threads:
+            continue
+        p, t = med[k]
+        print(f"| {k[0]} | {v['weights']} | {v['head']} | {v['size'] / 2**20:.1f} | {threads} | {p:.1f} ({max(v['pp']):.1f}) "
+              f"| {t:.1f} ({max(v['tg']):.1f}) | {t / q4:.2f}x | {t / f16:.2f}x |")
+PY
