@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use binllm_infer::sampling::{argmax, SplitMix64};
-use binllm_infer::{Kernel, KvCache, LoadOptions, Model};
+use binllm_infer::{KvCache, Model};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -74,15 +74,7 @@ fn bytemuck_u64(bytes: &[u8]) -> &[u64] {
 pub fn run(args: Args) -> Result<()> {
     let (model, packed) = Model::load(
         &args.model,
-        &LoadOptions {
-            threads: args.threads,
-            kernel: args
-                .kernel
-                .as_deref()
-                .map(str::parse::<Kernel>)
-                .transpose()
-                .map_err(anyhow::Error::msg)?,
-        },
+        &crate::run::runtime_options(args.threads, args.kernel.as_deref())?,
     )?;
     let vocab = model.config.vocab_size as u64;
     let mut rng = SplitMix64::new(1);

@@ -64,10 +64,17 @@ pub struct RunArgs {
     /// A reference JSON from tools/reference/eval_reference.py: print the agreement.
     #[arg(long)]
     pub reference: Option<PathBuf>,
-    /// Engine: torch (libtorch, CPU/CUDA) or packed (pure Rust, packed files only);
-    /// auto picks packed for packed files when available, else torch.
+    /// Engine: torch (libtorch, CPU/CUDA) or packed (pure Rust, CPU, packed files only);
+    /// auto picks packed for packed files (torch when --device asks for CUDA), else torch.
     #[arg(long, default_value = "auto")]
     pub engine: String,
+    /// Threads for the packed engine (0: every core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// 1-bit kernel for the packed engine (default: the fastest exact one here);
+    /// `lut-i8-avx512` rounds activations to int8, to measure what that costs.
+    #[arg(long)]
+    pub kernel: Option<String>,
     /// cpu, cuda, cuda:N or auto (torch engine).
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -140,7 +147,7 @@ pub fn run(args: Args) -> Result<()> {
 fn open_engine(a: &RunArgs, model: &std::path::Path) -> Result<(Box<dyn LanguageModel>, String)> {
     let packed = binllm_format::packed::is_packed_file(model);
     let engine = match a.engine.as_str() {
-        "auto" if packed && !cfg!(feature = "torch") => "packed",
+        "auto" if packed && !a.device.starts_with("cuda") => "packed",
         "auto" => {
             if cfg!(feature = "torch") {
                 "torch"
@@ -155,9 +162,40 @@ fn open_engine(a: &RunArgs, model: &std::path::Path) -> Result<(Box<dyn Language
         "torch" => torch_engine(a, model, packed),
         #[cfg(not(feature = "torch"))]
         "torch" => bail!("this binllm was built without the libtorch engine (feature `torch`)"),
-        "packed" => bail!("the packed engine is not available for `eval` yet"),
+        "packed" => packed_engine(a, model, packed),
         other => bail!("unknown --engine '{other}' (expected auto, torch or packed)"),
     }
+}
+
+fn packed_engine(
+    a: &RunArgs,
+    model: &std::path::Path,
+    packed: bool,
+) -> Result<(Box<dyn LanguageModel>, String)> {
+    if !packed {
+        bail!(
+            "{}: the packed engine runs binllm packed models only (`binllm export` makes one); \
+             use --engine torch for other formats",
+            model.display()
+        );
+    }
+    let (runtime, file) = binllm_infer::Model::load(
+        model,
+        &crate::run::runtime_options(a.threads, a.kernel.as_deref())?,
+    )?;
+    let tokenizer = file
+        .tokenizer()
+        .with_context(|| format!("{}: bad embedded tokenizer", model.display()))?
+        .with_context(|| format!("{}: the packed model has no tokenizer", model.display()))?;
+    let label = format!(
+        "packed (pure Rust, {} kernel, {} threads)",
+        runtime.kernel(),
+        runtime.threads()
+    );
+    Ok((
+        Box::new(binllm_infer::PackedScorer::new(runtime, tokenizer)),
+        label,
+    ))
 }
 
 #[cfg(feature = "torch")]

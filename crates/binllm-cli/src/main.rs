@@ -1,10 +1,10 @@
 //! `binllm`: turn a pretrained LLM into a true 1-bit LLM, evaluate it, export it, run it.
 
 mod bench;
-mod export;
 #[cfg(feature = "torch")]
 mod convert;
 mod eval;
+mod export;
 #[cfg(feature = "torch")]
 mod generate;
 mod inspect;

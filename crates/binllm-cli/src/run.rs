@@ -52,18 +52,22 @@ pub struct Args {
     pub stats: bool,
 }
 
+/// How the packed runtime loads, from the `--threads` and `--kernel` options that `run`,
+/// `bench` and `eval` share.
+pub fn runtime_options(threads: usize, kernel: Option<&str>) -> Result<LoadOptions> {
+    Ok(LoadOptions {
+        threads,
+        kernel: kernel
+            .map(str::parse::<Kernel>)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+    })
+}
+
 pub fn run(args: Args) -> Result<()> {
     let (model, packed) = Model::load(
         &args.model,
-        &LoadOptions {
-            threads: args.threads,
-            kernel: args
-                .kernel
-                .as_deref()
-                .map(str::parse::<Kernel>)
-                .transpose()
-                .map_err(anyhow::Error::msg)?,
-        },
+        &crate::run::runtime_options(args.threads, args.kernel.as_deref())?,
     )?;
     let tokenizer = packed
         .tokenizer()

@@ -1,6 +1,9 @@
 //! `binllm convert` end to end on the real stories260K model and TinyStories text (CPU):
-//! the smoke preset against PTQ, kill -9 and --resume, bad input, and the NaN stop.
+//! the smoke preset against PTQ (and its result on the packed engine against libtorch),
+//! kill -9 and --resume, bad input, and the NaN stop.
 #![cfg(feature = "torch")]
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -77,9 +80,12 @@ fn val_slice(dir: &Path, bytes: usize) -> PathBuf {
     path
 }
 
-fn perplexity(model: &Path, text: &Path) -> f64 {
-    let out = run_ok(&[
+fn perplexity(model: &Path, engine: &str, text: &Path) -> f64 {
+    let report = model.with_extension(format!("{engine}.eval.json"));
+    run_ok(&[
         "eval",
+        "--engine",
+        engine,
         "--model",
         model.to_str().unwrap(),
         "--tasks",
@@ -91,12 +97,10 @@ fn perplexity(model: &Path, text: &Path) -> f64 {
         "--data-dir",
         shared("data/eval").to_str().unwrap(),
         "--out",
-        model.with_extension("eval.json").to_str().unwrap(),
+        report.to_str().unwrap(),
     ]);
-    let _ = out;
     let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.with_extension("eval.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
     report["perplexity"][0]["ppl"].as_f64().unwrap()
 }
 
@@ -158,8 +162,8 @@ fn smoke_preset_converts_stories260k_far_better_than_ptq() {
     }
 
     let text = val_slice(dir.path(), 120_000);
-    let trained = perplexity(&run.join("sign-model.safetensors"), &text);
-    let baseline = perplexity(&ptq.join("sign-model.safetensors"), &text);
+    let trained = perplexity(&run.join("sign-model.safetensors"), "torch", &text);
+    let baseline = perplexity(&ptq.join("sign-model.safetensors"), "torch", &text);
     println!("smoke conversion: {minutes:.1} min; tinystories_val (first 120 kB) perplexity: binaryllm sign form {trained:.2}, PTQ {baseline:.2}");
     println!(
         "gap F-form vs sign form on held-out windows: {:+.4} nats/token",
@@ -168,6 +172,34 @@ fn smoke_preset_converts_stories260k_far_better_than_ptq() {
     assert!(
         trained * 10.0 < baseline,
         "sign-form perplexity {trained} should be far below PTQ's {baseline}"
+    );
+
+    // The converted model on the pure-Rust packed engine: the sign model as written, and the
+    // exported file (input scales folded, f16), against libtorch's sign form.
+    let sign_path = run.join("sign-model.safetensors");
+    let sign = binllm_format::packed::PackedModel::read(&sign_path).unwrap();
+    common::compare(&sign, &Default::default(), "smoke-converted sign model");
+    let exported = dir.path().join("smoke.b1");
+    run_ok(&[
+        "export",
+        run.to_str().unwrap(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    let (file, q8) = binllm_format::packed::PackedModel::read_parts(&exported).unwrap();
+    common::compare(&file, &q8, "smoke-converted, exported");
+    let on_packed = perplexity(&sign_path, "packed", &text);
+    let exported_ppl = perplexity(&exported, "packed", &text);
+    println!(
+        "packed engine: sign model {on_packed:.4} (libtorch {trained:.4}), exported file {exported_ppl:.4}"
+    );
+    assert!(
+        (on_packed / trained - 1.0).abs() < 1e-4,
+        "the engines disagree on the same weights: {on_packed} vs {trained}"
+    );
+    assert!(
+        (exported_ppl / trained - 1.0).abs() < 1e-2,
+        "export changed the model: {exported_ppl} vs {trained}"
     );
 }
 
@@ -211,8 +243,7 @@ fn last_training_loss(run: &Path) -> f64 {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["stage"] == 2)
-        .last()
+        .rfind(|v| v["stage"] == 2)
         .and_then(|v| v["loss"].as_f64())
         .unwrap()
 }

@@ -344,7 +344,7 @@ fn load_hellaswag(path: &Path) -> Result<Vec<McExample>> {
     if lines.last() == Some(&"") {
         lines.pop();
     }
-    if lines.len() % BLOCK != 0 {
+    if !lines.len().is_multiple_of(BLOCK) {
         let start = lines.len() / BLOCK * BLOCK + 1;
         bail!(
             "{}:{start}: incomplete task block: {} line(s) where 6 are expected (context, \

@@ -55,7 +55,7 @@ fn mean_stderr_matches_an_independent_loop() {
             state = state
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            ((state >> 33) % 3 == 0) as u8 as f64
+            (state >> 33).is_multiple_of(3) as u8 as f64
         })
         .collect();
     let n = samples.len() as f64;

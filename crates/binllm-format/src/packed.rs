@@ -940,7 +940,9 @@ pub fn export(sign_model: &PackedModel, options: &ExportOptions) -> Result<Expor
 /// (reads the header only).
 pub fn is_packed_file(path: &Path) -> bool {
     use std::io::Read;
-    let Ok(mut file) = std::fs::File::open(path) else { return false };
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
     let mut len = [0u8; 8];
     if file.read_exact(&mut len).is_err() {
         return false;
@@ -955,6 +957,11 @@ pub fn is_packed_file(path: &Path) -> bool {
     }
     serde_json::from_slice::<serde_json::Value>(&header)
         .ok()
-        .and_then(|h| h.get("__metadata__")?.get("binllm.format")?.as_str().map(|f| f == FORMAT_NAME))
+        .and_then(|h| {
+            h.get("__metadata__")?
+                .get("binllm.format")?
+                .as_str()
+                .map(|f| f == FORMAT_NAME)
+        })
         .unwrap_or(false)
 }

@@ -720,7 +720,7 @@ fn attend_avx512(
 ) {
     use std::arch::x86_64::*;
     let hd = query.len();
-    if hd % 16 != 0 || hd > 256 {
+    if !hd.is_multiple_of(16) || hd > 256 {
         return attend_generic(query, keys, values, kv_dim, kv_offset, visible, out);
     }
     assert!(

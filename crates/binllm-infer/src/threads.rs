@@ -118,7 +118,7 @@ impl Team {
         let mut spins = 0u32;
         while s.finished.load(Ordering::Acquire) < parts {
             spins += 1;
-            if spins % 256 == 0 {
+            if spins.is_multiple_of(256) {
                 // On a busy machine the part still running may be waiting for this core.
                 std::thread::yield_now();
             } else {
@@ -179,7 +179,7 @@ fn worker(s: &Shared, index: usize) {
                 break;
             }
             spins += 1;
-            if spins % 256 != 0 {
+            if !spins.is_multiple_of(256) {
                 std::hint::spin_loop();
                 continue;
             }

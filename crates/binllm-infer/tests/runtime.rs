@@ -333,11 +333,86 @@ fn long_prompts_run_in_chunks_with_the_same_result() {
     let vocab = model.config.vocab_size;
     // 300 tokens: one call goes through the 256-token chunks, the other is split by hand.
     let ids: Vec<u32> = (0..300).map(|i| (i * 7 + 3) % vocab as u32).collect();
-    let all = model.forward_all(&mut KvCache::new(&model.config), &ids).unwrap();
+    let all = model
+        .forward_all(&mut KvCache::new(&model.config), &ids)
+        .unwrap();
     let mut cache = KvCache::new(&model.config);
     model.forward(&mut cache, &ids[..100]).unwrap();
     let last = model.forward(&mut cache, &ids[100..]).unwrap();
     assert!(relative_l2(&last, &all[299 * vocab..]) < 1e-5);
     // Out-of-vocabulary ids are refused, not read past the table.
     assert!(model.forward(&mut cache, &[vocab as u32]).is_err());
+}
+
+/// `binllm eval`'s scorer on the packed engine: log-probabilities equal a float64
+/// log-softmax of the engine's own logits from a fresh cache, also when a request reuses the
+/// cached context of the previous one (choices of one question), and pass the consistency
+/// checks every engine must.
+#[test]
+fn scorer_log_probabilities_match_a_float64_log_softmax() {
+    use binllm_eval::{LanguageModel, ScoreRequest};
+    let pretrained = stories();
+    let packed = ptq_sign_model(&pretrained, InputScales::None).unwrap();
+    let tokenizer = packed.tokenizer().unwrap().unwrap();
+    let context = prompt_ids(
+        &pretrained,
+        "Once upon a time, there was a little girl named",
+    );
+    let mut requests = Vec::new();
+    for ending in [" Lily.", " Tom and a big dog.", " Sue"] {
+        let mut tokens = context.clone();
+        tokens.extend(tokenizer.encode(ending, false).unwrap());
+        requests.push(ScoreRequest {
+            score_from: context.len(),
+            tokens,
+        });
+    }
+    requests.push(ScoreRequest {
+        tokens: prompt_ids(
+            &pretrained,
+            "The sun was shining and the birds were singing.",
+        ),
+        score_from: 1,
+    });
+    let reference = runtime(&packed, 1);
+    let vocab = reference.config.vocab_size;
+    let mut scorer = binllm_infer::PackedScorer::new(runtime(&packed, 2), tokenizer);
+    let scores = scorer.score(&requests).unwrap();
+    let mut positions = 0;
+    for (request, scores) in requests.iter().zip(&scores) {
+        let inputs = &request.tokens[..request.tokens.len() - 1];
+        let logits = reference
+            .forward_all(&mut KvCache::new(&reference.config), inputs)
+            .unwrap();
+        assert_eq!(scores.len(), request.scored_len());
+        for (k, p) in (request.score_from..request.tokens.len()).enumerate() {
+            let row: Vec<f64> = logits[(p - 1) * vocab..p * vocab]
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let log_sum = row.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
+            let target = request.tokens[p] as usize;
+            let expected = row[target] - log_sum;
+            assert!(
+                (scores[k].logprob as f64 - expected).abs() < 1e-5,
+                "position {p}: {} vs {expected}",
+                scores[k].logprob
+            );
+            let is_max = row.iter().all(|&v| v <= row[target]);
+            assert_eq!(scores[k].is_greedy, is_max, "position {p}");
+            positions += 1;
+        }
+    }
+    assert!(positions > 15);
+    let consistency = binllm_eval::testing::check_language_model(
+        &mut scorer,
+        &[
+            "Lily and Ben played with a red ball in the garden.",
+            "One day, a little bird",
+        ],
+        1e-4,
+    )
+    .unwrap();
+    assert!(consistency.positions > 10);
 }

@@ -10,7 +10,8 @@ pub fn load_cuda_backend() {
     use std::sync::Once;
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        for name in [c"libtorch_cuda.so"] {
+        {
+            let name = c"libtorch_cuda.so";
             // SAFETY: dlopen with a valid C string; the handle is intentionally leaked.
             unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
         }

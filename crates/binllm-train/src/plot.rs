@@ -6,6 +6,9 @@ use std::path::Path;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
+/// Points (step, value) of one curve.
+type Curve = [(f64, f64)];
+
 pub struct Curves {
     /// (global Stage-2 step, training loss).
     pub train_loss: Vec<(f64, f64)>,
@@ -79,7 +82,7 @@ pub fn plot(curves: &Curves, title: &str, path: &Path) -> Result<()> {
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
     }
-    let series: [(&[(f64, f64)], RGBColor, &str); 3] = [
+    let series: [(&Curve, RGBColor, &str); 3] = [
         (&curves.train_loss, RGBColor(70, 110, 200), "training loss"),
         (
             &curves.val_loss,

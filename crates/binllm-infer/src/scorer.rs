@@ -1,0 +1,111 @@
+//! The packed engine behind `binllm eval`'s scoring trait: log-probabilities of tokens given
+//! their prefixes, computed from packed 1-bit weights on the CPU.
+//!
+//! Requests run one at a time through one KV cache. A request that starts with tokens the
+//! cache already holds (the choices of one multiple-choice question share their context)
+//! keeps those positions instead of recomputing them; that changes nothing in the result,
+//! because the forward pass of a position depends only on the positions before it.
+
+use anyhow::Result;
+use binllm_eval::{LanguageModel, ScoreRequest, TokenScore};
+use binllm_format::TextTokenizer;
+
+use crate::model::{KvCache, Model};
+
+/// Positions per forward call: bounds the `positions x vocab` logits held at once.
+const POSITIONS_PER_PASS: usize = 256;
+
+pub struct PackedScorer {
+    model: Model,
+    tokenizer: TextTokenizer,
+    cache: KvCache,
+}
+
+impl PackedScorer {
+    pub fn new(model: Model, tokenizer: TextTokenizer) -> Self {
+        let cache = KvCache::new(&model.config);
+        PackedScorer {
+            model,
+            tokenizer,
+            cache,
+        }
+    }
+
+    fn score_one(&mut self, request: &ScoreRequest) -> Result<Vec<TokenScore>> {
+        // The last token is only a target; position p is predicted by the logits of p - 1.
+        let inputs = &request.tokens[..request.tokens.len() - 1];
+        let first_needed = request.score_from - 1;
+        let shared = self
+            .cache
+            .tokens()
+            .iter()
+            .zip(inputs)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(first_needed);
+        self.cache.truncate(shared);
+        if shared < first_needed {
+            // Context only: the logits are not needed, just the cached keys and values.
+            self.model
+                .forward(&mut self.cache, &inputs[shared..first_needed])?;
+        }
+        let vocab = self.model.config.vocab_size;
+        let mut scores = Vec::with_capacity(request.scored_len());
+        let mut position = first_needed;
+        for chunk in inputs[first_needed..].chunks(POSITIONS_PER_PASS) {
+            let logits = self.model.forward_all(&mut self.cache, chunk)?;
+            for row in logits.chunks_exact(vocab) {
+                scores.push(token_score(row, request.tokens[position + 1]));
+                position += 1;
+            }
+        }
+        Ok(scores)
+    }
+}
+
+/// log-softmax of `logits` at `target` (accumulated in f64), and whether it is the argmax.
+fn token_score(logits: &[f32], target: u32) -> TokenScore {
+    let (argmax, max) =
+        logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                if v > bv {
+                    (i, v)
+                } else {
+                    (bi, bv)
+                }
+            });
+    let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    let logprob = (logits[target as usize] - max) as f64 - sum.ln();
+    TokenScore {
+        logprob: logprob as f32,
+        is_greedy: argmax == target as usize,
+    }
+}
+
+impl LanguageModel for PackedScorer {
+    fn max_context(&self) -> usize {
+        self.model.config.max_position_embeddings
+    }
+
+    fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    fn preferred_batch(&self) -> usize {
+        // Large enough that the choices of one question usually meet in a batch (where they
+        // are scored next to each other and share their context), small enough for progress.
+        512
+    }
+
+    fn score(&mut self, batch: &[ScoreRequest]) -> Result<Vec<Vec<TokenScore>>> {
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by(|&a, &b| batch[a].tokens.cmp(&batch[b].tokens));
+        let mut out = vec![Vec::new(); batch.len()];
+        for i in order {
+            out[i] = self.score_one(&batch[i])?;
+        }
+        Ok(out)
+    }
+}
