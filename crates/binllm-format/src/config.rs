@@ -95,14 +95,14 @@ impl ModelConfig {
                 bail!("{name} must be positive");
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "num_heads ({}) is not a multiple of num_kv_heads ({})",
                 self.num_heads,
                 self.num_kv_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("head_dim ({}) must be even for RoPE", self.head_dim);
         }
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
