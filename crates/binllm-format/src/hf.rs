@@ -131,6 +131,9 @@ fn read_chat_template(dir: &Path, tokenizer_config: Option<&Value>) -> Result<Op
     )
 }
 
+/// The largest value a size field of config.json may have (2^24).
+const MAX_CONFIG_DIM: u64 = 1 << 24;
+
 /// Parses `config.json` into a [`ModelConfig`], applying transformers' defaults.
 pub fn parse_config(json: &Value) -> Result<ModelConfig> {
     let model_type = json
@@ -146,17 +149,27 @@ pub fn parse_config(json: &Value) -> Result<ModelConfig> {
             bail!("unsupported architecture '{other}' (supported: llama, mistral, qwen2, qwen3)")
         }
     };
+    // Shapes are products of these fields; a bound keeps that arithmetic from overflowing on
+    // a corrupt config (the largest real models are far below it).
+    let size_field = |key: &str| -> Result<Option<usize>> {
+        match json.get(key).and_then(Value::as_u64) {
+            None => Ok(None),
+            Some(v) if v > MAX_CONFIG_DIM => {
+                bail!(
+                    "config.json field '{key}' is {v}, implausibly large (limit {MAX_CONFIG_DIM})"
+                )
+            }
+            Some(v) => Ok(Some(v as usize)),
+        }
+    };
     let usize_field = |key: &str| -> Result<usize> {
-        json.get(key)
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .ok_or_else(|| anyhow!("config.json is missing the integer field '{key}'"))
+        size_field(key)?.ok_or_else(|| anyhow!("config.json is missing the integer field '{key}'"))
     };
     let hidden_size = usize_field("hidden_size")?;
     let num_heads = usize_field("num_attention_heads")?;
-    let num_kv_heads = usize_field("num_key_value_heads").unwrap_or(num_heads);
-    let head_dim = match json.get("head_dim").and_then(Value::as_u64) {
-        Some(d) => d as usize,
+    let num_kv_heads = size_field("num_key_value_heads")?.unwrap_or(num_heads);
+    let head_dim = match size_field("head_dim")? {
+        Some(d) => d,
         None if num_heads > 0 => hidden_size / num_heads,
         None => bail!("num_attention_heads must be positive"),
     };
@@ -222,7 +235,10 @@ pub fn parse_config(json: &Value) -> Result<ModelConfig> {
             .unwrap_or(1e-6),
         rope_theta,
         rope_scaling,
-        max_position_embeddings: usize_field("max_position_embeddings").unwrap_or(2048),
+        max_position_embeddings: json
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .map_or(2048, |v| v as usize),
         tie_word_embeddings: json
             .get("tie_word_embeddings")
             .and_then(Value::as_bool)
@@ -245,7 +261,17 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .and_then(Value::as_object)
             .ok_or_else(|| anyhow!("{}: no weight_map", index.display()))?;
         let shards: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
-        return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+        let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+        // Checked here so the error points at the index that names the shard, not only at
+        // a file that is not there.
+        if let Some(missing) = files.iter().find(|f| !f.exists()) {
+            bail!(
+                "{}: names the shard {}, which is missing",
+                index.display(),
+                missing.display()
+            );
+        }
+        return Ok(files);
     }
     let single = dir.join("model.safetensors");
     if single.exists() {
@@ -272,8 +298,13 @@ pub fn read_safetensors_file(path: &Path, out: &mut TensorMap) -> Result<()> {
     // SAFETY: the map is read-only and dropped before this function returns.
     let mmap = unsafe { memmap2::Mmap::map(&file) }
         .with_context(|| format!("{}: cannot map", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+        anyhow!(
+            "{}: not a valid safetensors file: {}",
+            path.display(),
+            safetensors_problem(&mmap, e)
+        )
+    })?;
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
         let bytes = view.data();
@@ -290,7 +321,7 @@ pub fn read_safetensors_file(path: &Path, out: &mut TensorMap) -> Result<()> {
                 "BF16",
             ),
             other => bail!(
-                "{}: tensor '{name}' has type {other:?}; supported: F32, F16, BF16",
+                "{}: tensor '{name}' has the unsupported type {other:?} (supported: F32, F16, BF16)",
                 path.display()
             ),
         };
@@ -304,6 +335,56 @@ pub fn read_safetensors_file(path: &Path, out: &mut TensorMap) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Describes why `bytes` failed to parse as safetensors in terms of the file (the crate's
+/// own messages, such as "incomplete metadata, file not fully covered", do not say that a
+/// file is truncated).
+fn safetensors_problem(bytes: &[u8], err: safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    let len = bytes.len();
+    let header_len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    match (err, header_len) {
+        (E::HeaderTooSmall, _) | (_, None) => {
+            format!("the file is truncated: {len} bytes, less than the 8-byte header length")
+        }
+        (E::HeaderTooLarge, Some(n)) => format!(
+            "its first 8 bytes claim a {n}-byte header, more than safetensors allows (corrupt header)"
+        ),
+        (E::InvalidHeaderLength, Some(n)) => format!(
+            "its first 8 bytes claim a {n}-byte header but the file has {len} bytes (truncated, or a corrupt header)"
+        ),
+        (E::MetadataIncompleteBuffer, Some(n)) => match described_len(bytes, n) {
+            Some(expected) if expected > len => format!(
+                "the file is truncated: {len} bytes, but its header describes {expected}"
+            ),
+            Some(expected) => format!(
+                "{} bytes follow the last tensor (the header describes {expected} bytes)",
+                len - expected
+            ),
+            None => "the tensor data does not match the header".to_string(),
+        },
+        (E::InvalidHeader(e), _) => format!("corrupt header: not UTF-8 ({e})"),
+        (E::InvalidHeaderDeserialization(e), _) => format!("corrupt header: not valid JSON ({e})"),
+        (other, _) => format!("corrupt header: {other}"),
+    }
+}
+
+/// The file length a safetensors header of `header_len` bytes describes: 8 + header + the
+/// end of the last tensor's data.
+fn described_len(bytes: &[u8], header_len: u64) -> Option<usize> {
+    let end = 8usize.checked_add(usize::try_from(header_len).ok()?)?;
+    let header: Value = serde_json::from_slice(bytes.get(8..end)?).ok()?;
+    let data_end = header
+        .as_object()?
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .filter_map(|(_, info)| info.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    end.checked_add(usize::try_from(data_end).ok()?)
 }
 
 /// Decodes little-endian elements of `N` bytes each.

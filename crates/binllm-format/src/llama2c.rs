@@ -58,9 +58,12 @@ fn find_tokenizer(checkpoint: &Path, vocab_size: usize) -> Option<PathBuf> {
 
 fn parse_checkpoint(bytes: &[u8]) -> Result<(ModelConfig, TensorMap)> {
     let int = |i: usize| -> Result<i32> {
-        let b = bytes
-            .get(4 * i..4 * i + 4)
-            .context("file is shorter than its header")?;
+        let b = bytes.get(4 * i..4 * i + 4).with_context(|| {
+            format!(
+                "the file is truncated: {} bytes, shorter than its header",
+                bytes.len()
+            )
+        })?;
         Ok(i32::from_le_bytes(b.try_into().expect("4 bytes")))
     };
     let (header, offset, shared_classifier, v1) = if int(0)? as u32 == MAGIC_V1 {
@@ -90,13 +93,16 @@ fn parse_checkpoint(bytes: &[u8]) -> Result<(ModelConfig, TensorMap)> {
             .collect::<Vec<_>>(),
     )
     .expect("7 fields");
-    if dim % heads != 0
-        || heads % kv_heads != 0
-        || dim > 1 << 16
-        || layers > 1024
-        || vocab > 1 << 20
-    {
-        bail!("header {header:?} does not describe a valid model");
+    if dim > 1 << 16 || layers > 1024 || vocab > 1 << 20 {
+        bail!(
+            "header {header:?} has implausibly large dimensions (dim {dim}, n_layers {layers}, vocab_size {vocab}): not a llama2.c checkpoint"
+        );
+    }
+    if dim % heads != 0 {
+        bail!("header {header:?}: dim {dim} is not a multiple of n_heads {heads}");
+    }
+    if heads % kv_heads != 0 {
+        bail!("header {header:?}: n_heads {heads} is not a multiple of n_kv_heads {kv_heads}");
     }
     let head_dim = dim / heads;
     let config = ModelConfig {
@@ -245,6 +251,7 @@ pub fn read_tokenizer(path: &Path, vocab_size: usize) -> Result<TextTokenizer> {
         );
     }
     sentencepiece_bpe(&pieces, Some(BOS), vec![EOS], true, add_dummy_prefix)
+        .with_context(|| format!("{}: unusable tokenizer", path.display()))
 }
 
 /// llama2.c's tokenizer.bin: i32 max_token_length, then per token f32 score, i32 length,
@@ -252,22 +259,21 @@ pub fn read_tokenizer(path: &Path, vocab_size: usize) -> Result<TextTokenizer> {
 /// as "\n<s>\n" and "\n</s>\n".
 fn parse_tok_bin(bytes: &[u8], vocab_size: usize) -> Result<Vec<SentencePiece>> {
     let mut pos = 4usize;
-    let read4 = |pos: &mut usize| -> Result<[u8; 4]> {
-        let b = bytes.get(*pos..*pos + 4).context("truncated")?;
+    let truncated = |id: usize| format!("the file is truncated at token {id} of {vocab_size}");
+    let read4 = |pos: &mut usize, id: usize| -> Result<[u8; 4]> {
+        let b = bytes.get(*pos..*pos + 4).with_context(|| truncated(id))?;
         *pos += 4;
         Ok(b.try_into().expect("4 bytes"))
     };
     let mut pieces = Vec::with_capacity(vocab_size);
     for id in 0..vocab_size {
-        let score = f32::from_le_bytes(read4(&mut pos)?);
-        let len = i32::from_le_bytes(read4(&mut pos)?);
+        let score = f32::from_le_bytes(read4(&mut pos, id)?);
+        let len = i32::from_le_bytes(read4(&mut pos, id)?);
         let len = usize::try_from(len)
             .ok()
             .filter(|&l| l <= 1024)
-            .context("bad token length")?;
-        let raw = bytes
-            .get(pos..pos + len)
-            .with_context(|| format!("truncated at token {id}"))?;
+            .with_context(|| format!("token {id} has the bad length {len}"))?;
+        let raw = bytes.get(pos..pos + len).with_context(|| truncated(id))?;
         pos += len;
         let text =
             String::from_utf8(raw.to_vec()).with_context(|| format!("token {id} is not UTF-8"))?;
@@ -375,9 +381,11 @@ impl<'a> ProtoFields<'a> {
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        // A corrupt length can be near usize::MAX: the end must not overflow.
         let s = self
-            .bytes
-            .get(self.pos..self.pos + n)
+            .pos
+            .checked_add(n)
+            .and_then(|end| self.bytes.get(self.pos..end))
             .context("truncated field")?;
         self.pos += n;
         Ok(s)

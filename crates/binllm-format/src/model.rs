@@ -58,12 +58,21 @@ impl PretrainedModel {
             SourceFormat::Gguf => crate::gguf::read_model(path, options)?,
             SourceFormat::Llama2c => crate::llama2c::read_model(path, options)?,
         };
+        // A Hugging Face directory's config lives in its own file: name that file.
+        let config_file = match format {
+            SourceFormat::HuggingFace => path.join("config.json"),
+            _ => path.to_path_buf(),
+        };
         model
             .config
             .validate()
-            .with_context(|| format!("{}: inconsistent model config", path.display()))?;
-        names::check_tensors(&model.config, &model.tensors)
-            .with_context(|| format!("{}: config disagrees with the tensors", path.display()))?;
+            .with_context(|| format!("{}: inconsistent model config", config_file.display()))?;
+        names::check_tensors(&model.config, &model.tensors).with_context(|| {
+            format!(
+                "{}: config disagrees with the tensors",
+                config_file.display()
+            )
+        })?;
         if let Some(tok) = &model.tokenizer {
             if tok.vocab_size() > model.config.vocab_size {
                 bail!(
@@ -128,6 +137,19 @@ pub fn detect_format(path: &Path) -> Result<SourceFormat> {
         .with_context(|| format!("{}: cannot open model (does it exist?)", path.display()))?;
     if meta.is_dir() {
         return Ok(SourceFormat::HuggingFace);
+    }
+    // Any other file would be tried as a llama2.c checkpoint, whose error would not say what
+    // went wrong: a file of a Hugging Face directory given instead of the directory.
+    if path
+        .extension()
+        .is_some_and(|e| e == "safetensors" || e == "json")
+    {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        bail!(
+            "{}: not a model file on its own: a Hugging Face model is loaded from its directory (pass {})",
+            path.display(),
+            dir.map_or_else(|| ".".into(), |d| d.display().to_string())
+        );
     }
     let mut magic = [0u8; 4];
     let mut file =

@@ -258,7 +258,15 @@ pub fn sentencepiece_bpe(
     }
     let post_processor = match (add_bos, bos_id) {
         (true, Some(bos)) => {
-            let bos_text = &pieces[bos as usize].piece;
+            let bos_text = &pieces
+                .get(bos as usize)
+                .with_context(|| {
+                    format!(
+                        "BOS id {bos} is outside the {}-piece vocabulary",
+                        pieces.len()
+                    )
+                })?
+                .piece;
             json!({
                 "type": "TemplateProcessing",
                 "single": [{"SpecialToken": {"id": bos_text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
