@@ -12,6 +12,14 @@
 #   c  the corpus; binllm convert (binaryllm) on SmolLM2-135M-Instruct, Wikipedia + Gutenberg
 #   d  the STE baseline at the same Stage-2 budget; eval of the binaryllm sign model
 #   e  eval of the STE sign model and of PTQ; the comparison table
+#
+# A shorter session that only makes the trained 1-bit model for the CPU engine
+# (`bash tools/gpu/session.sh pack-packed` here, then f, g, h, i there):
+#   f  the binary and GGUF part 1
+#   g  the rest of the GGUF, joined and checked; eval data
+#   h  the corpus; binllm convert (binaryllm) as in c; export the packed file (f16 and q8_0
+#      head); eval of the exported file on CUDA; the q8_0-head file back in 15 MB parts
+#   i  eval of the exported file on the pure-Rust packed engine (16 CPU threads); run; bench
 set -euo pipefail
 stage=${1:?stage}
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -28,6 +36,19 @@ if [[ $stage == pack ]]; then
   mv "$pack/gguf.part-aa" "$pack/a/" && mv "$pack"/gguf.part-a[b-z] "$pack/b/"
   sha256sum models/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > "$pack/b/gguf.sha256"
   cp ../shared/data/corpus/wikipedia_en.txt.gz ../shared/data/corpus/gutenberg_en.slice.txt.gz "$pack/c/"
+  du -sh "$pack"/*
+  exit 0
+fi
+
+if [[ $stage == pack-packed ]]; then
+  rm -rf "$pack" && mkdir -p "$pack/f" "$pack/g" "$pack/h"
+  cargo build --release -p binllm-cli
+  strip -o "$pack/f/binllm" target/release/binllm
+  tar -C ../shared/data -czf "$pack/g/eval.tar.gz" eval
+  split -b 43M models/SmolLM2-135M-Instruct.Q4_1.gguf "$pack/gguf.part-"
+  mv "$pack/gguf.part-aa" "$pack/f/" && mv "$pack"/gguf.part-a[b-z] "$pack/g/"
+  sha256sum models/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > "$pack/g/gguf.sha256"
+  cp ../shared/data/corpus/wikipedia_en.txt.gz ../shared/data/corpus/gutenberg_en.slice.txt.gz "$pack/h/"
   du -sh "$pack"/*
   exit 0
 fi
@@ -88,6 +109,40 @@ e)
   timed "$bin" eval --model "$work/runs/ste/sign-model.safetensors" --tasks all --device cuda --data-dir "$work/eval" --out "$OUT/eval-ste.json"
   timed "$bin" convert "${common_convert[@]}" --out "$work/runs/ptq" --method ptq
   timed "$bin" eval --model "$work/runs/ptq/sign-model.safetensors" --tasks all --device cuda --data-dir "$work/eval" --out "$OUT/eval-ptq.json"
+  ;;
+f)
+  cp "$pack/f/binllm" "$pack/f/gguf.part-aa" "$work/"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  ;;
+g)
+  cat "$work/gguf.part-aa" "$pack"/g/gguf.part-a[b-z] > "$model"
+  echo "$(cat "$pack/g/gguf.sha256")  $model" | sha256sum -c
+  tar -C "$work" -xzf "$pack/g/eval.tar.gz"
+  ;;
+h)
+  cp "$pack/h/"*.gz "$work/"
+  say "binllm convert: binaryllm"
+  timed "$bin" convert "${common_convert[@]}" --out "$work/runs/binaryllm" --method binaryllm
+  tar -C "$work/runs/binaryllm" -czf "$OUT/run-binaryllm.tar.gz" --exclude checkpoints --exclude sign-model.safetensors .
+  for head in f16 q8; do
+    timed "$bin" export "$work/runs/binaryllm" --head $head --out "$work/smollm2-binaryllm-$head.b1"
+  done
+  "$bin" inspect "$work/smollm2-binaryllm-q8.b1"
+  say "eval of the exported file (f16 head) on CUDA, libtorch engine"
+  timed "$bin" eval --engine torch --model "$work/smollm2-binaryllm-f16.b1" --tasks wikitext2,c4,ptb --device cuda \
+    --data-dir "$work/eval" --out "$OUT/eval-exported-torch.json"
+  (cd "$work" && sha256sum smollm2-binaryllm-q8.b1 > "$OUT/smollm2-binaryllm-q8.b1.sha256" \
+    && split -b 15M smollm2-binaryllm-q8.b1 "$OUT/smollm2-binaryllm-q8.b1.part-")
+  ;;
+i)
+  say "eval of the exported file on the pure-Rust packed engine, 16 threads"
+  for head in f16 q8; do
+    timed "$bin" eval --engine packed --threads 16 --model "$work/smollm2-binaryllm-$head.b1" --tasks wikitext2 \
+      --data-dir "$work/eval" --out "$OUT/eval-exported-packed-$head.json"
+  done
+  timed "$bin" run --model "$work/smollm2-binaryllm-q8.b1" --chat --stats --max-tokens 64 \
+    --prompt "What is the capital of France?" </dev/null
+  timed "$bin" bench --model "$work/smollm2-binaryllm-q8.b1" --threads 16
   ;;
 esac
 say "stage $stage done"

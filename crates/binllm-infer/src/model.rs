@@ -224,6 +224,48 @@ impl DenseMatrix {
         }
     }
 
+    /// Member `member`'s rows of `ys[t] = W xs[t]` for `n` vectors (`ys` is `n x rows`). One
+    /// vector is a GEMV; several go tile by tile, so the matrix is read once, not `n` times.
+    fn product_part(&self, member: usize, xs: &[f32], n: usize, ys: &SharedOut) {
+        if n == 1 {
+            return self.gemv_part(member, xs, ys);
+        }
+        let Some(range) = self.parts.get(member).filter(|r| !r.is_empty()) else {
+            return;
+        };
+        let (rows, cols) = (range.len(), self.cols);
+        let mut part = vec![0f32; n * rows];
+        match &self.data {
+            DenseData::F32(w) => binllm_kernels::gemm_dense_with(
+                DenseKernel::best(),
+                &w[range.start * cols..range.end * cols],
+                rows,
+                cols,
+                xs,
+                n,
+                &mut part,
+                1,
+            ),
+            DenseData::F16(w) => binllm_kernels::gemm_dense_with(
+                DenseKernel::best(),
+                &w[range.start * cols..range.end * cols],
+                rows,
+                cols,
+                xs,
+                n,
+                &mut part,
+                1,
+            ),
+            DenseData::Q8(parts) => {
+                binllm_kernels::gemm_q8_with(q8_kernel(), &parts[member], xs, n, &mut part, 1)
+            }
+        }
+        for (t, values) in part.chunks_exact(rows).enumerate() {
+            // SAFETY: member parts are disjoint row ranges of each output vector.
+            unsafe { ys.slice(t * self.rows + range.start, rows) }.copy_from_slice(values);
+        }
+    }
+
     /// Member `member`'s rows of `y = W x`.
     fn gemv_part(&self, member: usize, x: &[f32], y: &SharedOut) {
         let Some(range) = self.parts.get(member).filter(|r| !r.is_empty()) else {
@@ -597,14 +639,18 @@ impl Model {
         // Final norm and LM head (only the last position unless every one is asked for).
         let rows = if all_logits { 0..n } else { n - 1..n };
         let head = self.head();
-        let vocab = c.vocab_size;
-        let mut logits = vec![0f32; rows.len() * vocab];
-        let mut normed = vec![0f32; h];
-        for (t, out) in rows.zip(logits.chunks_exact_mut(vocab)) {
-            rms_norm(&x[t * h..(t + 1) * h], &self.final_norm, eps, &mut normed);
-            let lo = SharedOut::new(out);
-            team.run(head.parts.len(), &|m| head.gemv_part(m, &normed, &lo));
-        }
+        let mut normed = vec![0f32; rows.len() * h];
+        rms_norm(
+            &x[rows.start * h..rows.end * h],
+            &self.final_norm,
+            eps,
+            &mut normed,
+        );
+        let mut logits = vec![0f32; rows.len() * c.vocab_size];
+        let lo = SharedOut::new(&mut logits);
+        team.run(head.parts.len(), &|m| {
+            head.product_part(m, &normed, rows.len(), &lo)
+        });
         logits
     }
 

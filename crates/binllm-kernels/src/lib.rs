@@ -92,12 +92,12 @@ pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 
-pub use dense::{gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_with, DenseKernel};
+pub use dense::{gemm_dense_with, gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_with, DenseKernel};
 pub use kernel::Kernel;
 pub use layout::{pack_signs, words_per_row, PackedMatrix};
 pub use lut::LutMatrix;
 pub use lut_i8::LutI8Matrix;
-pub use q8::{gemv_q8, gemv_q8_with, Q8Matrix};
+pub use q8::{gemm_q8_with, gemv_q8, gemv_q8_with, Q8Matrix};
 
 fn check_gemv_shapes(rows: usize, cols: usize, x: &[f32], y: &[f32]) {
     assert_eq!(x.len(), cols, "gemv: x.len() != cols");

@@ -1,11 +1,11 @@
 //! Every kernel against the scalar reference, and the reference against a float64 dense product.
 
 use binllm_kernels::lut::LutMatrix;
+use binllm_kernels::{gemm_dense_with, gemm_q8_with, gemv_q8_with, Q8Matrix};
 use binllm_kernels::{
     gemm_with, gemv_f16_with, gemv_f32_with, gemv_with, pack_signs, scalar, DenseKernel, Kernel,
     PackedMatrix, PreparedMatrix,
 };
-use binllm_kernels::{gemv_q8_with, Q8Matrix};
 use half::f16;
 
 /// SplitMix64: deterministic and dependency-free.
@@ -542,6 +542,50 @@ fn q8_head_gemv_matches_dequantized_reference() {
             let mut y2 = vec![f32::NAN; rows];
             gemv_q8_with(kernel, &m, x, &mut y2, 3);
             assert_eq!(y1, y2, "q8 {} threads", kernel.name());
+        }
+    }
+}
+
+/// The multi-vector dense products (the LM head over many positions) give exactly what one
+/// GEMV per vector gives, for every kernel, thread count and shape (row counts across the
+/// 64-row tile boundary, widths that are not whole blocks).
+#[test]
+fn dense_and_q8_gemm_equal_gemv_per_vector() {
+    let mut rng = Rng(29);
+    for &(rows, cols) in &[(1usize, 7usize), (63, 33), (64, 64), (65, 576), (200, 100)] {
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
+        let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let q8 = Q8Matrix::quantize(&w, rows, cols);
+        for n in [1usize, 2, 5] {
+            let xs = rng.activations(n * cols);
+            for kernel in DenseKernel::available() {
+                for threads in [1, 3] {
+                    let what = format!(
+                        "{} rows {rows} cols {cols} n {n} threads {threads}",
+                        kernel.name()
+                    );
+                    let per_vector = |gemv: &dyn Fn(&[f32], &mut [f32])| -> Vec<f32> {
+                        let mut ys = vec![0f32; n * rows];
+                        for (x, y) in xs.chunks_exact(cols).zip(ys.chunks_exact_mut(rows)) {
+                            gemv(x, y);
+                        }
+                        ys
+                    };
+                    let mut ys = vec![f32::NAN; n * rows];
+                    gemm_q8_with(kernel, &q8, &xs, n, &mut ys, threads);
+                    assert_eq!(
+                        ys,
+                        per_vector(&|x, y| gemv_q8_with(kernel, &q8, x, y, 1)),
+                        "q8 {what}"
+                    );
+                    gemm_dense_with(kernel, &w16, rows, cols, &xs, n, &mut ys, threads);
+                    let want = per_vector(&|x, y| gemv_f16_with(kernel, &w16, rows, cols, x, y, 1));
+                    assert_eq!(ys, want, "f16 {what}");
+                    gemm_dense_with(kernel, &w, rows, cols, &xs, n, &mut ys, threads);
+                    let want = per_vector(&|x, y| gemv_f32_with(kernel, &w, rows, cols, x, y, 1));
+                    assert_eq!(ys, want, "f32 {what}");
+                }
+            }
         }
     }
 }
