@@ -177,9 +177,10 @@ pub fn run(args: Args) -> Result<()> {
         v.sign_gap
     );
     println!(
-        "tokens trained {}, Stage-2 {:.0} tokens/s, wall-clock {:.1} s; run in {}",
+        "tokens trained {}, Stage-2 {:.0} tokens/s ({:.0} in training steps alone), wall-clock {:.1} s; run in {}",
         summary.tokens_trained,
         summary.stage2_tokens_per_second,
+        summary.stage2_step_tokens_per_second,
         summary.wall_seconds,
         args.out.display()
     );

@@ -86,9 +86,22 @@ impl EvalReport {
 
     /// A short column label: the model file name plus the engine.
     pub fn label(&self) -> String {
-        let name = Path::new(&self.run.model)
-            .file_name()
-            .map_or(self.run.model.clone(), |n| n.to_string_lossy().into_owned());
+        self.label_with_folders(0)
+    }
+
+    /// The label with the model's last `folders` parent folders, which tell apart models
+    /// whose files share a name (`sign-model.safetensors` of several runs).
+    fn label_with_folders(&self, folders: usize) -> String {
+        let path = Path::new(&self.run.model);
+        let parts: Vec<String> = path
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let name = if parts.is_empty() {
+            self.run.model.clone()
+        } else {
+            parts[parts.len().saturating_sub(folders + 1)..].join("/")
+        };
         if self.run.engine.is_empty() {
             name
         } else {
@@ -212,8 +225,23 @@ pub fn compare(reports: &[EvalReport]) -> String {
     }
     keys.sort_by_key(|k| row_rank(k));
     let mut md = String::from("| metric |");
-    for r in reports {
-        let _ = write!(md, " {} |", r.label().replace('|', "/"));
+    let unique = |labels: &[String]| {
+        labels
+            .iter()
+            .all(|l| labels.iter().filter(|m| *m == l).count() == 1)
+    };
+    let mut labels: Vec<String> = reports.iter().map(EvalReport::label).collect();
+    for folders in 1..4 {
+        if unique(&labels) {
+            break;
+        }
+        labels = reports
+            .iter()
+            .map(|r| r.label_with_folders(folders))
+            .collect();
+    }
+    for label in &labels {
+        let _ = write!(md, " {} |", label.replace('|', "/"));
     }
     md.push_str("\n|---|");
     md.push_str(&"---:|".repeat(reports.len()));

@@ -184,4 +184,21 @@ fn a_benchmark_run_reports_every_number_and_renders() {
         lines.iter().position(|l| l.starts_with("| file:"))
             < lines.iter().position(|l| l.starts_with("| BoolQ acc |"))
     );
+
+    // Models whose files share a name are told apart by their folders.
+    let in_run = |run: &str| {
+        let mut r = report.clone();
+        r.run.model = format!("/runs/{run}/sign-model.safetensors");
+        r
+    };
+    let header = compare(&[in_run("binaryllm"), in_run("ste")])
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        header.contains("binaryllm/sign-model.safetensors (test f32)")
+            && header.contains("ste/sign-model.safetensors (test f32)"),
+        "{header}"
+    );
 }

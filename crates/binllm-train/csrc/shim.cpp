@@ -38,6 +38,22 @@ char *binllm_set_autocast_bf16() {
   }
 }
 
+// Enters CUDA autocast through the per-device API (tch's autocast uses the deprecated
+// device-less calls, which warn on every step). Returns whether it was on before.
+bool binllm_autocast_enter() {
+  bool was_enabled = at::autocast::is_autocast_enabled(at::kCUDA);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  at::autocast::increment_nesting();
+  return was_enabled;
+}
+
+// Leaves autocast; the cast-weight cache is dropped when the outermost region ends, as
+// torch.autocast does.
+void binllm_autocast_exit(bool was_enabled) {
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(at::kCUDA, was_enabled);
+}
+
 // One fused AdamW step over all parameters (the kernel PyTorch's `fused=True` uses).
 char *binllm_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **exp_avgs,
                          at::Tensor **exp_avg_sqs, at::Tensor **steps, size_t n, double lr,

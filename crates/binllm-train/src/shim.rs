@@ -11,6 +11,8 @@ use torch_sys::C_tensor;
 extern "C" {
     fn binllm_free_error(msg: *mut c_char);
     fn binllm_set_autocast_bf16() -> *mut c_char;
+    fn binllm_autocast_enter() -> bool;
+    fn binllm_autocast_exit(was_enabled: bool);
     fn binllm_fused_adamw(
         params: *const *mut C_tensor,
         grads: *const *mut C_tensor,
@@ -56,12 +58,22 @@ pub fn set_autocast_bf16() -> Result<()> {
     )
 }
 
-/// Runs `f` under bf16 autocast.
+/// Runs `f` under CUDA autocast (bf16 after [`set_autocast_bf16`]).
 pub fn with_autocast_bf16<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
     if !enabled {
         return f();
     }
-    tch::autocast(true, f)
+    /// Leaves the region also when `f` unwinds.
+    struct Region(bool);
+    impl Drop for Region {
+        fn drop(&mut self) {
+            // SAFETY: pairs with the enter below; plain libtorch state calls.
+            unsafe { binllm_autocast_exit(self.0) }
+        }
+    }
+    // SAFETY: plain libtorch state calls, no pointers.
+    let _region = Region(unsafe { binllm_autocast_enter() });
+    f()
 }
 
 /// State tensors of one parameter for [`fused_adamw`].
