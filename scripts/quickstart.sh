@@ -5,9 +5,9 @@
 #
 # On a machine whose Python has a CUDA build of torch, the conversion runs on that GPU with
 # the paper's recipe (16M Stage-2 tokens: about 3 minutes on one H100). Otherwise it runs on
-# the CPU with a small budget (BUDGET, default 256k tokens of 512-token windows: under an hour
-# on 2 cores) that shows every step but not the method's quality. Run it again to resume an
-# interrupted conversion; delete RUN to start over.
+# the CPU with a small budget (BUDGET, default 40k Stage-2 tokens of 256-token windows after 5
+# Stage-1 steps) that shows every step but not the method's quality. Run it again to resume
+# an interrupted conversion; delete RUN to start over.
 #
 # Environment: DATA (corpus files or folders, space-separated; default ../shared/data/corpus's
 # Wikipedia and Gutenberg), RUN (default runs/smollm2-binaryllm), BUDGET (CPU token budget).
@@ -35,9 +35,12 @@ if [[ -n "$cuda_lib" ]]; then
   say "CUDA: using libtorch from $cuda_lib"
   export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   budget=(--device cuda --preset paper --tokens 16M)
+  scoring=(--tasks all --device cuda)
 else
-  say "no CUDA torch found: converting on the CPU with a small budget (BUDGET=${BUDGET:-256k} tokens)"
-  budget=(--device cpu --preset paper --seq-len 512 --batch-tokens 16384 --tokens "${BUDGET:-256k}")
+  say "no CUDA torch found: converting on the CPU with a small budget (BUDGET=${BUDGET:-40k} tokens)"
+  budget=(--device cpu --preset paper --seq-len 256 --batch-tokens 2048 --stage1-steps 5
+    --val-windows 8 --tokens "${BUDGET:-40k}")
+  scoring=(--tasks arc_easy,piqa --limit 100)
 fi
 
 $binllm inspect "$model"
@@ -49,7 +52,7 @@ else
 fi
 $binllm export "$run" --out "$run/model.b1"
 $binllm inspect "$run/model.b1"
-$binllm eval --model "$run/model.b1" --tasks wikitext2 --out "$run/eval-wikitext2.json"
+$binllm eval --model "$run/model.b1" "${scoring[@]}" --out "$run/eval.json"
 $binllm run --model "$run/model.b1" --chat --stats --max-tokens 64 \
   --prompt "Explain in two sentences why the sky is blue." </dev/null
 $binllm bench --model "$run/model.b1"

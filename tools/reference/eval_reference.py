@@ -240,18 +240,34 @@ def ppl_text(name: str, data: Path) -> tuple[str, int | None]:
     raise SystemExit(f"unknown perplexity set {name}")
 
 
-def load_tokenizer(model_dir: str, gguf_file: str | None):
+def load_tokenizer(model_dir: str, gguf_file: str | None, llama_cpp_pre: bool = False):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)
+    if llama_cpp_pre:
+        # transformers builds a GGUF's byte-level BPE with plain GPT-2 pre-tokenization and
+        # ignores `tokenizer.ggml.pre`; llama.cpp's `smollm` (like starcoder, refact) first
+        # isolates every digit. With this flag the reference tokenizes as llama.cpp does.
+        from tokenizers import Regex, pre_tokenizers
+        from gguf import GGUFReader
+        field = GGUFReader(str(Path(model_dir) / gguf_file)).fields["tokenizer.ggml.pre"]
+        pre = bytes(field.parts[field.data[0]]).decode()
+        if pre not in ("smollm", "starcoder", "refact"):
+            raise SystemExit(f"--llama-cpp-pre: no rule for tokenizer.ggml.pre = {pre!r}")
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    return tokenizer
 
 
 def prepare(args) -> dict:
     import lm_eval
     data = Path(args.data)
     t0 = time.time()
-    tokenizer = load_tokenizer(args.model_dir, args.gguf_file)
+    tokenizer = load_tokenizer(args.model_dir, args.gguf_file, args.llama_cpp_pre)
     out = {
-        "model": {"dir": args.model_dir, "gguf_file": args.gguf_file},
+        "model": {"dir": args.model_dir, "gguf_file": args.gguf_file,
+                  "pre_tokenizer": "llama.cpp" if args.llama_cpp_pre else "transformers"},
         "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else "?",
         "ctx": args.ctx,
         "limit": args.limit,
@@ -477,6 +493,9 @@ def main() -> None:
     p.add_argument("--only-windows", type=int, default=0,
                    help="score only the first N perplexity windows (a spot check on slow CPUs)")
     p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--llama-cpp-pre", action="store_true",
+                   help="tokenize with llama.cpp's pre-tokenizer for the GGUF's tokenizer.ggml.pre "
+                        "(digits isolated for smollm) instead of transformers' GPT-2 default")
     p.add_argument("--ppl", default=",".join(PPL_SETS))
     args = p.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]

@@ -173,9 +173,15 @@ fn packed_engine(
     packed: bool,
 ) -> Result<(Box<dyn LanguageModel>, String)> {
     if !packed {
+        let alternative = if cfg!(feature = "torch") {
+            "use --engine torch for other formats"
+        } else {
+            "this binllm was built without the libtorch engine (feature `torch`) that reads \
+             other formats"
+        };
         bail!(
             "{}: the packed engine runs binllm packed models only (`binllm export` makes one); \
-             use --engine torch for other formats",
+             {alternative}",
             model.display()
         );
     }

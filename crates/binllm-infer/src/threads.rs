@@ -211,33 +211,8 @@ impl Drop for Team {
     }
 }
 
-/// An output buffer that team members write disjoint parts of.
-pub struct SharedOut {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: only `slice` hands out access, and its contract requires disjoint ranges.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    pub fn new(out: &mut [f32]) -> Self {
-        SharedOut {
-            ptr: out.as_mut_ptr(),
-            len: out.len(),
-        }
-    }
-
-    /// # Safety
-    /// No two live slices from the same `SharedOut` may overlap, and the buffer it was made
-    /// from must outlive them (it is borrowed for the team job's duration).
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(start + len <= self.len, "SharedOut: out of bounds");
-        // SAFETY: in bounds (asserted); disjointness is the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
-    }
-}
+// Team members write disjoint parts of one output through the kernels' shared buffer.
+pub use binllm_kernels::SharedOut;
 
 /// Splits `rows` into `parts` contiguous ranges, each (but the last) a multiple of `align`
 /// rows, so that no kernel block straddles two members.

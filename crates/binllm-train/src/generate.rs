@@ -4,37 +4,13 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use binllm_infer::sampling::{Sampler, SamplingParams};
+use binllm_infer::sampling::Sampler;
 use tch::{Kind, Tensor};
 
 use crate::model::{KvCache, Llama};
 
-#[derive(Debug, Clone)]
-pub struct GenerateOptions {
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    /// Stop at any of these tokens (not emitted).
-    pub stop_tokens: Vec<u32>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct GenerationStats {
-    pub prompt_tokens: usize,
-    pub generated_tokens: usize,
-    pub prefill_seconds: f64,
-    pub decode_seconds: f64,
-}
-
-impl GenerationStats {
-    pub fn prefill_tokens_per_second(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill_seconds.max(1e-9)
-    }
-
-    /// Decode speed, counting the tokens produced after the first (which comes from prefill).
-    pub fn decode_tokens_per_second(&self) -> f64 {
-        self.generated_tokens.saturating_sub(1) as f64 / self.decode_seconds.max(1e-9)
-    }
-}
+// One set of options and statistics for both engines, so `generate` and `run` report alike.
+pub use binllm_infer::generate::{GenerateOptions, GenerationStats};
 
 fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
     let last = logits
