@@ -159,20 +159,22 @@ pub fn gemv_f32_with(
 /// while every vector passes over it).
 const GEMM_ROW_TILE: usize = 64;
 
-/// `ys[t * rows + r] = (W xs[t])[r]` for `n` vectors (row-major `n x cols`) and an f16 or f32
-/// matrix: the same numbers as `n` GEMVs with `kernel`, tile by tile so each weight is read once.
+/// `ys[t * rows + r] = (W xs[t])[r]` for the vectors `xs` (row-major, `cols` each) and a
+/// row-major f16 or f32 matrix `w` of `cols` columns: the same numbers as one GEMV per vector
+/// with `kernel`, tile by tile so each weight is read once.
 pub fn gemm_dense_with<E: DotKernels>(
     kernel: DenseKernel,
     w: &[E],
-    rows: usize,
     cols: usize,
     xs: &[f32],
-    n: usize,
     ys: &mut [f32],
     threads: usize,
 ) {
-    assert_eq!(w.len(), rows * cols, "dense gemm: w.len() != rows * cols");
-    assert_eq!(xs.len(), n * cols, "dense gemm: xs.len() != n * cols");
+    assert!(
+        cols > 0 && w.len().is_multiple_of(cols) && xs.len().is_multiple_of(cols),
+        "dense gemm: w and xs must be whole rows of {cols}"
+    );
+    let (rows, n) = (w.len() / cols, xs.len() / cols);
     assert_eq!(ys.len(), n * rows, "dense gemm: ys.len() != n * rows");
     assert!(
         kernel.is_available(),

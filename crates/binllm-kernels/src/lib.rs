@@ -96,8 +96,8 @@ pub use dense::{gemm_dense_with, gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_wit
 pub use kernel::Kernel;
 pub use layout::{pack_signs, words_per_row, PackedMatrix};
 pub use lut::LutMatrix;
-pub use parallel::SharedOut;
 pub use lut_i8::LutI8Matrix;
+pub use parallel::SharedOut;
 pub use q8::{gemm_q8_with, gemv_q8, gemv_q8_with, Q8Matrix};
 
 fn check_gemv_shapes(rows: usize, cols: usize, x: &[f32], y: &[f32]) {

@@ -578,10 +578,10 @@ fn dense_and_q8_gemm_equal_gemv_per_vector() {
                         per_vector(&|x, y| gemv_q8_with(kernel, &q8, x, y, 1)),
                         "q8 {what}"
                     );
-                    gemm_dense_with(kernel, &w16, rows, cols, &xs, n, &mut ys, threads);
+                    gemm_dense_with(kernel, &w16, cols, &xs, &mut ys, threads);
                     let want = per_vector(&|x, y| gemv_f16_with(kernel, &w16, rows, cols, x, y, 1));
                     assert_eq!(ys, want, "f16 {what}");
-                    gemm_dense_with(kernel, &w, rows, cols, &xs, n, &mut ys, threads);
+                    gemm_dense_with(kernel, &w, cols, &xs, &mut ys, threads);
                     let want = per_vector(&|x, y| gemv_f32_with(kernel, &w, rows, cols, x, y, 1));
                     assert_eq!(ys, want, "f32 {what}");
                 }
