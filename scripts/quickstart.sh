@@ -5,12 +5,13 @@
 #
 # On a machine whose Python has a CUDA build of torch, the conversion runs on that GPU with
 # the paper's recipe (16M Stage-2 tokens: about 3 minutes on one H100). Otherwise it runs on
-# the CPU with a small budget (BUDGET, default 40k Stage-2 tokens of 256-token windows after 5
-# Stage-1 steps) that shows every step but not the method's quality. Run it again to resume
+# the CPU with a small budget (STEPS, default 20 Stage-2 steps of 2048 tokens, one a phase,
+# after 5 Stage-1 steps) that shows every step but not the method's quality. Run it again to resume
 # an interrupted conversion; delete RUN to start over.
 #
 # Environment: DATA (corpus files or folders, space-separated; default ../shared/data/corpus's
-# Wikipedia and Gutenberg), RUN (default runs/smollm2-binaryllm), BUDGET (CPU token budget).
+# Wikipedia and Gutenberg), RUN (default runs/smollm2-binaryllm), STEPS (CPU Stage-2 steps, a
+# multiple of the 20 phases).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '\033[1m[quickstart]\033[0m %s\n' "$*" >&2; }
@@ -37,9 +38,9 @@ if [[ -n "$cuda_lib" ]]; then
   budget=(--device cuda --preset paper --tokens 16M)
   scoring=(--tasks all --device cuda)
 else
-  say "no CUDA torch found: converting on the CPU with a small budget (BUDGET=${BUDGET:-40k} tokens)"
+  say "no CUDA torch found: converting on the CPU with a small budget (STEPS=${STEPS:-20} Stage-2 steps)"
   budget=(--device cpu --preset paper --seq-len 256 --batch-tokens 2048 --stage1-steps 5
-    --val-windows 8 --tokens "${BUDGET:-40k}")
+    --val-windows 8 --steps "${STEPS:-20}")
   scoring=(--tasks arc_easy,piqa --limit 100)
 fi
 
