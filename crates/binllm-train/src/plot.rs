@@ -21,20 +21,29 @@ pub struct Curves {
 }
 
 /// A TrueType font for labels: plotters draws text only with a font it has been given.
+/// `$BINLLM_FONT` names one; otherwise DejaVu Sans where distributions install it. Without
+/// a font the plot is drawn without text, and a warning says how to get labels.
 fn register_font() -> bool {
     const CANDIDATES: [&str; 3] = [
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "/usr/share/fonts/dejavu/DejaVuSans.ttf",
         "/usr/share/fonts/TTF/DejaVuSans.ttf",
     ];
-    for path in CANDIDATES {
+    let from_env = std::env::var("BINLLM_FONT").ok();
+    for path in from_env.iter().map(String::as_str).chain(CANDIDATES) {
         if let Ok(bytes) = std::fs::read(path) {
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
             if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
                 return true;
             }
         }
+        if from_env.as_deref() == Some(path) {
+            eprintln!("warning: BINLLM_FONT={path} is not a readable TrueType font");
+        }
     }
+    eprintln!(
+        "warning: no TrueType font found (DejaVu Sans or $BINLLM_FONT): the training plot has no labels"
+    );
     false
 }
 
