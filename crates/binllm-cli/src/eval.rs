@@ -189,10 +189,7 @@ fn packed_engine(
         model,
         &crate::run::runtime_options(a.threads, a.kernel.as_deref())?,
     )?;
-    let tokenizer = file
-        .tokenizer()
-        .with_context(|| format!("{}: bad embedded tokenizer", model.display()))?
-        .with_context(|| format!("{}: the packed model has no tokenizer", model.display()))?;
+    let tokenizer = crate::run::embedded_tokenizer(&file, model)?;
     let label = format!(
         "packed (pure Rust, {} kernel, {} threads)",
         runtime.kernel(),
@@ -220,9 +217,7 @@ fn torch_engine(
     };
     let (llama, tokenizer) = if packed {
         let p = binllm_format::packed::PackedModel::read(model)?;
-        let tok = p
-            .tokenizer()?
-            .with_context(|| format!("{}: the packed model has no tokenizer", model.display()))?;
+        let tok = crate::run::embedded_tokenizer(&p, model)?;
         (
             binllm_train::sign_model::llama_from_packed(&p, device, kind)?,
             tok,

@@ -3,11 +3,11 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use crate::run::SamplingArgs;
 use anyhow::{Context, Result};
 use binllm_format::chat::ChatMessage;
 use binllm_format::tokenizer::StreamDecoder;
 use binllm_format::{LoadOptions, PretrainedModel};
-use binllm_infer::sampling::SamplingParams;
 use binllm_train::generate::{generate, GenerateOptions};
 use binllm_train::{parse_device, Llama};
 
@@ -26,18 +26,8 @@ pub struct Args {
     pub system: Option<String>,
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
-    /// 0 picks the most likely token every step (greedy).
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// 0 keeps every token.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -84,13 +74,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            repetition_penalty: args.repetition_penalty,
-            seed: args.seed,
-        },
+        sampling: args.sampling.params(),
         stop_tokens: tokenizer.eos_ids.clone(),
     };
     let mut stdout = std::io::stdout().lock();

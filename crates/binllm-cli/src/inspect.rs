@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use binllm_format::{LoadOptions, PretrainedModel};
+use binllm_format::{LoadOptions, PretrainedModel, TextTokenizer};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -88,23 +88,10 @@ pub fn run(args: Args) -> Result<()> {
         .map(|(t, n)| format!("{n} {t}"))
         .collect();
     println!("tensor types   {}", types.join(", "));
-    match &model.tokenizer {
-        Some(t) => println!(
-            "tokenizer      {}, {} tokens, bos {:?}, eos {:?}",
-            t.kind.label(),
-            t.vocab_size(),
-            t.bos_id,
-            t.eos_ids
-        ),
-        None => println!("tokenizer      none found"),
-    }
-    println!(
-        "chat template  {}",
-        if model.chat_template.is_some() {
-            "yes"
-        } else {
-            "no"
-        }
+    print_tokenizer(
+        model.tokenizer.as_ref(),
+        "none found",
+        model.chat_template.is_some(),
     );
     for note in &model.notes {
         println!("note           {note}");
@@ -189,7 +176,13 @@ fn inspect_packed(args: &Args) -> Result<()> {
         "provenance     {} from {}",
         model.provenance.method, model.provenance.source_model
     );
-    match &tokenizer {
+    print_tokenizer(tokenizer.as_ref(), "none", model.chat_template.is_some());
+    Ok(())
+}
+
+/// The tokenizer and chat-template lines, the same for every format.
+fn print_tokenizer(tokenizer: Option<&TextTokenizer>, missing: &str, chat_template: bool) {
+    match tokenizer {
         Some(t) => println!(
             "tokenizer      {}, {} tokens, bos {:?}, eos {:?}",
             t.kind.label(),
@@ -197,15 +190,10 @@ fn inspect_packed(args: &Args) -> Result<()> {
             t.bos_id,
             t.eos_ids
         ),
-        None => println!("tokenizer      none"),
+        None => println!("tokenizer      {missing}"),
     }
     println!(
         "chat template  {}",
-        if model.chat_template.is_some() {
-            "yes"
-        } else {
-            "no"
-        }
+        if chat_template { "yes" } else { "no" }
     );
-    Ok(())
 }

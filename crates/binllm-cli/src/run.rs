@@ -2,10 +2,11 @@
 //! streaming tokens; `--chat` keeps a conversation going over stdin lines.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use binllm_format::chat::{self, ChatMessage};
+use binllm_format::packed::PackedModel;
 use binllm_format::tokenizer::StreamDecoder;
 use binllm_format::TextTokenizer;
 use binllm_infer::generate::{generate, GenerateOptions, GenerationStats};
@@ -28,6 +29,23 @@ pub struct Args {
     pub system: Option<String>,
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Threads (0: every core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// 1-bit kernel (default: the fastest exact one here). `lut-i8-avx512` is faster on some
+    /// shapes but rounds activations to int8 (approximate).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Print speeds (prompt and decode tokens/s) to stderr after each reply.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// Token sampling options, shared by `run` (packed engine) and `generate` (libtorch).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
     /// 0 picks the most likely token every step (greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -40,16 +58,26 @@ pub struct Args {
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Threads (0: every core).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// 1-bit kernel (default: the fastest exact one here). `lut-i8-avx512` is faster on some
-    /// shapes but rounds activations to int8 (approximate).
-    #[arg(long)]
-    pub kernel: Option<String>,
-    /// Print speeds (prompt and decode tokens/s) to stderr after each reply.
-    #[arg(long)]
-    pub stats: bool,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
+/// The tokenizer embedded in a packed model, which `run` and `eval` need.
+pub fn embedded_tokenizer(packed: &PackedModel, path: &Path) -> Result<TextTokenizer> {
+    packed
+        .tokenizer()
+        .with_context(|| format!("{}: bad embedded tokenizer", path.display()))?
+        .with_context(|| format!("{}: the model has no tokenizer", path.display()))
 }
 
 /// How the packed runtime loads, from the `--threads` and `--kernel` options that `run`,
@@ -69,19 +97,10 @@ pub fn run(args: Args) -> Result<()> {
         &args.model,
         &crate::run::runtime_options(args.threads, args.kernel.as_deref())?,
     )?;
-    let tokenizer = packed
-        .tokenizer()
-        .with_context(|| format!("{}: bad embedded tokenizer", args.model.display()))?
-        .with_context(|| format!("{}: the model has no tokenizer", args.model.display()))?;
+    let tokenizer = embedded_tokenizer(&packed, &args.model)?;
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            repetition_penalty: args.repetition_penalty,
-            seed: args.seed,
-        },
+        sampling: args.sampling.params(),
         stop_tokens: tokenizer.eos_ids.clone(),
     };
     let mut cache = KvCache::new(&model.config);

@@ -51,12 +51,7 @@ pub fn prefill(model: &Model, cache: &mut KvCache, prompt: &[u32]) -> Result<(Ve
             prompt.len()
         );
     }
-    let common = cache
-        .tokens()
-        .iter()
-        .zip(prompt)
-        .take_while(|(a, b)| a == b)
-        .count();
+    let common = cache.shared_prefix(prompt);
     // At least one token must run to produce logits.
     let keep = common.min(prompt.len() - 1);
     cache.truncate(keep);

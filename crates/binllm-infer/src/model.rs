@@ -364,6 +364,15 @@ impl KvCache {
         &self.tokens
     }
 
+    /// How many leading `tokens` the cache already holds.
+    pub fn shared_prefix(&self, tokens: &[u32]) -> usize {
+        self.tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
+
     /// Forgets every position from `len` on.
     pub fn truncate(&mut self, len: usize) {
         let len = len.min(self.tokens.len());

@@ -11,6 +11,7 @@ use binllm_eval::{LanguageModel, ScoreRequest, TokenScore};
 use binllm_format::TextTokenizer;
 
 use crate::model::{KvCache, Model};
+use crate::sampling::argmax;
 
 /// Positions per forward call: bounds the `positions x vocab` logits held at once.
 const POSITIONS_PER_PASS: usize = 256;
@@ -35,14 +36,7 @@ impl PackedScorer {
         // The last token is only a target; position p is predicted by the logits of p - 1.
         let inputs = &request.tokens[..request.tokens.len() - 1];
         let first_needed = request.score_from - 1;
-        let shared = self
-            .cache
-            .tokens()
-            .iter()
-            .zip(inputs)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(first_needed);
+        let shared = self.cache.shared_prefix(inputs).min(first_needed);
         self.cache.truncate(shared);
         if shared < first_needed {
             // Context only: the logits are not needed, just the cached keys and values.
@@ -65,22 +59,13 @@ impl PackedScorer {
 
 /// log-softmax of `logits` at `target` (accumulated in f64), and whether it is the argmax.
 fn token_score(logits: &[f32], target: u32) -> TokenScore {
-    let (argmax, max) =
-        logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                if v > bv {
-                    (i, v)
-                } else {
-                    (bi, bv)
-                }
-            });
+    let best = argmax(logits);
+    let max = logits[best as usize];
     let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
     let logprob = (logits[target as usize] - max) as f64 - sum.ln();
     TokenScore {
         logprob: logprob as f32,
-        is_greedy: argmax == target as usize,
+        is_greedy: best == target,
     }
 }
 

@@ -121,17 +121,7 @@ pub fn gemv_q8_with(kernel: DenseKernel, m: &Q8Matrix, x: &[f32], y: &mut [f32],
         for (out, r) in out.iter_mut().zip(rows) {
             let quants = &m.quants[r * row_len..(r + 1) * row_len];
             let scales = &m.scales[r * m.blocks_per_row..(r + 1) * m.blocks_per_row];
-            *out = match kernel {
-                // SAFETY: availability asserted above; `x_q16` covers whole blocks.
-                #[cfg(target_arch = "x86_64")]
-                DenseKernel::Avx512 => unsafe {
-                    x86::dot_q8_avx512bw(quants, scales, &x_q16) * x_scale
-                },
-                #[cfg(target_arch = "x86_64")]
-                DenseKernel::Avx2 => unsafe { x86::dot_q8_avx2(quants, scales, &x_q16) * x_scale },
-                DenseKernel::Scalar => dot_q8_scalar(quants, scales, x),
-                _ => dot_q8_portable(quants, scales, &x_q16) * x_scale,
-            };
+            *out = dot_q8(kernel, quants, scales, x, &x_q16, x_scale);
         }
     });
 }
@@ -158,17 +148,14 @@ pub fn gemm_q8_with(
         "dense kernel {} is not available on this CPU",
         kernel.name()
     );
-    let integer = kernel != DenseKernel::Scalar;
     let row_len = m.blocks_per_row * Q8_BLOCK;
-    let mut xs_q16 = vec![0i16; if integer { n * row_len } else { 0 }];
-    let x_scales: Vec<f32> = if integer {
-        xs.chunks_exact(m.cols)
-            .zip(xs_q16.chunks_exact_mut(row_len))
-            .map(|(x, q)| quantize_i16(x, q))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // Every vector's int16 activations once (the scalar reference ignores them).
+    let mut xs_q16 = vec![0i16; n * row_len];
+    let x_scales: Vec<f32> = xs
+        .chunks_exact(m.cols)
+        .zip(xs_q16.chunks_exact_mut(row_len))
+        .map(|(x, q)| quantize_i16(x, q))
+        .collect();
     let out = SharedOut::new(ys);
     for_each_range(m.rows, threads, |rows| {
         for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
@@ -179,22 +166,14 @@ pub fn gemm_q8_with(
                 for (out, r) in out.iter_mut().zip(tile.clone()) {
                     let quants = &m.quants[r * row_len..(r + 1) * row_len];
                     let scales = &m.scales[r * m.blocks_per_row..(r + 1) * m.blocks_per_row];
-                    let x_q16 = || &xs_q16[t * row_len..(t + 1) * row_len];
-                    *out = match kernel {
-                        // SAFETY: availability asserted above; `x_q16` covers whole blocks.
-                        #[cfg(target_arch = "x86_64")]
-                        DenseKernel::Avx512 => unsafe {
-                            x86::dot_q8_avx512bw(quants, scales, x_q16()) * x_scales[t]
-                        },
-                        #[cfg(target_arch = "x86_64")]
-                        DenseKernel::Avx2 => unsafe {
-                            x86::dot_q8_avx2(quants, scales, x_q16()) * x_scales[t]
-                        },
-                        DenseKernel::Scalar => {
-                            dot_q8_scalar(quants, scales, &xs[t * m.cols..(t + 1) * m.cols])
-                        }
-                        _ => dot_q8_portable(quants, scales, x_q16()) * x_scales[t],
-                    };
+                    *out = dot_q8(
+                        kernel,
+                        quants,
+                        scales,
+                        &xs[t * m.cols..(t + 1) * m.cols],
+                        &xs_q16[t * row_len..(t + 1) * row_len],
+                        x_scales[t],
+                    );
                 }
             }
         }
@@ -214,6 +193,28 @@ fn quantize_i16(x: &[f32], q: &mut [i16]) -> f32 {
     }
     q[x.len()..].fill(0);
     max_abs / 32767.0
+}
+
+/// One row of `W x` with `kernel`: the scalar reference reads `x`, every other path the int16
+/// activations `x_q16` (whole blocks) and their scale.
+#[inline(always)]
+fn dot_q8(
+    kernel: DenseKernel,
+    quants: &[i8],
+    scales: &[f32],
+    x: &[f32],
+    x_q16: &[i16],
+    x_scale: f32,
+) -> f32 {
+    match kernel {
+        // SAFETY: callers assert the kernel is available; `x_q16` covers whole blocks.
+        #[cfg(target_arch = "x86_64")]
+        DenseKernel::Avx512 => unsafe { x86::dot_q8_avx512bw(quants, scales, x_q16) * x_scale },
+        #[cfg(target_arch = "x86_64")]
+        DenseKernel::Avx2 => unsafe { x86::dot_q8_avx2(quants, scales, x_q16) * x_scale },
+        DenseKernel::Scalar => dot_q8_scalar(quants, scales, x),
+        _ => dot_q8_portable(quants, scales, x_q16) * x_scale,
+    }
 }
 
 /// Reference: f32 activations, one element at a time.
