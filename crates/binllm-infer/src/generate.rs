@@ -67,19 +67,37 @@ pub fn generate(
     cache: &mut KvCache,
     prompt: &[u32],
     options: &GenerateOptions,
+    on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<GenerationStats> {
+    let started = Instant::now();
+    let (logits, fed) = prefill(model, cache, prompt)?;
+    let prefill_seconds = started.elapsed().as_secs_f64();
+    let room = model.config.max_position_embeddings - cache.len();
+    let mut stats = decode(options, prompt, logits, room, on_token, |next| {
+        model.forward(cache, &[next])
+    })?;
+    stats.prompt_tokens = fed;
+    stats.prefill_seconds = prefill_seconds;
+    Ok(stats)
+}
+
+/// The decode loop of both engines: picks a token from `logits`, hands it to `on_token`, and
+/// asks `next_logits` for the logits after it, until `max_tokens`, a stop token, `on_token`
+/// returning false, or the context being full. `prompt` is the text so far (for the
+/// repetition penalty); `room` is how many more positions the context holds. Fills in the
+/// generated-token count and the decode time.
+pub fn decode(
+    options: &GenerateOptions,
+    prompt: &[u32],
+    mut logits: Vec<f32>,
+    room: usize,
     mut on_token: impl FnMut(u32) -> Result<bool>,
+    mut next_logits: impl FnMut(u32) -> Result<Vec<f32>>,
 ) -> Result<GenerationStats> {
     let mut sampler = Sampler::new(options.sampling.clone());
     let mut history: Vec<u32> = prompt.to_vec();
     let mut stats = GenerationStats::default();
-
     let started = Instant::now();
-    let (mut logits, fed) = prefill(model, cache, prompt)?;
-    stats.prompt_tokens = fed;
-    stats.prefill_seconds = started.elapsed().as_secs_f64();
-
-    let limit = model.config.max_position_embeddings;
-    let decode_started = Instant::now();
     for _ in 0..options.max_tokens {
         let next = sampler.sample(&mut logits, &history);
         if options.stop_tokens.contains(&next) {
@@ -90,12 +108,90 @@ pub fn generate(
         if !on_token(next)? || stats.generated_tokens == options.max_tokens {
             break;
         }
-        if cache.len() + 1 >= limit {
+        // The token just chosen takes a position; the one after it needs another.
+        if stats.generated_tokens + 1 > room {
             stats.hit_context_limit = true;
             break;
         }
-        logits = model.forward(cache, &[next])?;
+        logits = next_logits(next)?;
     }
-    stats.decode_seconds = decode_started.elapsed().as_secs_f64();
+    stats.decode_seconds = started.elapsed().as_secs_f64();
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Logits whose greedy pick is `token`.
+    fn pointing_at(token: u32) -> Vec<f32> {
+        let mut logits = vec![0.0; 8];
+        logits[token as usize] = 1.0;
+        logits
+    }
+
+    /// Runs the loop over a fake model whose next token is always the last one plus one,
+    /// returning the emitted tokens, the number of forward calls and the statistics.
+    fn run(
+        max_tokens: usize,
+        room: usize,
+        stop: &[u32],
+        accept: usize,
+    ) -> (Vec<u32>, usize, GenerationStats) {
+        let options = GenerateOptions {
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop_tokens: stop.to_vec(),
+        };
+        let mut emitted = Vec::new();
+        let mut forwards = 0;
+        let stats = decode(
+            &options,
+            &[0],
+            pointing_at(1),
+            room,
+            |t| {
+                emitted.push(t);
+                Ok(emitted.len() < accept)
+            },
+            |t| {
+                forwards += 1;
+                Ok(pointing_at(t + 1))
+            },
+        )
+        .unwrap();
+        (emitted, forwards, stats)
+    }
+
+    #[test]
+    fn stops_at_max_tokens_without_a_wasted_forward() {
+        let (emitted, forwards, stats) = run(3, 100, &[], usize::MAX);
+        assert_eq!(emitted, [1, 2, 3]);
+        assert_eq!(forwards, 2);
+        assert_eq!(stats.generated_tokens, 3);
+        assert!(!stats.hit_context_limit);
+    }
+
+    #[test]
+    fn stop_token_is_not_emitted() {
+        let (emitted, _, stats) = run(10, 100, &[4], usize::MAX);
+        assert_eq!(emitted, [1, 2, 3]);
+        assert_eq!(stats.generated_tokens, 3);
+    }
+
+    #[test]
+    fn caller_can_stop_early() {
+        let (emitted, forwards, _) = run(10, 100, &[], 2);
+        assert_eq!(emitted, [1, 2]);
+        assert_eq!(forwards, 1);
+    }
+
+    #[test]
+    fn context_limit_counts_every_position() {
+        // Room for 3 more positions: 3 tokens can be chosen, but only 2 of them fed back.
+        let (emitted, forwards, stats) = run(10, 3, &[], usize::MAX);
+        assert_eq!(emitted, [1, 2, 3]);
+        assert_eq!(forwards, 2);
+        assert!(stats.hit_context_limit);
+    }
 }
