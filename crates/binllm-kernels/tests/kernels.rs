@@ -1,6 +1,7 @@
 //! Every kernel against the scalar reference, and the reference against a float64 dense product.
 
 use binllm_kernels::lut::LutMatrix;
+use binllm_kernels::Lut3Matrix;
 use binllm_kernels::{gemm_dense_with, gemm_q8_with, gemv_q8_with, Q8Matrix};
 use binllm_kernels::{
     gemm_with, gemv_f16_with, gemv_f32_with, gemv_with, pack_signs, scalar, DenseKernel, Kernel,
@@ -215,6 +216,35 @@ fn lut_paths_are_bit_identical() {
 }
 
 #[test]
+fn lut3_paths_are_bit_identical_to_their_scalar_reference() {
+    let mut rng = Rng(15);
+    let luts: Vec<Kernel> = Kernel::available()
+        .into_iter()
+        .filter(|k| k.uses_lut3_layout())
+        .collect();
+    assert!(luts.contains(&Kernel::Lut3Scalar));
+    for &cols in COLS.iter().chain(&[29, 30, 31, 59, 60, 61, 90]) {
+        for rows in [1usize, 16, 45] {
+            let m = random_matrix(&mut rng, rows, cols);
+            let xs = rng.activations(3 * cols);
+            for n in [1usize, 2, 3] {
+                let results: Vec<Vec<f32>> = luts
+                    .iter()
+                    .map(|&k| {
+                        let mut y = vec![f32::NAN; n * rows];
+                        gemm_with(k, &m, &xs[..n * cols], n, &mut y, 1);
+                        y
+                    })
+                    .collect();
+                for (k, y) in luts.iter().zip(&results) {
+                    assert_eq!(y, &results[0], "{k} vs lut3-scalar {rows}x{cols} n {n}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn thread_counts_give_identical_results() {
     let mut rng = Rng(6);
     for &(rows, cols) in &[(1usize, 576usize), (61, 65), (200, 576), (577, 100)] {
@@ -358,6 +388,13 @@ fn kernel_names_and_selection() {
     let lm = LutMatrix::from_packed(&m);
     assert_eq!((lm.row_blocks, lm.chunks, lm.data.len()), (1, 1, 16));
     assert_eq!(lm.data[0], 0b111);
+    // 3-activation layout: 30 columns per lane; bits past `cols` are cleared.
+    let mut m = pack_signs(&[1.0; 2 * 31], 2, 31);
+    m.bits[0] |= 1 << 40;
+    let lm = Lut3Matrix::from_packed(&m);
+    assert_eq!((lm.row_blocks, lm.chunks, lm.data.len()), (1, 2, 32));
+    assert_eq!(lm.data[0], (1 << 30) - 1);
+    assert_eq!(lm.data[16], 1);
 }
 
 #[test]
