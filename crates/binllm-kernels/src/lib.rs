@@ -57,12 +57,14 @@
 //! split, so results are identical for every thread count. Waking a pool thread costs a few
 //! microseconds, as much as a whole 576x576 GEMV: use one thread for small layers.
 //!
-//! # Dense products ([`dense`], [`q8`])
+//! # Dense products ([`dense`], [`q8`], [`q4`])
 //!
 //! [`gemv_f32`], [`gemv_f16`] (F16C / AVX-512 conversion on x86) and [`gemv_q8`] (q8_0-style:
 //! int8 weights with an f32 scale per 32; the fast paths quantize activations to int16 per
 //! vector, an error of at most 2^-16 of `max|x|` per activation), each with a scalar reference
-//! and a forced-kernel variant taking a [`DenseKernel`].
+//! and a forced-kernel variant taking a [`DenseKernel`]; [`gemv_q4_with`] (q4_0-style 4-bit
+//! blocks of 32 with an f16 scale, for a 4-bit LM head; the AVX2 path equals its integer
+//! reference bit for bit).
 //!
 //! # Use
 //!
@@ -89,6 +91,7 @@ pub mod lut_i8;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 mod parallel;
+pub mod q4;
 pub mod q8;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -101,6 +104,7 @@ pub use lut::LutMatrix;
 pub use lut3::Lut3Matrix;
 pub use lut_i8::LutI8Matrix;
 pub use parallel::SharedOut;
+pub use q4::{gemm_q4_with, gemv_q4_with, Q4Matrix};
 pub use q8::{gemm_q8_with, gemv_q8, gemv_q8_with, Q8Matrix};
 
 fn check_gemv_shapes(rows: usize, cols: usize, x: &[f32], y: &[f32]) {
