@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Decode and prompt speed of 1-bit SmolLM2-135M in binllm against llama.cpp running the same
-# model as F16, Q8_0 and Q4_0 GGUF, on this machine with the same thread count and lengths.
+# model as F16, Q8_0 and Q4_0 GGUF (Q4_0 twice: with llama-quantize's default q8_0 head, and
+# with a q4_0 head), on this machine with the same thread count and lengths.
 #
 #   tools/bench/compare.sh [GGUF] [THREAD_COUNTS] [ROUNDS]      e.g. compare.sh "" "1 2" 3
 #
 # GGUF (default models/SmolLM2-135M-Instruct.Q4_1.gguf) is requantized by llama.cpp's own
-# llama-quantize (--allow-requantize) to F16, Q8_0 and Q4_0; binllm's model is a PTQ sign model
-# made from the same GGUF (speed does not depend on the values) exported with an f16 head and
-# with a q8_0 head. Every engine runs with the same thread count, prompt and generation
+# llama-quantize (--allow-requantize) to F16, Q8_0, Q4_0 and Q4_0 with the tied embedding/head
+# in q4_0 (--token-embedding-type q4_0 --output-tensor-type q4_0); binllm's model is a PTQ sign
+# model made from the same GGUF (speed does not depend on the values) exported with an f16, a
+# q8_0 and a q4_0 head. Each binllm row is compared with the llama.cpp row of the same head. Every engine runs with the same thread count, prompt and generation
 # lengths (llama-bench -r 5; binllm bench --reps 5: mean of 5 after a warm-up). Rounds
 # interleave the engines; the table gives each one's median over rounds and its best round:
 # on a shared machine, load from other processes moves every figure between runs, and
@@ -33,18 +35,21 @@ for t in F16 Q8_0 Q4_0; do
   out="$WORK/models/smollm2-$t.gguf"
   [[ -f "$out" ]] || "$BIN/llama-quantize" --allow-requantize "$GGUF" "$out" "$t" >/dev/null 2>&1
 done
-for head in f16 q8; do
+out="$WORK/models/smollm2-Q4_0-q4head.gguf"
+[[ -f "$out" ]] || "$BIN/llama-quantize" --allow-requantize --token-embedding-type q4_0 \
+  --output-tensor-type q4_0 "$GGUF" "$out" Q4_0 >/dev/null 2>&1
+for head in f16 q8 q4; do
   "$BINLLM" export --ptq "$GGUF" --head "$head" --out "$WORK/models/smollm2-1bit-$head.b1" >/dev/null
 done
 
 rm -f "$WORK"/results/*.json
 for round in $(seq 1 "$ROUNDS"); do
   for threads in $THREADS; do
-    for t in F16 Q8_0 Q4_0; do
+    for t in F16 Q8_0 Q4_0 Q4_0-q4head; do
       "$BIN/llama-bench" -m "$WORK/models/smollm2-$t.gguf" -t "$threads" -p "$PP" -n "$TG" -r 5 -o json \
         2>/dev/null > "$WORK/results/llama-$t-t$threads-$round.json"
     done
-    for head in f16 q8; do
+    for head in f16 q8 q4; do
       "$BINLLM" bench --model "$WORK/models/smollm2-1bit-$head.b1" --threads "$threads" \
         --prompt-tokens "$PP" --gen-tokens "$TG" --reps 5 --json > "$WORK/results/binllm-$head-t$threads-$round.json"
     done
@@ -60,7 +65,7 @@ def add(key, pp_ts, tg_ts, size, head, weights):
     r["pp"].append(pp_ts); r["tg"].append(tg_ts)
 bandwidth = []
 for threads in thread_counts:
-    for t in ["F16", "Q8_0", "Q4_0"]:
+    for t in ["F16", "Q8_0", "Q4_0", "Q4_0-q4head"]:
         for f in sorted(glob.glob(f"{work}/results/llama-{t}-t{threads}-*.json")):
             entries = json.load(open(f))
             pp_ts = next(e["avg_ts"] for e in entries if e["n_prompt"] > 0)
@@ -68,10 +73,11 @@ for threads in thread_counts:
             size = os.path.getsize(f"{work}/models/smollm2-{t}.gguf")
             # The tied embedding/head as llama-quantize writes it: Q4_0 files keep it Q8_0
             # (`binllm inspect` lists 210 Q4_0 + 1 Q8_0; 576 columns rule out Q6_K).
-            head = {"F16": "f16", "Q8_0": "q8_0", "Q4_0": "q8_0"}[t]
-            add(("llama.cpp", t, threads), pp_ts, tg_ts, size, head, t)
+            # The -q4head file has it in q4_0 (--token-embedding-type / --output-tensor-type).
+            head = {"F16": "f16", "Q8_0": "q8_0", "Q4_0": "q8_0", "Q4_0-q4head": "q4_0"}[t]
+            add(("llama.cpp", t, threads), pp_ts, tg_ts, size, head, "Q4_0" if t == "Q4_0-q4head" else t)
             print(f"raw {f}: pp {pp_ts:.1f} tg {tg_ts:.1f}", file=sys.stderr)
-    for h in ["f16", "q8"]:
+    for h in ["f16", "q8", "q4"]:
         for f in sorted(glob.glob(f"{work}/results/binllm-{h}-t{threads}-*.json")):
             r = json.load(open(f))
             add(("binllm", h, threads), r["pp_tokens_per_second"], r["tg_tokens_per_second"], r["file_bytes"], r["head"],
@@ -85,15 +91,19 @@ print(f"SmolLM2-135M-Instruct on {cpu} ({os.cpu_count()} logical CPUs, shared); 
       f"median (best) of {rounds} rounds, each the mean of 5 reps; load average at the end {os.getloadavg()[0]:.1f}; "
       f"single-thread read bandwidth {statistics.median(bandwidth):.1f} GB/s")
 print()
-print(f"| engine | weights | head | file MiB | threads | pp{pp} tok/s | tg{tg} tok/s | tg vs llama.cpp Q4_0 | tg vs llama.cpp F16 |")
-print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+print(f"| engine | weights | head | file MiB | threads | pp{pp} tok/s | tg{tg} tok/s | tg vs llama.cpp Q4_0 (q8_0 head) "
+      f"| tg vs llama.cpp Q4_0, same head | tg vs llama.cpp F16 |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
 for threads in thread_counts:
     q4 = med[("llama.cpp", "Q4_0", threads)][1]
     f16 = med[("llama.cpp", "F16", threads)][1]
+    # llama.cpp Q4_0 by head format (there is no Q4_0 file with an f16 head).
+    q4_by_head = {"q8_0": q4, "q4_0": med[("llama.cpp", "Q4_0-q4head", threads)][1]}
     for k, v in rows.items():
         if k[2] != threads:
             continue
         p, t = med[k]
+        same = f"{t / q4_by_head[v['head']]:.2f}x" if v["head"] in q4_by_head else "-"
         print(f"| {k[0]} | {v['weights']} | {v['head']} | {v['size'] / 2**20:.1f} | {threads} | {p:.1f} ({max(v['pp']):.1f}) "
-              f"| {t:.1f} ({max(v['tg']):.1f}) | {t / q4:.2f}x | {t / f16:.2f}x |")
+              f"| {t:.1f} ({max(v['tg']):.1f}) | {t / q4:.2f}x | {same} | {t / f16:.2f}x |")
 PY

@@ -1,6 +1,6 @@
 //! `binllm export SIGN_MODEL_OR_RUN_DIR --out model.b1`: the deployment file. Folds the
 //! Stage-1 input scales where that is exact, stores vectors and dense tensors in f16 and the
-//! head in f16 or q8_0, and reports bits per weight and the file size.
+//! head in f16, q8_0 or q4_0, and reports bits per weight and the file size.
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +18,8 @@ pub struct Args {
     pub input: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
-    /// LM head (and, when tied, embedding) storage: f16 or q8 (q8_0, 8.5 bits per weight).
+    /// LM head (and, when tied, embedding) storage: f16, q8 (q8_0, 8.5 bits per weight) or q4
+    /// (q4_0, 4.5 bits per weight; format version 3).
     #[arg(long, default_value = "f16")]
     pub head: String,
     /// Vectors and dense tensors: f16 (deployment) or f32 (exact folded model).
@@ -45,7 +46,8 @@ pub fn run(args: Args) -> Result<()> {
     let head = match args.head.as_str() {
         "f16" => HeadFormat::F16,
         "q8" | "q8_0" => HeadFormat::Q8,
-        other => bail!("unknown --head '{other}' (expected f16 or q8)"),
+        "q4" | "q4_0" => HeadFormat::Q4,
+        other => bail!("unknown --head '{other}' (expected f16, q8 or q4)"),
     };
     let precision = match args.precision.as_str() {
         "f16" => Precision::F16,
@@ -100,6 +102,7 @@ pub fn run(args: Args) -> Result<()> {
         match head {
             HeadFormat::F16 => "f16",
             HeadFormat::Q8 => "q8_0",
+            HeadFormat::Q4 => "q4_0",
         }
     );
     let size = std::fs::metadata(&args.out)?.len();

@@ -101,7 +101,7 @@ pub fn run(args: Args) -> Result<()> {
 
 /// A packed 1-bit model (sign model or exported file).
 fn inspect_packed(args: &Args) -> Result<()> {
-    use binllm_format::packed::{PackedModel, Q8_STORED_AS};
+    use binllm_format::packed::PackedModel;
     let (model, q8) = PackedModel::read_parts(&args.model)?;
     let c = &model.config;
     let bpw = model.bits_per_weight();
@@ -165,8 +165,12 @@ fn inspect_packed(args: &Args) -> Result<()> {
         .map(|(t, n)| format!("{n} {t}"))
         .collect();
     println!("dense tensors  {}", types.join(", "));
-    for name in q8.keys() {
-        println!("  {name}: {Q8_STORED_AS} (8.5 bits/weight)");
+    for (name, t) in &q8 {
+        println!(
+            "  {name}: {} ({} bits/weight)",
+            t.stored_as(),
+            t.bits_per_weight()
+        );
     }
     println!(
         "bits/weight    body {:.4}, embeddings+head {:.3}, whole model {:.4}",

@@ -25,9 +25,12 @@ use crate::{ModelConfig, TextTokenizer};
 
 pub const FORMAT_NAME: &str = "binllm-packed";
 /// Version 2 added q8_0 dense tensors (`NAME.q8` + `NAME.q8_scale`) and export provenance;
-/// a version-1 file is a valid version-2 file without them, so both are read.
-pub const FORMAT_VERSION: u32 = 2;
-pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
+/// a version-1 file is a valid version-2 file without them, so both are read. Version 3 added
+/// q4_0 dense tensors (`NAME.q4` + `NAME.q4_scale`); a file without them is still written as
+/// version 2 ([`FORMAT_VERSION_WITHOUT_Q4`]), so older readers keep reading it.
+pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION_WITHOUT_Q4: u32 = 2;
+pub const READABLE_VERSIONS: [u32; 3] = [1, 2, 3];
 
 /// A dense tensor stored q8_0 is written as two tensors: `NAME` + this suffix (I8
 /// `[rows, 32 * blocks_per_row]`) and `NAME` + [`Q8_SCALE_SUFFIX`] (F16 `[rows, blocks_per_row]`).
@@ -36,6 +39,16 @@ pub const Q8_SCALE_SUFFIX: &str = ".q8_scale";
 /// `stored_as` of a dense [`HostTensor`] that is q8_0 in its file (its data is dequantized).
 pub const Q8_STORED_AS: &str = "Q8_0";
 pub use binllm_kernels::q8::Q8_BLOCK;
+/// A dense tensor stored q4_0 (version 3) is written as `NAME` + this suffix (U8
+/// `[rows, 16 * blocks_per_row]`, GGML's q4_0 nibble order) and `NAME` + [`Q4_SCALE_SUFFIX`]
+/// (F16 `[rows, blocks_per_row]`).
+pub const Q4_SUFFIX: &str = ".q4";
+pub const Q4_SCALE_SUFFIX: &str = ".q4_scale";
+/// `stored_as` of a dense [`HostTensor`] that is q4_0 in its file (its data is dequantized).
+pub const Q4_STORED_AS: &str = "Q4_0";
+pub use binllm_kernels::q4::{Q4_BLOCK, Q4_BLOCK_BYTES};
+/// A q4_0 matrix as stored: the kernels' [`binllm_kernels::Q4Matrix`] (codes and f16 scales).
+pub type Q4Tensor = binllm_kernels::Q4Matrix;
 
 pub use binllm_kernels::layout::words_per_row;
 
@@ -147,6 +160,8 @@ impl PackedModel {
         for (name, t) in &self.dense {
             let bits = if t.stored_as == Q8_STORED_AS && t.shape.len() == 2 {
                 Q8Tensor::bits_per_weight(t.shape[0], t.shape[1])
+            } else if t.stored_as == Q4_STORED_AS && t.shape.len() == 2 {
+                q4_bits_per_weight(t.shape[0], t.shape[1])
             } else {
                 match t.data {
                     // write() stores f32 data at the model's precision.
@@ -229,43 +244,61 @@ impl PackedModel {
         Ok(())
     }
 
-    /// Writes the model; dense tensors marked `stored_as == "Q8_0"` (read from a q8 file) are
-    /// quantized again, which gives back the stored tensors (see [`Q8Tensor::quantize`]).
+    /// Writes the model; dense tensors marked `stored_as == "Q8_0"` or `"Q4_0"` (read from a
+    /// quantized file) are quantized again, which gives back the stored tensors (see
+    /// [`Q8Tensor::quantize`], [`binllm_kernels::Q4Matrix::quantize`]).
     pub fn write(&self, path: &Path) -> Result<()> {
         let q8: Q8Tensors = self
             .dense
             .iter()
-            .filter(|(_, t)| t.stored_as == Q8_STORED_AS && t.shape.len() == 2)
-            .map(|(name, t)| {
-                (
-                    name.clone(),
-                    Q8Tensor::quantize(&t.to_f32_vec(), t.shape[0], t.shape[1]),
-                )
+            .filter(|(_, t)| t.shape.len() == 2)
+            .filter_map(|(name, t)| {
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let quantized = match t.stored_as.as_str() {
+                    Q8_STORED_AS => {
+                        QuantTensor::Q8(Q8Tensor::quantize(&t.to_f32_vec(), rows, cols))
+                    }
+                    Q4_STORED_AS => {
+                        QuantTensor::Q4(Q4Tensor::quantize(&t.to_f32_vec(), rows, cols))
+                    }
+                    _ => return None,
+                };
+                Some((name.clone(), quantized))
             })
             .collect();
         self.write_with_q8(path, &q8)
     }
 
-    /// Writes the model with the dense tensors named in `q8` stored as those q8_0 tensors.
-    /// Each must also be in `dense` with `stored_as == "Q8_0"` (its dequantized values), so
-    /// that the in-memory model, its bits per weight and the file agree.
+    /// Writes the model with the dense tensors named in `q8` stored as those q8_0 / q4_0
+    /// tensors. Each must also be in `dense` with `stored_as` `"Q8_0"` / `"Q4_0"` (its
+    /// dequantized values), so that the in-memory model, its bits per weight and the file agree.
     pub fn write_with_q8(&self, path: &Path, q8: &Q8Tensors) -> Result<()> {
         self.validate()
             .context("refusing to write an inconsistent packed model")?;
         for (name, t) in q8 {
             let d = self.dense.get(name).with_context(|| {
-                format!("q8 tensor '{name}' is not a dense tensor of the model")
+                format!("quantized tensor '{name}' is not a dense tensor of the model")
             })?;
+            let (rows, cols) = t.shape();
             ensure!(
-                d.stored_as == Q8_STORED_AS && d.shape == [t.rows, t.cols],
-                "dense tensor '{name}' must be marked {Q8_STORED_AS} with shape [{}, {}] to be written as q8",
-                t.rows,
-                t.cols
+                d.stored_as == t.stored_as() && d.shape == [rows, cols],
+                "dense tensor '{name}' must be marked {} with shape [{rows}, {cols}] to be written quantized",
+                t.stored_as()
             );
+            let consistent = match t {
+                QuantTensor::Q8(t) => {
+                    t.quants.len() == t.rows * t.blocks_per_row() * Q8_BLOCK
+                        && t.scales.len() == t.rows * t.blocks_per_row()
+                }
+                QuantTensor::Q4(t) => {
+                    t.blocks_per_row == t.cols.div_ceil(Q4_BLOCK)
+                        && t.codes.len() == t.rows * t.blocks_per_row * Q4_BLOCK_BYTES
+                        && t.scales.len() == t.rows * t.blocks_per_row
+                }
+            };
             ensure!(
-                t.quants.len() == t.rows * t.blocks_per_row() * Q8_BLOCK
-                    && t.scales.len() == t.rows * t.blocks_per_row(),
-                "q8 tensor '{name}' has inconsistent lengths"
+                consistent,
+                "quantized tensor '{name}' has inconsistent lengths"
             );
         }
         let mut blobs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -305,19 +338,38 @@ impl PackedModel {
             }
         }
         for (name, t) in q8 {
-            let blocks = t.blocks_per_row();
-            blobs.push((
-                format!("{name}{Q8_SUFFIX}"),
-                safetensors::Dtype::I8,
-                vec![t.rows, blocks * Q8_BLOCK],
-                t.quants.iter().map(|&q| q as u8).collect(),
-            ));
-            blobs.push((
-                format!("{name}{Q8_SCALE_SUFFIX}"),
-                safetensors::Dtype::F16,
-                vec![t.rows, blocks],
-                t.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
-            ));
+            match t {
+                QuantTensor::Q8(t) => {
+                    let blocks = t.blocks_per_row();
+                    blobs.push((
+                        format!("{name}{Q8_SUFFIX}"),
+                        safetensors::Dtype::I8,
+                        vec![t.rows, blocks * Q8_BLOCK],
+                        t.quants.iter().map(|&q| q as u8).collect(),
+                    ));
+                    blobs.push((
+                        format!("{name}{Q8_SCALE_SUFFIX}"),
+                        safetensors::Dtype::F16,
+                        vec![t.rows, blocks],
+                        t.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+                    ));
+                }
+                QuantTensor::Q4(t) => {
+                    let blocks = t.blocks_per_row;
+                    blobs.push((
+                        format!("{name}{Q4_SUFFIX}"),
+                        safetensors::Dtype::U8,
+                        vec![t.rows, blocks * Q4_BLOCK_BYTES],
+                        t.codes.clone(),
+                    ));
+                    blobs.push((
+                        format!("{name}{Q4_SCALE_SUFFIX}"),
+                        safetensors::Dtype::F16,
+                        vec![t.rows, blocks],
+                        t.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+                    ));
+                }
+            }
         }
         for (name, t) in self
             .dense
@@ -347,7 +399,12 @@ impl PackedModel {
             .collect::<Result<_>>()?;
         let mut meta = HashMap::new();
         meta.insert("binllm.format".to_string(), FORMAT_NAME.to_string());
-        meta.insert("binllm.version".to_string(), FORMAT_VERSION.to_string());
+        let version = if q8.values().any(|t| matches!(t, QuantTensor::Q4(_))) {
+            FORMAT_VERSION
+        } else {
+            FORMAT_VERSION_WITHOUT_Q4
+        };
+        meta.insert("binllm.version".to_string(), version.to_string());
         meta.insert(
             "binllm.config".to_string(),
             serde_json::to_string(&self.config)?,
@@ -484,14 +541,25 @@ impl PackedModel {
             .filter(|(n, _)| !n.contains("_proj."))
         {
             let q8_name = format!("{name}{Q8_SUFFIX}");
-            if !names_present.contains(&name) && names_present.contains(&q8_name) {
-                let t = read_q8(&st, &name, &shape)?;
+            let q4_name = format!("{name}{Q4_SUFFIX}");
+            if !names_present.contains(&name)
+                && (names_present.contains(&q8_name) || names_present.contains(&q4_name))
+            {
+                let t = if names_present.contains(&q8_name) {
+                    QuantTensor::Q8(read_q8(&st, &name, &shape)?)
+                } else {
+                    ensure!(
+                        version >= 3,
+                        "'{q4_name}' is a version-3 tensor in a version-{version} file"
+                    );
+                    QuantTensor::Q4(read_q4(&st, &name, &shape)?)
+                };
                 dense.insert(
                     name.clone(),
                     HostTensor {
                         shape,
                         data: TensorData::F32(t.dequantize()),
-                        stored_as: Q8_STORED_AS.into(),
+                        stored_as: t.stored_as().into(),
                     },
                 );
                 q8.insert(name, t);
@@ -573,8 +641,100 @@ fn read_q8(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result
     })
 }
 
-/// Dense tensors stored q8_0, by canonical name.
-pub type Q8Tensors = BTreeMap<String, Q8Tensor>;
+fn read_q4(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Q4Tensor> {
+    ensure!(
+        shape.len() == 2,
+        "tensor '{name}' is stored q4_0 but is not a matrix"
+    );
+    let (rows, cols) = (shape[0], shape[1]);
+    let blocks = cols.div_ceil(Q4_BLOCK);
+    let codes_name = format!("{name}{Q4_SUFFIX}");
+    let scales_name = format!("{name}{Q4_SCALE_SUFFIX}");
+    let codes = st
+        .tensor(&codes_name)
+        .map_err(|e| anyhow!("tensor '{codes_name}': {e}"))?;
+    let scales = st
+        .tensor(&scales_name)
+        .map_err(|e| anyhow!("tensor '{scales_name}': {e}"))?;
+    ensure!(
+        codes.dtype() == safetensors::Dtype::U8,
+        "'{codes_name}' must be U8"
+    );
+    ensure!(
+        scales.dtype() == safetensors::Dtype::F16,
+        "'{scales_name}' must be F16"
+    );
+    ensure!(
+        codes.shape() == [rows, blocks * Q4_BLOCK_BYTES],
+        "'{codes_name}' has shape {:?}, expected [{rows}, {}]",
+        codes.shape(),
+        blocks * Q4_BLOCK_BYTES
+    );
+    ensure!(
+        scales.shape() == [rows, blocks],
+        "'{scales_name}' has shape {:?}, expected [{rows}, {blocks}]",
+        scales.shape()
+    );
+    Ok(Q4Tensor {
+        rows,
+        cols,
+        blocks_per_row: blocks,
+        codes: codes.data().to_vec(),
+        scales: le_values(scales.data(), f16::from_le_bytes),
+    })
+}
+
+/// Bits per weight of a q4_0 matrix as stored (block padding and f16 scales included): 4.5
+/// when `cols` is a multiple of 32.
+pub fn q4_bits_per_weight(rows: usize, cols: usize) -> f64 {
+    let blocks = cols.div_ceil(Q4_BLOCK) as f64;
+    (rows as f64 * blocks * (Q4_BLOCK as f64 * 4.0 + 16.0)) / (rows * cols).max(1) as f64
+}
+
+/// A dense matrix stored quantized: q8_0 or (version 3) q4_0.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuantTensor {
+    Q8(Q8Tensor),
+    Q4(Q4Tensor),
+}
+
+impl QuantTensor {
+    /// `[rows, cols]` of the matrix.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            QuantTensor::Q8(t) => (t.rows, t.cols),
+            QuantTensor::Q4(t) => (t.rows, t.cols),
+        }
+    }
+
+    /// The `stored_as` label of its dense tensor: `"Q8_0"` or `"Q4_0"`.
+    pub fn stored_as(&self) -> &'static str {
+        match self {
+            QuantTensor::Q8(_) => Q8_STORED_AS,
+            QuantTensor::Q4(_) => Q4_STORED_AS,
+        }
+    }
+
+    pub fn bits_per_weight(&self) -> f64 {
+        let (rows, cols) = self.shape();
+        match self {
+            QuantTensor::Q8(_) => Q8Tensor::bits_per_weight(rows, cols),
+            QuantTensor::Q4(_) => q4_bits_per_weight(rows, cols),
+        }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            QuantTensor::Q8(t) => t.dequantize(),
+            QuantTensor::Q4(t) => t.dequantize(),
+        }
+    }
+}
+
+/// Dense tensors stored quantized (q8_0 or q4_0), by canonical name.
+pub type QuantTensors = BTreeMap<String, QuantTensor>;
+/// The name [`QuantTensors`] had when only q8_0 existed.
+pub type Q8Tensors = QuantTensors;
 
 /// A row-major `rows x cols` matrix in q8_0 (GGML's block format): each row split into blocks
 /// of 32 weights, `w = scale * q` with one f16 scale per block and `q` in -127..=127; a row's
@@ -699,6 +859,8 @@ pub enum HeadFormat {
     F16,
     /// q8_0 ([`Q8Tensor`]): 8.5 bits per weight.
     Q8,
+    /// q4_0 ([`Q4Tensor`], format version 3): 4.5 bits per weight.
+    Q4,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -895,7 +1057,7 @@ pub fn export(sign_model: &PackedModel, options: &ExportOptions) -> Result<Expor
         }
     }
     let mut q8 = Q8Tensors::new();
-    if options.head == HeadFormat::Q8 {
+    if matches!(options.head, HeadFormat::Q8 | HeadFormat::Q4) {
         let name = if model.config.tie_word_embeddings {
             names::EMBED
         } else {
@@ -906,11 +1068,16 @@ pub fn export(sign_model: &PackedModel, options: &ExportOptions) -> Result<Expor
             .get_mut(name)
             .with_context(|| format!("missing dense tensor '{name}'"))?;
         let (rows, cols) = (t.shape[0], t.shape[1]);
-        let quantized = Q8Tensor::quantize(&t.to_f32_vec(), rows, cols);
+        let values = t.to_f32_vec();
+        let quantized = if options.head == HeadFormat::Q8 {
+            QuantTensor::Q8(Q8Tensor::quantize(&values, rows, cols))
+        } else {
+            QuantTensor::Q4(Q4Tensor::quantize(&values, rows, cols))
+        };
         *t = HostTensor {
             shape: t.shape.clone(),
             data: TensorData::F32(quantized.dequantize()),
-            stored_as: Q8_STORED_AS.into(),
+            stored_as: quantized.stored_as().into(),
         };
         q8.insert(name.to_string(), quantized);
     }

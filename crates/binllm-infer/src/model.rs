@@ -11,9 +11,9 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use binllm_format::names::{self, BlockLinear};
-use binllm_format::packed::{PackedLinear, PackedModel, Q8Tensors};
+use binllm_format::packed::{PackedLinear, PackedModel, Q8Tensors, QuantTensor};
 use binllm_format::{ModelConfig, TensorData};
-use binllm_kernels::{DenseKernel, Kernel, PackedMatrix, PreparedMatrix, Q8Matrix};
+use binllm_kernels::{DenseKernel, Kernel, PackedMatrix, PreparedMatrix, Q4Matrix, Q8Matrix};
 use half::f16;
 
 use crate::threads::{split_rows, SharedOut, Team};
@@ -138,6 +138,8 @@ enum DenseData {
     F16(Vec<f16>),
     /// One q8 matrix per part.
     Q8(Vec<Q8Matrix>),
+    /// One q4 matrix per part.
+    Q4(Vec<Q4Matrix>),
 }
 
 impl DenseMatrix {
@@ -149,7 +151,9 @@ impl DenseMatrix {
         ensure!(t.shape.len() == 2, "'{name}' is not a matrix");
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let parts = split_rows(rows, parts, ROW_ALIGN);
-        let data = if let Some(q) = q8.get(name) {
+        let data = if let Some(QuantTensor::Q4(q)) = q8.get(name) {
+            DenseData::Q4(parts.iter().map(|r| q.rows_slice(r.clone())).collect())
+        } else if let Some(QuantTensor::Q8(q)) = q8.get(name) {
             let m = q.to_kernel_matrix();
             let per_row = m.blocks_per_row;
             DenseData::Q8(
@@ -187,6 +191,7 @@ impl DenseMatrix {
             DenseData::F32(_) => "f32",
             DenseData::F16(_) => "f16",
             DenseData::Q8(_) => "q8_0",
+            DenseData::Q4(_) => "q4_0",
         }
     }
 
@@ -196,6 +201,7 @@ impl DenseMatrix {
             DenseData::F32(w) => 4 * w.len(),
             DenseData::F16(w) => 2 * w.len(),
             DenseData::Q8(parts) => parts.iter().map(|m| m.bytes()).sum(),
+            DenseData::Q4(parts) => parts.iter().map(|m| m.bytes()).sum(),
         }
     }
 
@@ -220,6 +226,14 @@ impl DenseMatrix {
                 for (c, o) in out.iter_mut().enumerate() {
                     *o = m.scales[r * m.blocks_per_row + c / 32] * f32::from(quants[c]);
                 }
+            }
+            DenseData::Q4(parts) => {
+                let p = self
+                    .parts
+                    .iter()
+                    .position(|range| range.contains(&r))
+                    .expect("row in range");
+                parts[p].dequantize_row(r - self.parts[p].start, out);
             }
         }
     }
@@ -255,6 +269,14 @@ impl DenseMatrix {
             DenseData::Q8(parts) => {
                 binllm_kernels::gemm_q8_with(q8_kernel(), &parts[member], xs, n, &mut part, 1)
             }
+            DenseData::Q4(parts) => binllm_kernels::gemm_q4_with(
+                DenseKernel::best(),
+                &parts[member],
+                xs,
+                n,
+                &mut part,
+                1,
+            ),
         }
         for (t, values) in part.chunks_exact(rows).enumerate() {
             // SAFETY: member parts are disjoint row ranges of each output vector.
@@ -290,6 +312,9 @@ impl DenseMatrix {
             // AVX2's q8 path streamed faster than AVX-512's on Zen 4 in gemv_bench.
             DenseData::Q8(parts) => {
                 binllm_kernels::gemv_q8_with(q8_kernel(), &parts[member], x, out, 1)
+            }
+            DenseData::Q4(parts) => {
+                binllm_kernels::gemv_q4_with(DenseKernel::best(), &parts[member], x, out, 1)
             }
         }
     }

@@ -325,6 +325,49 @@ fn q8_head_round_trips_and_stays_close() {
     assert!(err < 2e-2, "{err}");
 }
 
+/// The 4-bit head: the file round-trips, and the runtime's q4 product gives the logits of the
+/// dequantized head computed in f32 (an independent path: the dense f32 GEMV) up to the int16
+/// activation rounding.
+#[test]
+fn q4_head_round_trips_and_matches_its_dequantized_head() {
+    let pretrained = stories();
+    let sign = ptq_sign_model(&pretrained, InputScales::None).unwrap();
+    let ids = prompt_ids(&pretrained, "The dog ran to the park");
+    let exported = export(
+        &sign,
+        &ExportOptions {
+            head: HeadFormat::Q4,
+            precision: Precision::F16,
+        },
+    )
+    .unwrap();
+    let bpw = exported.model.bits_per_weight().embeddings_and_head;
+    assert!((bpw - 4.5).abs() < 0.3, "{bpw}");
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().join("q4.b1");
+    exported.write(&path).unwrap();
+    let (read, q4) = PackedModel::read_parts(&path).unwrap();
+    assert_eq!(q4, exported.q8, "q4 tensors change through the file");
+    assert!(q4
+        .values()
+        .all(|t| matches!(t, binllm_format::packed::QuantTensor::Q4(_))));
+    let again = dir.path().join("again.b1");
+    read.write(&again).unwrap();
+    assert_eq!(PackedModel::read_parts(&again).unwrap().1, q4);
+    // `read.dense` holds the dequantized head in f32: without the quantized map the runtime
+    // takes the dense f32 path.
+    let q4_logits = logits_of(&read, &q4, &ids);
+    let dense = logits_of(&read, &Default::default(), &ids);
+    let err = relative_l2(&q4_logits, &dense);
+    assert!(err < 1e-3, "q4 kernel vs dequantized f32 head: {err}");
+    let err_vs_sign = relative_l2(&q4_logits, &logits_of(&sign, &Default::default(), &ids));
+    assert!(
+        err_vs_sign < 0.2,
+        "q4 head vs f32 sign model: {err_vs_sign}"
+    );
+    println!("q4 head: {err:.2e} vs its dequantized head, {err_vs_sign:.3e} vs the sign model");
+}
+
 #[test]
 fn long_prompts_run_in_chunks_with_the_same_result() {
     let pretrained = stories();

@@ -9,8 +9,8 @@
 //! bits for 1-bit kernels, the f32/f16 matrix for dense ones), not activations.
 
 use binllm_kernels::{
-    gemv_f16_with, gemv_f32_with, gemv_q8_with, pack_signs, DenseKernel, Kernel, PackedMatrix,
-    PreparedMatrix, Q8Matrix,
+    gemv_f16_with, gemv_f32_with, gemv_q4_with, gemv_q8_with, pack_signs, DenseKernel, Kernel,
+    PackedMatrix, PreparedMatrix, Q4Matrix, Q8Matrix,
 };
 use half::f16;
 use std::hint::black_box;
@@ -364,6 +364,11 @@ fn main() {
         1,
     );
     let head_q8 = Q8Matrix::quantize(&head, head_rows, head_cols);
+    let head_q4 = Q4Matrix::quantize(
+        &head.iter().map(|v| v.to_f32()).collect::<Vec<f32>>(),
+        head_rows,
+        head_cols,
+    );
     drop(head);
     let q8_bytes = head_q8.bytes();
     for threads in [1, 2] {
@@ -396,11 +401,43 @@ fn main() {
         .map(|(a, b)| ((a - b) as f64).powi(2))
         .sum::<f64>()
         .sqrt();
+    let q4_bytes = head_q4.bytes();
+    for threads in [1, 2] {
+        for kernel in DenseKernel::available() {
+            if kernel == DenseKernel::Scalar && !with_scalar {
+                continue;
+            }
+            let s = seconds_per_call(budget * 2.0, || {
+                gemv_q4_with(kernel, black_box(&head_q4), black_box(&x), &mut y, threads)
+            });
+            println!(
+                "| {threads} | q4_0 {} | {:.3} | {:.1} | {:.2} | {:.2} |",
+                kernel.name(),
+                s * 1e3,
+                gbps(q4_bytes, s),
+                gbps(q4_bytes, s) / dram_gbps,
+                gbps(q4_bytes, s) / memcpy_gbps
+            );
+        }
+    }
+    let mut y_q4 = vec![0.0f32; head_rows];
+    gemv_q4_with(DenseKernel::best(), &head_q4, &x, &mut y_q4, 1);
+    let err_q4 = y_f16
+        .iter()
+        .zip(&y_q4)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     println!();
     println!(
         "q8_0 head: {:.1} MB read per token vs {:.1} MB for f16; relative L2 error of the logits vs f16: {:.2e}",
         q8_bytes as f64 / 1e6,
         head_bytes as f64 / 1e6,
         err / norm
+    );
+    println!(
+        "q4_0 head: {:.1} MB read per token; relative L2 error of the logits vs f16 (random weights): {:.2e}",
+        q4_bytes as f64 / 1e6,
+        err_q4 / norm
     );
 }

@@ -4,9 +4,12 @@
 //! Layouts: `x` has exactly `cols` floats; GEMM inputs `xs` are `n x cols` row-major (one token
 //! per row) and outputs `ys` are `n x rows` row-major.
 
-use crate::kernel::{lut_blocks_sums, lut_i8_blocks_sums, scalar_row_dot, selected_sums, Kernel};
+use crate::kernel::{
+    lut3_blocks_sums, lut_blocks_sums, lut_i8_blocks_sums, scalar_row_dot, selected_sums, Kernel,
+};
 use crate::layout::{PackedMatrix, BITS_PER_WORD};
 use crate::lut::{build_tables, LutMatrix, LUT_BLOCK_ROWS};
+use crate::lut3::{Lut3Matrix, LUT3_BLOCK_ROWS};
 use crate::lut_i8::{LutI8Matrix, I8_BLOCK_ROWS, I8_CHUNK_COLS};
 use crate::parallel::{for_each_range, SharedOut};
 use std::ops::Range;
@@ -248,6 +251,58 @@ pub(crate) fn gemm_lut(
                     &lm.scales,
                     lm.rows,
                     first_row,
+                    &out,
+                    (first + t) * lm.rows,
+                );
+            }
+            first += count;
+        }
+    });
+}
+
+/// 3-activation LUT product (GEMV is `n = 1`): each task builds the tables of its tiles of up
+/// to 2 vectors itself, as in [`gemm_lut`].
+pub(crate) fn gemm_lut3(
+    kernel: Kernel,
+    lm: &Lut3Matrix,
+    xs: &[f32],
+    n: usize,
+    ys: &mut [f32],
+    threads: usize,
+) {
+    let out = SharedOut::new(ys);
+    let cols = lm.cols;
+    for_each_range(lm.row_blocks, threads, |blocks| {
+        let tile = kernel.gemm_tile();
+        let tables_len = lm.tables_len();
+        let task_rows = blocks.len() * LUT3_BLOCK_ROWS;
+        let mut tables = vec![0.0f32; tile * tables_len];
+        let mut sums = vec![0.0f32; tile * task_rows];
+        let mut first = 0;
+        while first < n {
+            let count = tile.min(n - first);
+            for t in 0..count {
+                let x = &xs[(first + t) * cols..(first + t + 1) * cols];
+                crate::lut3::build_tables(
+                    x,
+                    lm.chunks,
+                    &mut tables[t * tables_len..(t + 1) * tables_len],
+                );
+            }
+            let sums = &mut sums[..count * task_rows];
+            let data = lm.blocks(blocks.clone());
+            let table = |t: usize| &tables[t * tables_len..(t + 1) * tables_len];
+            match count {
+                1 => lut3_blocks_sums::<1>(kernel, data, lm.chunks, &[table(0)], sums),
+                2 => lut3_blocks_sums::<2>(kernel, data, lm.chunks, &[table(0), table(1)], sums),
+                _ => unreachable!("lut3 gemm tile wider than 2"),
+            }
+            for t in 0..count {
+                write_scaled(
+                    &sums[t * task_rows..(t + 1) * task_rows],
+                    &lm.scales,
+                    lm.rows,
+                    blocks.start * LUT3_BLOCK_ROWS,
                     &out,
                     (first + t) * lm.rows,
                 );

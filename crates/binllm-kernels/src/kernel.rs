@@ -21,6 +21,11 @@ pub enum Kernel {
     LutAvx2,
     /// Lookup tables, AVX-512F (`vpermps` over 16 rows at once).
     LutAvx512,
+    /// Lookup tables of 3-activation sums ([`crate::Lut3Matrix`]), portable code: the
+    /// reference of `Lut3Avx2`.
+    Lut3Scalar,
+    /// Lookup tables of 3-activation sums, AVX2 (one `vpermps` per 8 rows x 3 columns).
+    Lut3Avx2,
     /// Int8 activations (W1A8, approximate): exact integer reference for the i8 paths.
     LutI8Scalar,
     /// Int8 activations, i16 lookup tables, AVX-512BW (`vpermw` over 32 rows at once).
@@ -28,7 +33,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::Scalar,
         Kernel::Avx2,
         Kernel::Avx512,
@@ -36,6 +41,8 @@ impl Kernel {
         Kernel::LutScalar,
         Kernel::LutAvx2,
         Kernel::LutAvx512,
+        Kernel::Lut3Scalar,
+        Kernel::Lut3Avx2,
         Kernel::LutI8Scalar,
         Kernel::LutI8Avx512,
     ];
@@ -43,9 +50,9 @@ impl Kernel {
     /// Whether this CPU can run the kernel (checked at run time).
     pub fn is_available(self) -> bool {
         match self {
-            Kernel::Scalar | Kernel::LutScalar | Kernel::LutI8Scalar => true,
+            Kernel::Scalar | Kernel::LutScalar | Kernel::Lut3Scalar | Kernel::LutI8Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 | Kernel::LutAvx2 => {
+            Kernel::Avx2 | Kernel::LutAvx2 | Kernel::Lut3Avx2 => {
                 is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
             }
             #[cfg(target_arch = "x86_64")]
@@ -70,10 +77,12 @@ impl Kernel {
     }
 
     /// The fastest available kernel, in the order `gemv_bench` measured (LUT paths are faster
-    /// than mask expansion on both AVX-512 and AVX2 at SmolLM2 shapes).
+    /// than mask expansion on both AVX-512 and AVX2 at SmolLM2 shapes; on AVX2 alone the
+    /// 3-activation tables beat the 4-activation ones).
     pub fn best() -> Kernel {
         [
             Kernel::LutAvx512,
+            Kernel::Lut3Avx2,
             Kernel::LutAvx2,
             Kernel::Neon,
             Kernel::LutScalar,
@@ -99,6 +108,11 @@ impl Kernel {
         )
     }
 
+    /// Whether the kernel needs the [`crate::Lut3Matrix`] layout.
+    pub fn uses_lut3_layout(self) -> bool {
+        matches!(self, Kernel::Lut3Scalar | Kernel::Lut3Avx2)
+    }
+
     /// Whether the kernel needs the [`crate::LutI8Matrix`] layout.
     pub fn uses_i8_layout(self) -> bool {
         matches!(self, Kernel::LutI8Scalar | Kernel::LutI8Avx512)
@@ -114,7 +128,7 @@ impl Kernel {
     pub(crate) fn gemm_tile(self) -> usize {
         match self {
             Kernel::Scalar | Kernel::LutI8Scalar => 1,
-            Kernel::Avx2 | Kernel::Neon => 2,
+            Kernel::Avx2 | Kernel::Neon | Kernel::Lut3Scalar | Kernel::Lut3Avx2 => 2,
             Kernel::Avx512
             | Kernel::LutScalar
             | Kernel::LutAvx2
@@ -132,6 +146,8 @@ impl Kernel {
             Kernel::LutScalar => "lut-scalar",
             Kernel::LutAvx2 => "lut-avx2",
             Kernel::LutAvx512 => "lut-avx512",
+            Kernel::Lut3Scalar => "lut3-scalar",
+            Kernel::Lut3Avx2 => "lut3-avx2",
             Kernel::LutI8Scalar => "lut-i8-scalar",
             Kernel::LutI8Avx512 => "lut-i8-avx512",
         }
@@ -210,6 +226,27 @@ pub(crate) fn lut_blocks_sums<const T: usize>(
         Kernel::LutAvx2 => unsafe { lut::blocks_sums_avx2::<T>(data, chunks, tables, sums) },
         Kernel::LutScalar => lut::blocks_sums_scalar::<T>(data, chunks, tables, sums),
         _ => unreachable!("lut_blocks_sums called with {kernel}"),
+    }
+}
+
+/// 3-activation LUT kernels: unscaled row sums of consecutive 16-row blocks for `T` vectors,
+/// vector-major in `sums`.
+#[inline]
+pub(crate) fn lut3_blocks_sums<const T: usize>(
+    kernel: Kernel,
+    data: &[u32],
+    chunks: usize,
+    tables: &[&[f32]; T],
+    sums: &mut [f32],
+) {
+    match kernel {
+        // SAFETY: as in `selected_sums`; the kernel asserts table lengths.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Lut3Avx2 => unsafe {
+            crate::lut3::blocks_sums_avx2::<T>(data, chunks, tables, sums)
+        },
+        Kernel::Lut3Scalar => crate::lut3::blocks_sums_scalar::<T>(data, chunks, tables, sums),
+        _ => unreachable!("lut3_blocks_sums called with {kernel}"),
     }
 }
 

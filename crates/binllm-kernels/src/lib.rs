@@ -37,11 +37,12 @@
 //! | `Scalar` | canonical | one element at a time | the reference |
 //! | `Avx2`, `Avx512`, `Neon` | canonical | bits -> lane masks, masked add of `x` | f32, ~1e-7 relative |
 //! | `LutScalar`, `LutAvx2`, `LutAvx512` | [`LutMatrix`] | 16-entry f32 tables of 4-activation sums, `vpermps` looks up 16 rows at once | f32, bit-identical across the three |
+//! | `Lut3Scalar`, `Lut3Avx2` | [`Lut3Matrix`] | 8-entry f32 tables of 3-activation sums, one `vpermps` per 8 rows x 3 columns (AVX2) | f32, bit-identical across the two |
 //! | `LutI8Scalar`, `LutI8Avx512` | [`LutI8Matrix`] | int8 activations, i16 tables, `vpermw` over 32 rows | approximate (W1A8), exact integer sums |
 //!
 //! [`Kernel::best`] picks the fastest exact kernel available at run time (`LutAvx512` on
 //! AVX-512 CPUs; it was 2.5-4x faster than the AVX-512 mask kernel at SmolLM2-135M shapes in
-//! `gemv_bench`); the int8 kernels are opt-in ([`Kernel::is_approximate`]). Any kernel can be
+//! `gemv_bench`; `Lut3Avx2` on AVX2-only CPUs); the int8 kernels are opt-in ([`Kernel::is_approximate`]). Any kernel can be
 //! forced with [`PreparedMatrix::new`] or [`gemv_with`] / [`gemm_with`].
 //!
 //! GEMM ([`PreparedMatrix::gemm`]) processes input vectors in tiles of up to 4 per pass over the
@@ -56,12 +57,14 @@
 //! split, so results are identical for every thread count. Waking a pool thread costs a few
 //! microseconds, as much as a whole 576x576 GEMV: use one thread for small layers.
 //!
-//! # Dense products ([`dense`], [`q8`])
+//! # Dense products ([`dense`], [`q8`], [`q4`])
 //!
 //! [`gemv_f32`], [`gemv_f16`] (F16C / AVX-512 conversion on x86) and [`gemv_q8`] (q8_0-style:
 //! int8 weights with an f32 scale per 32; the fast paths quantize activations to int16 per
 //! vector, an error of at most 2^-16 of `max|x|` per activation), each with a scalar reference
-//! and a forced-kernel variant taking a [`DenseKernel`].
+//! and a forced-kernel variant taking a [`DenseKernel`]; [`gemv_q4_with`] (q4_0-style 4-bit
+//! blocks of 32 with an f16 scale, for a 4-bit LM head; the AVX2 path equals its integer
+//! reference bit for bit).
 //!
 //! # Use
 //!
@@ -83,10 +86,12 @@ mod gemm;
 mod kernel;
 pub mod layout;
 pub mod lut;
+pub mod lut3;
 pub mod lut_i8;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 mod parallel;
+pub mod q4;
 pub mod q8;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -96,8 +101,10 @@ pub use dense::{gemm_dense_with, gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_wit
 pub use kernel::Kernel;
 pub use layout::{pack_signs, words_per_row, PackedMatrix};
 pub use lut::LutMatrix;
+pub use lut3::Lut3Matrix;
 pub use lut_i8::LutI8Matrix;
 pub use parallel::SharedOut;
+pub use q4::{gemm_q4_with, gemv_q4_with, Q4Matrix};
 pub use q8::{gemm_q8_with, gemv_q8, gemv_q8_with, Q8Matrix};
 
 fn check_gemv_shapes(rows: usize, cols: usize, x: &[f32], y: &[f32]) {
@@ -128,6 +135,8 @@ pub fn gemv_with(kernel: Kernel, m: &PackedMatrix, x: &[f32], y: &mut [f32], thr
     kernel.assert_available();
     if kernel.uses_lut_layout() {
         gemm::gemv_lut(kernel, &LutMatrix::from_packed(m), x, y, threads)
+    } else if kernel.uses_lut3_layout() {
+        gemm::gemm_lut3(kernel, &Lut3Matrix::from_packed(m), x, 1, y, threads)
     } else if kernel.uses_i8_layout() {
         gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), x, 1, y, threads)
     } else {
@@ -148,6 +157,8 @@ pub fn gemm_with(
     kernel.assert_available();
     if kernel.uses_lut_layout() {
         gemm::gemm_lut(kernel, &LutMatrix::from_packed(m), xs, n, ys, threads)
+    } else if kernel.uses_lut3_layout() {
+        gemm::gemm_lut3(kernel, &Lut3Matrix::from_packed(m), xs, n, ys, threads)
     } else if kernel.uses_i8_layout() {
         gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), xs, n, ys, threads)
     } else {
@@ -167,6 +178,7 @@ pub struct PreparedMatrix {
 enum Weights {
     RowMajor(PackedMatrix),
     Lut(LutMatrix),
+    Lut3(Lut3Matrix),
     LutI8(LutI8Matrix),
 }
 
@@ -176,6 +188,8 @@ impl PreparedMatrix {
         kernel.assert_available();
         let weights = if kernel.uses_lut_layout() {
             Weights::Lut(LutMatrix::from_packed(&m))
+        } else if kernel.uses_lut3_layout() {
+            Weights::Lut3(Lut3Matrix::from_packed(&m))
         } else if kernel.uses_i8_layout() {
             Weights::LutI8(LutI8Matrix::from_packed(&m))
         } else {
@@ -197,6 +211,7 @@ impl PreparedMatrix {
         match &self.weights {
             Weights::RowMajor(m) => m.rows,
             Weights::Lut(m) => m.rows,
+            Weights::Lut3(m) => m.rows,
             Weights::LutI8(m) => m.rows,
         }
     }
@@ -205,6 +220,7 @@ impl PreparedMatrix {
         match &self.weights {
             Weights::RowMajor(m) => m.cols,
             Weights::Lut(m) => m.cols,
+            Weights::Lut3(m) => m.cols,
             Weights::LutI8(m) => m.cols,
         }
     }
@@ -214,6 +230,7 @@ impl PreparedMatrix {
         match &self.weights {
             Weights::RowMajor(m) => m.packed_bytes(),
             Weights::Lut(m) => m.packed_bytes(),
+            Weights::Lut3(m) => m.packed_bytes(),
             Weights::LutI8(m) => m.packed_bytes(),
         }
     }
@@ -224,6 +241,7 @@ impl PreparedMatrix {
         match &self.weights {
             Weights::RowMajor(m) => gemm::gemv_row_major(self.kernel, m, x, y, threads),
             Weights::Lut(m) => gemm::gemv_lut(self.kernel, m, x, y, threads),
+            Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, x, 1, y, threads),
             Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, x, 1, y, threads),
         }
     }
@@ -234,6 +252,7 @@ impl PreparedMatrix {
         match &self.weights {
             Weights::RowMajor(m) => gemm::gemm_row_major(self.kernel, m, xs, n, ys, threads),
             Weights::Lut(m) => gemm::gemm_lut(self.kernel, m, xs, n, ys, threads),
+            Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, xs, n, ys, threads),
             Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, xs, n, ys, threads),
         }
     }

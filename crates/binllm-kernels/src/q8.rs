@@ -181,7 +181,7 @@ pub fn gemm_q8_with(
 }
 
 /// Symmetric per-vector int16 quantization: `x[j] ~ scale * q[j]`; `q` past `x.len()` is 0.
-fn quantize_i16(x: &[f32], q: &mut [i16]) -> f32 {
+pub(crate) fn quantize_i16(x: &[f32], q: &mut [i16]) -> f32 {
     let max_abs = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     if max_abs == 0.0 || !max_abs.is_finite() {
         q.fill(0);

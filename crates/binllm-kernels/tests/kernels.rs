@@ -1,7 +1,9 @@
 //! Every kernel against the scalar reference, and the reference against a float64 dense product.
 
 use binllm_kernels::lut::LutMatrix;
+use binllm_kernels::Lut3Matrix;
 use binllm_kernels::{gemm_dense_with, gemm_q8_with, gemv_q8_with, Q8Matrix};
+use binllm_kernels::{gemm_q4_with, gemv_q4_with, Q4Matrix};
 use binllm_kernels::{
     gemm_with, gemv_f16_with, gemv_f32_with, gemv_with, pack_signs, scalar, DenseKernel, Kernel,
     PackedMatrix, PreparedMatrix,
@@ -215,6 +217,35 @@ fn lut_paths_are_bit_identical() {
 }
 
 #[test]
+fn lut3_paths_are_bit_identical_to_their_scalar_reference() {
+    let mut rng = Rng(15);
+    let luts: Vec<Kernel> = Kernel::available()
+        .into_iter()
+        .filter(|k| k.uses_lut3_layout())
+        .collect();
+    assert!(luts.contains(&Kernel::Lut3Scalar));
+    for &cols in COLS.iter().chain(&[29, 30, 31, 59, 60, 61, 90]) {
+        for rows in [1usize, 16, 45] {
+            let m = random_matrix(&mut rng, rows, cols);
+            let xs = rng.activations(3 * cols);
+            for n in [1usize, 2, 3] {
+                let results: Vec<Vec<f32>> = luts
+                    .iter()
+                    .map(|&k| {
+                        let mut y = vec![f32::NAN; n * rows];
+                        gemm_with(k, &m, &xs[..n * cols], n, &mut y, 1);
+                        y
+                    })
+                    .collect();
+                for (k, y) in luts.iter().zip(&results) {
+                    assert_eq!(y, &results[0], "{k} vs lut3-scalar {rows}x{cols} n {n}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn thread_counts_give_identical_results() {
     let mut rng = Rng(6);
     for &(rows, cols) in &[(1usize, 576usize), (61, 65), (200, 576), (577, 100)] {
@@ -358,6 +389,13 @@ fn kernel_names_and_selection() {
     let lm = LutMatrix::from_packed(&m);
     assert_eq!((lm.row_blocks, lm.chunks, lm.data.len()), (1, 1, 16));
     assert_eq!(lm.data[0], 0b111);
+    // 3-activation layout: 30 columns per lane; bits past `cols` are cleared.
+    let mut m = pack_signs(&[1.0; 2 * 31], 2, 31);
+    m.bits[0] |= 1 << 40;
+    let lm = Lut3Matrix::from_packed(&m);
+    assert_eq!((lm.row_blocks, lm.chunks, lm.data.len()), (1, 2, 32));
+    assert_eq!(lm.data[0], (1 << 30) - 1);
+    assert_eq!(lm.data[16], 1);
 }
 
 #[test]
@@ -584,6 +622,83 @@ fn dense_and_q8_gemm_equal_gemv_per_vector() {
                     gemm_dense_with(kernel, &w, cols, &xs, &mut ys, threads);
                     let want = per_vector(&|x, y| gemv_f32_with(kernel, &w, rows, cols, x, y, 1));
                     assert_eq!(ys, want, "f32 {what}");
+                }
+            }
+        }
+    }
+}
+
+/// The 4-bit head: quantization round trip, every kernel exactly equal to the integer reference
+/// (`Scalar`), all within the int16 activation error of an f64 product of the dequantized
+/// weights, and GEMM equal to per-vector GEMVs for every thread count.
+#[test]
+fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
+    let mut rng = Rng(31);
+    for &(rows, cols) in &[
+        (1usize, 7usize),
+        (21, 31),
+        (21, 32),
+        (63, 33),
+        (65, 64),
+        (21, 65),
+        (70, 576),
+        (9, 1000),
+        (5, 8 * 32 * 3 + 5),
+    ] {
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
+        let m = Q4Matrix::quantize(&w, rows, cols);
+        assert_eq!(m.codes.len(), rows * cols.div_ceil(32) * 16);
+        let dequantized = m.dequantize();
+        // Each weight moves by at most half a step, except near the opposite of the block's
+        // extreme, which the codes reach only to 7 steps (q4_0's range is -8..=7): about one step.
+        for r in 0..rows {
+            for c in 0..cols {
+                let step = m.scales[r * m.blocks_per_row + c / 32].to_f32().abs();
+                let (d, v) = (dequantized[r * cols + c], w[r * cols + c]);
+                // (f16 rounding of the scale can put the extreme a hair past 8 steps.)
+                let bound = ((v / step).abs() - 7.0).max(0.5);
+                assert!(
+                    (d - v).abs() <= step * bound * 1.0001 + 1e-7,
+                    "q4 rounding at ({r}, {c}): {v} -> {d}, step {step}"
+                );
+            }
+        }
+        // Quantizing the dequantized matrix gives it back (what re-writing a read file does).
+        assert_eq!(Q4Matrix::quantize(&dequantized, rows, cols), m);
+        for n in [1usize, 3] {
+            let mut buffer = rng.activations(n * cols);
+            buffer.extend([f32::NAN; 40]);
+            let xs = &buffer[..n * cols];
+            let mut reference = vec![f32::NAN; n * rows];
+            gemm_q4_with(DenseKernel::Scalar, &m, xs, n, &mut reference, 1);
+            for t in 0..n {
+                let x = &xs[t * cols..(t + 1) * cols];
+                let max_abs = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                for r in 0..rows {
+                    let row = &dequantized[r * cols..(r + 1) * cols];
+                    let want: f64 = row.iter().zip(x).map(|(&w, &x)| w as f64 * x as f64).sum();
+                    let mag: f32 = row.iter().zip(x).map(|(w, x)| (w * x).abs()).sum();
+                    let x_error = row.iter().map(|w| w.abs()).sum::<f32>() * max_abs / 65534.0;
+                    let got = reference[t * rows + r];
+                    assert!(
+                        (got as f64 - want).abs() <= (1e-5 * mag + 1.01 * x_error) as f64 + 1e-30,
+                        "q4 reference rows {rows} cols {cols} row {r}: {got} vs {want}"
+                    );
+                }
+            }
+            for kernel in DenseKernel::available() {
+                for threads in [1, 3] {
+                    let mut ys = vec![f32::NAN; n * rows];
+                    gemm_q4_with(kernel, &m, xs, n, &mut ys, threads);
+                    assert_eq!(
+                        ys,
+                        reference,
+                        "q4 {} rows {rows} cols {cols} n {n} threads {threads}",
+                        kernel.name()
+                    );
+                    let mut y = vec![f32::NAN; rows];
+                    gemv_q4_with(kernel, &m, &xs[..cols], &mut y, threads);
+                    assert_eq!(y, reference[..rows], "q4 gemv {}", kernel.name());
                 }
             }
         }
