@@ -297,28 +297,33 @@ unsafe fn one_block_avx2<const T: usize>(
     out
 }
 
-/// Splits `data` (whole blocks) into blocks and stores each block's sums for vector `t` at
-/// `sums[t * data_rows + 16 * block + lane]`, where `data_rows` is 16 per block.
-macro_rules! for_each_block {
-    ($data:expr, $chunks:expr, $sums:expr, $T:ident, |$block:ident| $compute:expr) => {{
-        let block_len = $chunks * LUT_BLOCK_ROWS;
-        // With no columns there is no data to count blocks by; the output size tells.
-        let blocks = $data
-            .len()
-            .checked_div(block_len)
-            .unwrap_or($sums.len() / ($T * LUT_BLOCK_ROWS).max(1));
-        let data_rows = blocks * LUT_BLOCK_ROWS;
-        assert_eq!($data.len(), blocks * block_len);
-        assert_eq!($sums.len(), $T * data_rows);
-        for block_index in 0..blocks {
-            let $block = &$data[block_index * block_len..(block_index + 1) * block_len];
-            let block_sums: [[f32; LUT_BLOCK_ROWS]; $T] = $compute;
-            for t in 0..$T {
-                let start = t * data_rows + block_index * LUT_BLOCK_ROWS;
-                $sums[start..start + LUT_BLOCK_ROWS].copy_from_slice(&block_sums[t]);
-            }
+/// Splits `data` (whole blocks of `chunks` chunks of `ROWS` rows) into blocks, asks `compute`
+/// for each block's row sums of the `T` vectors, and stores them vector-major:
+/// `sums[t * data_rows + ROWS * block + lane]`. Shared by the LUT kernel families; inlined so
+/// `compute` runs inside the caller's target features.
+#[inline(always)]
+pub(crate) fn for_each_block<const T: usize, const ROWS: usize>(
+    data: &[u32],
+    chunks: usize,
+    sums: &mut [f32],
+    mut compute: impl FnMut(&[u32]) -> [[f32; ROWS]; T],
+) {
+    let block_len = chunks * ROWS;
+    // With no columns there is no data to count blocks by; the output size tells.
+    let blocks = data
+        .len()
+        .checked_div(block_len)
+        .unwrap_or(sums.len() / (T * ROWS).max(1));
+    let data_rows = blocks * ROWS;
+    assert_eq!(data.len(), blocks * block_len);
+    assert_eq!(sums.len(), T * data_rows);
+    for block_index in 0..blocks {
+        let block_sums = compute(&data[block_index * block_len..(block_index + 1) * block_len]);
+        for (t, row_sums) in block_sums.iter().enumerate() {
+            let start = t * data_rows + block_index * ROWS;
+            sums[start..start + ROWS].copy_from_slice(row_sums);
         }
-    }};
+    }
 }
 
 /// Portable LUT path over consecutive blocks: `data` holds whole blocks of `chunks` chunks;
@@ -329,9 +334,9 @@ pub fn blocks_sums_scalar<const T: usize>(
     tables: &[&[f32]; T],
     sums: &mut [f32],
 ) {
-    for_each_block!(data, chunks, sums, T, |block| one_block_scalar::<T>(
-        block, tables
-    ))
+    for_each_block::<T, LUT_BLOCK_ROWS>(data, chunks, sums, |block| {
+        one_block_scalar::<T>(block, tables)
+    })
 }
 
 /// AVX-512F LUT path over consecutive blocks (contract of [`blocks_sums_scalar`]).
@@ -346,9 +351,9 @@ pub unsafe fn blocks_sums_avx512<const T: usize>(
     tables: &[&[f32]; T],
     sums: &mut [f32],
 ) {
-    for_each_block!(data, chunks, sums, T, |block| one_block_avx512::<T>(
-        block, tables
-    ))
+    for_each_block::<T, LUT_BLOCK_ROWS>(data, chunks, sums, |block| unsafe {
+        one_block_avx512::<T>(block, tables)
+    })
 }
 
 /// AVX2 LUT path over consecutive blocks (contract of [`blocks_sums_scalar`]).
@@ -363,7 +368,7 @@ pub unsafe fn blocks_sums_avx2<const T: usize>(
     tables: &[&[f32]; T],
     sums: &mut [f32],
 ) {
-    for_each_block!(data, chunks, sums, T, |block| one_block_avx2::<T>(
-        block, tables
-    ))
+    for_each_block::<T, LUT_BLOCK_ROWS>(data, chunks, sums, |block| unsafe {
+        one_block_avx2::<T>(block, tables)
+    })
 }

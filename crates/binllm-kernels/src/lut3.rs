@@ -19,6 +19,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::layout::PackedMatrix;
+use crate::lut::for_each_block;
 
 /// Rows per interleaved block: two 256-bit registers of u32 lanes.
 pub const LUT3_BLOCK_ROWS: usize = 16;
@@ -249,30 +250,6 @@ unsafe fn one_block_avx2<const T: usize>(
     out
 }
 
-/// Splits `data` (whole blocks) into blocks and stores each block's sums for vector `t` at
-/// `sums[t * data_rows + 16 * block + lane]`.
-macro_rules! for_each_block {
-    ($data:expr, $chunks:expr, $sums:expr, $T:ident, |$block:ident| $compute:expr) => {{
-        let block_len = $chunks * LUT3_BLOCK_ROWS;
-        // With no columns there is no data to count blocks by; the output size tells.
-        let blocks = $data
-            .len()
-            .checked_div(block_len)
-            .unwrap_or($sums.len() / ($T * LUT3_BLOCK_ROWS).max(1));
-        let data_rows = blocks * LUT3_BLOCK_ROWS;
-        assert_eq!($data.len(), blocks * block_len);
-        assert_eq!($sums.len(), $T * data_rows);
-        for block_index in 0..blocks {
-            let $block = &$data[block_index * block_len..(block_index + 1) * block_len];
-            let block_sums: [[f32; LUT3_BLOCK_ROWS]; $T] = $compute;
-            for t in 0..$T {
-                let start = t * data_rows + block_index * LUT3_BLOCK_ROWS;
-                $sums[start..start + LUT3_BLOCK_ROWS].copy_from_slice(&block_sums[t]);
-            }
-        }
-    }};
-}
-
 /// Portable path over consecutive blocks: `data` holds whole blocks of `chunks` chunks; `sums`
 /// (`T * 16 * blocks` floats) receives the unscaled row sums, vector-major.
 pub fn blocks_sums_scalar<const T: usize>(
@@ -281,9 +258,9 @@ pub fn blocks_sums_scalar<const T: usize>(
     tables: &[&[f32]; T],
     sums: &mut [f32],
 ) {
-    for_each_block!(data, chunks, sums, T, |block| one_block_scalar::<T>(
-        block, tables
-    ))
+    for_each_block::<T, LUT3_BLOCK_ROWS>(data, chunks, sums, |block| {
+        one_block_scalar::<T>(block, tables)
+    })
 }
 
 /// AVX2 path over consecutive blocks (contract of [`blocks_sums_scalar`]).
@@ -298,7 +275,7 @@ pub unsafe fn blocks_sums_avx2<const T: usize>(
     tables: &[&[f32]; T],
     sums: &mut [f32],
 ) {
-    for_each_block!(data, chunks, sums, T, |block| one_block_avx2::<T>(
-        block, tables
-    ))
+    for_each_block::<T, LUT3_BLOCK_ROWS>(data, chunks, sums, |block| unsafe {
+        one_block_avx2::<T>(block, tables)
+    })
 }
