@@ -4,9 +4,7 @@
 //! Layouts: `x` has exactly `cols` floats; GEMM inputs `xs` are `n x cols` row-major (one token
 //! per row) and outputs `ys` are `n x rows` row-major.
 
-use crate::kernel::{
-    lut3_blocks_sums, lut_blocks_sums, lut_i8_blocks_sums, scalar_row_dot, selected_sums, Kernel,
-};
+use crate::kernel::{lut_blocks_sums, lut_i8_blocks_sums, scalar_row_dot, selected_sums, Kernel};
 use crate::layout::{PackedMatrix, BITS_PER_WORD};
 use crate::lut::{build_tables, LutMatrix, LUT_BLOCK_ROWS};
 use crate::lut3::{Lut3Matrix, LUT3_BLOCK_ROWS};
@@ -192,9 +190,74 @@ pub(crate) fn gemv_lut(kernel: Kernel, lm: &LutMatrix, x: &[f32], y: &mut [f32],
     });
 }
 
+/// A matrix in either f32-table layout (`lut`: groups of 4 activations; `lut3`: groups of 3),
+/// as the tiled product sees it. Both interleave 16-row blocks, so only the tables differ.
+struct TableMatrix<'a> {
+    rows: usize,
+    cols: usize,
+    row_blocks: usize,
+    chunks: usize,
+    scales: &'a [f32],
+    tables_len: usize,
+    data: &'a [u32],
+}
+
+const _: () = assert!(LUT_BLOCK_ROWS == LUT3_BLOCK_ROWS);
+
 pub(crate) fn gemm_lut(
     kernel: Kernel,
     lm: &LutMatrix,
+    xs: &[f32],
+    n: usize,
+    ys: &mut [f32],
+    threads: usize,
+) {
+    let matrix = TableMatrix {
+        rows: lm.rows,
+        cols: lm.cols,
+        row_blocks: lm.row_blocks,
+        chunks: lm.chunks,
+        scales: &lm.scales,
+        tables_len: lm.tables_len(),
+        data: &lm.data,
+    };
+    gemm_tables(kernel, &matrix, build_tables, xs, n, ys, threads)
+}
+
+/// 3-activation LUT product (GEMV is `n = 1`: each task builds its own tables, as in GEMM).
+pub(crate) fn gemm_lut3(
+    kernel: Kernel,
+    lm: &Lut3Matrix,
+    xs: &[f32],
+    n: usize,
+    ys: &mut [f32],
+    threads: usize,
+) {
+    let matrix = TableMatrix {
+        rows: lm.rows,
+        cols: lm.cols,
+        row_blocks: lm.row_blocks,
+        chunks: lm.chunks,
+        scales: &lm.scales,
+        tables_len: lm.tables_len(),
+        data: &lm.data,
+    };
+    gemm_tables(
+        kernel,
+        &matrix,
+        crate::lut3::build_tables,
+        xs,
+        n,
+        ys,
+        threads,
+    )
+}
+
+/// The tiled f32-table product of both LUT families; `build_tables` is the family's own.
+fn gemm_tables(
+    kernel: Kernel,
+    lm: &TableMatrix,
+    build_tables: impl Fn(&[f32], usize, &mut [f32]) + Sync,
     xs: &[f32],
     n: usize,
     ys: &mut [f32],
@@ -204,7 +267,7 @@ pub(crate) fn gemm_lut(
     let cols = lm.cols;
     for_each_range(lm.row_blocks, threads, |blocks| {
         let tile = kernel.gemm_tile();
-        let tables_len = lm.tables_len();
+        let tables_len = lm.tables_len;
         let task_rows = blocks.len() * LUT_BLOCK_ROWS;
         // Each task builds the tables of a tile itself: a few percent of the lookups' cost,
         // and tasks never wait on each other.
@@ -222,7 +285,8 @@ pub(crate) fn gemm_lut(
                 );
             }
             let sums = &mut sums[..count * task_rows];
-            let data = lm.blocks(blocks.clone());
+            let block_len = lm.chunks * LUT_BLOCK_ROWS;
+            let data = &lm.data[blocks.start * block_len..blocks.end * block_len];
             let table = |t: usize| &tables[t * tables_len..(t + 1) * tables_len];
             match count {
                 1 => lut_blocks_sums::<1>(kernel, data, lm.chunks, &[table(0)], sums),
@@ -244,65 +308,11 @@ pub(crate) fn gemm_lut(
                 _ => unreachable!("gemm tile wider than 4"),
             }
             for t in 0..count {
-                let vector_sums = &sums[t * task_rows..(t + 1) * task_rows];
-                let first_row = blocks.start * LUT_BLOCK_ROWS;
-                write_scaled(
-                    vector_sums,
-                    &lm.scales,
-                    lm.rows,
-                    first_row,
-                    &out,
-                    (first + t) * lm.rows,
-                );
-            }
-            first += count;
-        }
-    });
-}
-
-/// 3-activation LUT product (GEMV is `n = 1`): each task builds the tables of its tiles of up
-/// to 2 vectors itself, as in [`gemm_lut`].
-pub(crate) fn gemm_lut3(
-    kernel: Kernel,
-    lm: &Lut3Matrix,
-    xs: &[f32],
-    n: usize,
-    ys: &mut [f32],
-    threads: usize,
-) {
-    let out = SharedOut::new(ys);
-    let cols = lm.cols;
-    for_each_range(lm.row_blocks, threads, |blocks| {
-        let tile = kernel.gemm_tile();
-        let tables_len = lm.tables_len();
-        let task_rows = blocks.len() * LUT3_BLOCK_ROWS;
-        let mut tables = vec![0.0f32; tile * tables_len];
-        let mut sums = vec![0.0f32; tile * task_rows];
-        let mut first = 0;
-        while first < n {
-            let count = tile.min(n - first);
-            for t in 0..count {
-                let x = &xs[(first + t) * cols..(first + t + 1) * cols];
-                crate::lut3::build_tables(
-                    x,
-                    lm.chunks,
-                    &mut tables[t * tables_len..(t + 1) * tables_len],
-                );
-            }
-            let sums = &mut sums[..count * task_rows];
-            let data = lm.blocks(blocks.clone());
-            let table = |t: usize| &tables[t * tables_len..(t + 1) * tables_len];
-            match count {
-                1 => lut3_blocks_sums::<1>(kernel, data, lm.chunks, &[table(0)], sums),
-                2 => lut3_blocks_sums::<2>(kernel, data, lm.chunks, &[table(0), table(1)], sums),
-                _ => unreachable!("lut3 gemm tile wider than 2"),
-            }
-            for t in 0..count {
                 write_scaled(
                     &sums[t * task_rows..(t + 1) * task_rows],
-                    &lm.scales,
+                    lm.scales,
                     lm.rows,
-                    blocks.start * LUT3_BLOCK_ROWS,
+                    blocks.start * LUT_BLOCK_ROWS,
                     &out,
                     (first + t) * lm.rows,
                 );

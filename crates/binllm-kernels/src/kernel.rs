@@ -208,8 +208,9 @@ pub(crate) fn selected_sums<const T: usize>(
     }
 }
 
-/// LUT kernels: unscaled row sums of consecutive 16-row blocks (`data`) for `T` vectors,
-/// stored vector-major in `sums` (`T * 16 * blocks` floats).
+/// The f32-table LUT kernels (`lut` and `lut3` families): unscaled row sums of consecutive
+/// 16-row blocks (`data`) for `T` vectors, stored vector-major in `sums` (`T * 16 * blocks`
+/// floats). `tables` must be the family's own.
 #[inline]
 pub(crate) fn lut_blocks_sums<const T: usize>(
     kernel: Kernel,
@@ -225,28 +226,12 @@ pub(crate) fn lut_blocks_sums<const T: usize>(
         #[cfg(target_arch = "x86_64")]
         Kernel::LutAvx2 => unsafe { lut::blocks_sums_avx2::<T>(data, chunks, tables, sums) },
         Kernel::LutScalar => lut::blocks_sums_scalar::<T>(data, chunks, tables, sums),
-        _ => unreachable!("lut_blocks_sums called with {kernel}"),
-    }
-}
-
-/// 3-activation LUT kernels: unscaled row sums of consecutive 16-row blocks for `T` vectors,
-/// vector-major in `sums`.
-#[inline]
-pub(crate) fn lut3_blocks_sums<const T: usize>(
-    kernel: Kernel,
-    data: &[u32],
-    chunks: usize,
-    tables: &[&[f32]; T],
-    sums: &mut [f32],
-) {
-    match kernel {
-        // SAFETY: as in `selected_sums`; the kernel asserts table lengths.
         #[cfg(target_arch = "x86_64")]
         Kernel::Lut3Avx2 => unsafe {
             crate::lut3::blocks_sums_avx2::<T>(data, chunks, tables, sums)
         },
         Kernel::Lut3Scalar => crate::lut3::blocks_sums_scalar::<T>(data, chunks, tables, sums),
-        _ => unreachable!("lut3_blocks_sums called with {kernel}"),
+        _ => unreachable!("lut_blocks_sums called with {kernel}"),
     }
 }
 

@@ -81,13 +81,6 @@ impl Lut3Matrix {
         }
     }
 
-    /// The data of consecutive row blocks.
-    #[inline]
-    pub fn blocks(&self, blocks: std::ops::Range<usize>) -> &[u32] {
-        let len = self.chunks * LUT3_BLOCK_ROWS;
-        &self.data[blocks.start * len..blocks.end * len]
-    }
-
     /// Floats of tables one input vector needs.
     pub fn tables_len(&self) -> usize {
         self.chunks * LUT3_GROUPS_PER_CHUNK * LUT3_TABLE_LEN
