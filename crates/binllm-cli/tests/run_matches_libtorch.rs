@@ -10,7 +10,7 @@ use std::path::Path;
 
 mod common;
 
-use binllm_format::packed::{export, ExportOptions, PackedModel, Q8Tensors};
+use binllm_format::packed::{export, ExportOptions, PackedModel, QuantTensors};
 use binllm_format::{LoadOptions as SourceOptions, PretrainedModel};
 use binllm_infer::ptq::{ptq_sign_model, InputScales};
 use common::{compare, compare_ids};
@@ -29,7 +29,7 @@ fn stories() -> PretrainedModel {
 #[test]
 fn sign_model_matches_libtorch() {
     let sign = ptq_sign_model(&stories(), InputScales::Independent { seed: 7 }).unwrap();
-    compare(&sign, &Q8Tensors::new(), "f32 sign model");
+    compare(&sign, &QuantTensors::new(), "f32 sign model");
 }
 
 #[test]
@@ -104,7 +104,7 @@ fn qwen_variants_match_libtorch() {
             ptq_sign_model(&synthetic(config), InputScales::Independent { seed: 2 }).unwrap();
         compare_ids(
             &sign,
-            &Q8Tensors::new(),
+            &QuantTensors::new(),
             &format!("{name} sign model"),
             &prompts,
             1e-3,

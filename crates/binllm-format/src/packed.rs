@@ -248,7 +248,7 @@ impl PackedModel {
     /// quantized file) are quantized again, which gives back the stored tensors (see
     /// [`Q8Tensor::quantize`], [`binllm_kernels::Q4Matrix::quantize`]).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let q8: Q8Tensors = self
+        let quantized: QuantTensors = self
             .dense
             .iter()
             .filter(|(_, t)| t.shape.len() == 2)
@@ -266,16 +266,16 @@ impl PackedModel {
                 Some((name.clone(), quantized))
             })
             .collect();
-        self.write_with_q8(path, &q8)
+        self.write_with_quantized(path, &quantized)
     }
 
-    /// Writes the model with the dense tensors named in `q8` stored as those q8_0 / q4_0
+    /// Writes the model with the dense tensors named in `quantized` stored as those q8_0 / q4_0
     /// tensors. Each must also be in `dense` with `stored_as` `"Q8_0"` / `"Q4_0"` (its
     /// dequantized values), so that the in-memory model, its bits per weight and the file agree.
-    pub fn write_with_q8(&self, path: &Path, q8: &Q8Tensors) -> Result<()> {
+    pub fn write_with_quantized(&self, path: &Path, quantized: &QuantTensors) -> Result<()> {
         self.validate()
             .context("refusing to write an inconsistent packed model")?;
-        for (name, t) in q8 {
+        for (name, t) in quantized {
             let d = self.dense.get(name).with_context(|| {
                 format!("quantized tensor '{name}' is not a dense tensor of the model")
             })?;
@@ -337,7 +337,7 @@ impl PackedModel {
                 blobs.push((format!("{prefix}.bias"), dt, vec![l.rows], b));
             }
         }
-        for (name, t) in q8 {
+        for (name, t) in quantized {
             match t {
                 QuantTensor::Q8(t) => {
                     let blocks = t.blocks_per_row();
@@ -374,7 +374,7 @@ impl PackedModel {
         for (name, t) in self
             .dense
             .iter()
-            .filter(|(name, _)| !q8.contains_key(*name))
+            .filter(|(name, _)| !quantized.contains_key(*name))
         {
             let (dt, b) = match (&t.data, self.precision) {
                 (TensorData::F16(v), _) => (
@@ -399,7 +399,7 @@ impl PackedModel {
             .collect::<Result<_>>()?;
         let mut meta = HashMap::new();
         meta.insert("binllm.format".to_string(), FORMAT_NAME.to_string());
-        let version = if q8.values().any(|t| matches!(t, QuantTensor::Q4(_))) {
+        let version = if quantized.values().any(|t| matches!(t, QuantTensor::Q4(_))) {
             FORMAT_VERSION
         } else {
             FORMAT_VERSION_WITHOUT_Q4
@@ -438,7 +438,7 @@ impl PackedModel {
 
     /// [`PackedModel::read`], plus the q8_0 tensors exactly as stored (the runtime computes
     /// with those; `dense` holds their dequantized values for every other consumer).
-    pub fn read_parts(path: &Path) -> Result<(Self, Q8Tensors)> {
+    pub fn read_parts(path: &Path) -> Result<(Self, QuantTensors)> {
         let file = std::fs::File::open(path)
             .with_context(|| format!("{}: cannot open packed model", path.display()))?;
         // SAFETY: read-only map, dropped before returning.
@@ -452,7 +452,7 @@ impl PackedModel {
         Ok(Self::from_bytes_parts(bytes)?.0)
     }
 
-    pub fn from_bytes_parts(bytes: &[u8]) -> Result<(Self, Q8Tensors)> {
+    pub fn from_bytes_parts(bytes: &[u8]) -> Result<(Self, QuantTensors)> {
         let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| anyhow!("bad safetensors header (truncated or corrupt file?): {e}"))?;
         let st = safetensors::SafeTensors::deserialize(bytes)
@@ -535,7 +535,7 @@ impl PackedModel {
             }
         }
         let mut dense = TensorMap::new();
-        let mut q8 = Q8Tensors::new();
+        let mut quantized = QuantTensors::new();
         for (name, shape) in names::expected_tensors(&config)
             .into_iter()
             .filter(|(n, _)| !n.contains("_proj."))
@@ -562,7 +562,7 @@ impl PackedModel {
                         stored_as: t.stored_as().into(),
                     },
                 );
-                q8.insert(name, t);
+                quantized.insert(name, t);
                 continue;
             }
             let v = st
@@ -595,92 +595,103 @@ impl PackedModel {
             precision,
         };
         model.validate()?;
-        Ok((model, q8))
+        Ok((model, quantized))
     }
 }
 
-fn read_q8(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Q8Tensor> {
+/// The two tensors of a blocked quantized matrix `name` of `shape` (`rows x cols`, blocks of
+/// `block_cols` columns): `NAME{payload_suffix}` (`payload_dtype`, `block_bytes` bytes per
+/// block) and `NAME{scale_suffix}` (F16, one scale per block). Returns `(rows, cols, blocks per
+/// row, payload bytes, scales)`.
+#[allow(clippy::too_many_arguments)]
+fn read_blocked<'a>(
+    st: &safetensors::SafeTensors<'a>,
+    name: &str,
+    shape: &[usize],
+    format: &str,
+    (payload_suffix, payload_dtype): (&str, safetensors::Dtype),
+    scale_suffix: &str,
+    block_cols: usize,
+    block_bytes: usize,
+) -> Result<(usize, usize, usize, &'a [u8], Vec<f16>)> {
     ensure!(
         shape.len() == 2,
-        "tensor '{name}' is stored q8_0 but is not a matrix"
+        "tensor '{name}' is stored {format} but is not a matrix"
     );
     let (rows, cols) = (shape[0], shape[1]);
-    let blocks = cols.div_ceil(Q8_BLOCK);
-    let quants_name = format!("{name}{Q8_SUFFIX}");
-    let scales_name = format!("{name}{Q8_SCALE_SUFFIX}");
-    let quants = st
-        .tensor(&quants_name)
-        .map_err(|e| anyhow!("tensor '{quants_name}': {e}"))?;
+    let blocks = cols.div_ceil(block_cols);
+    let payload_name = format!("{name}{payload_suffix}");
+    let scales_name = format!("{name}{scale_suffix}");
+    let payload = st
+        .tensor(&payload_name)
+        .map_err(|e| anyhow!("tensor '{payload_name}': {e}"))?;
     let scales = st
         .tensor(&scales_name)
         .map_err(|e| anyhow!("tensor '{scales_name}': {e}"))?;
     ensure!(
-        quants.dtype() == safetensors::Dtype::I8,
-        "'{quants_name}' must be I8"
+        payload.dtype() == payload_dtype,
+        "'{payload_name}' must be {payload_dtype:?}"
     );
     ensure!(
         scales.dtype() == safetensors::Dtype::F16,
         "'{scales_name}' must be F16"
     );
     ensure!(
-        quants.shape() == [rows, blocks * Q8_BLOCK],
-        "'{quants_name}' has shape {:?}, expected [{rows}, {}]",
-        quants.shape(),
-        blocks * Q8_BLOCK
+        payload.shape() == [rows, blocks * block_bytes],
+        "'{payload_name}' has shape {:?}, expected [{rows}, {}]",
+        payload.shape(),
+        blocks * block_bytes
     );
     ensure!(
         scales.shape() == [rows, blocks],
         "'{scales_name}' has shape {:?}, expected [{rows}, {blocks}]",
         scales.shape()
     );
+    Ok((
+        rows,
+        cols,
+        blocks,
+        payload.data(),
+        le_values(scales.data(), f16::from_le_bytes),
+    ))
+}
+
+fn read_q8(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Q8Tensor> {
+    let (rows, cols, _, quants, scales) = read_blocked(
+        st,
+        name,
+        shape,
+        "q8_0",
+        (Q8_SUFFIX, safetensors::Dtype::I8),
+        Q8_SCALE_SUFFIX,
+        Q8_BLOCK,
+        Q8_BLOCK,
+    )?;
     Ok(Q8Tensor {
         rows,
         cols,
-        quants: quants.data().iter().map(|&b| b as i8).collect(),
-        scales: le_values(scales.data(), f16::from_le_bytes),
+        quants: quants.iter().map(|&b| b as i8).collect(),
+        scales,
     })
 }
 
 fn read_q4(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Q4Tensor> {
-    ensure!(
-        shape.len() == 2,
-        "tensor '{name}' is stored q4_0 but is not a matrix"
-    );
-    let (rows, cols) = (shape[0], shape[1]);
-    let blocks = cols.div_ceil(Q4_BLOCK);
-    let codes_name = format!("{name}{Q4_SUFFIX}");
-    let scales_name = format!("{name}{Q4_SCALE_SUFFIX}");
-    let codes = st
-        .tensor(&codes_name)
-        .map_err(|e| anyhow!("tensor '{codes_name}': {e}"))?;
-    let scales = st
-        .tensor(&scales_name)
-        .map_err(|e| anyhow!("tensor '{scales_name}': {e}"))?;
-    ensure!(
-        codes.dtype() == safetensors::Dtype::U8,
-        "'{codes_name}' must be U8"
-    );
-    ensure!(
-        scales.dtype() == safetensors::Dtype::F16,
-        "'{scales_name}' must be F16"
-    );
-    ensure!(
-        codes.shape() == [rows, blocks * Q4_BLOCK_BYTES],
-        "'{codes_name}' has shape {:?}, expected [{rows}, {}]",
-        codes.shape(),
-        blocks * Q4_BLOCK_BYTES
-    );
-    ensure!(
-        scales.shape() == [rows, blocks],
-        "'{scales_name}' has shape {:?}, expected [{rows}, {blocks}]",
-        scales.shape()
-    );
+    let (rows, cols, blocks_per_row, codes, scales) = read_blocked(
+        st,
+        name,
+        shape,
+        "q4_0",
+        (Q4_SUFFIX, safetensors::Dtype::U8),
+        Q4_SCALE_SUFFIX,
+        Q4_BLOCK,
+        Q4_BLOCK_BYTES,
+    )?;
     Ok(Q4Tensor {
         rows,
         cols,
-        blocks_per_row: blocks,
-        codes: codes.data().to_vec(),
-        scales: le_values(scales.data(), f16::from_le_bytes),
+        blocks_per_row,
+        codes: codes.to_vec(),
+        scales,
     })
 }
 
@@ -733,8 +744,6 @@ impl QuantTensor {
 
 /// Dense tensors stored quantized (q8_0 or q4_0), by canonical name.
 pub type QuantTensors = BTreeMap<String, QuantTensor>;
-/// The name [`QuantTensors`] had when only q8_0 existed.
-pub type Q8Tensors = QuantTensors;
 
 /// A row-major `rows x cols` matrix in q8_0 (GGML's block format): each row split into blocks
 /// of 32 weights, `w = scale * q` with one f16 scale per block and `q` in -127..=127; a row's
@@ -887,17 +896,17 @@ pub struct FoldReport {
     pub kept: Vec<String>,
 }
 
-/// An exported model: what [`PackedModel::write_with_q8`] writes.
+/// An exported model: what [`PackedModel::write_with_quantized`] writes.
 #[derive(Debug, Clone)]
 pub struct Exported {
     pub model: PackedModel,
-    pub q8: Q8Tensors,
+    pub quantized: QuantTensors,
     pub report: FoldReport,
 }
 
 impl Exported {
     pub fn write(&self, path: &Path) -> Result<()> {
-        self.model.write_with_q8(path, &self.q8)
+        self.model.write_with_quantized(path, &self.quantized)
     }
 }
 
@@ -1056,7 +1065,7 @@ pub fn export(sign_model: &PackedModel, options: &ExportOptions) -> Result<Expor
             };
         }
     }
-    let mut q8 = Q8Tensors::new();
+    let mut quantized_tensors = QuantTensors::new();
     if matches!(options.head, HeadFormat::Q8 | HeadFormat::Q4) {
         let name = if model.config.tie_word_embeddings {
             names::EMBED
@@ -1079,7 +1088,7 @@ pub fn export(sign_model: &PackedModel, options: &ExportOptions) -> Result<Expor
             data: TensorData::F32(quantized.dequantize()),
             stored_as: quantized.stored_as().into(),
         };
-        q8.insert(name.to_string(), quantized);
+        quantized_tensors.insert(name.to_string(), quantized);
     }
     let export_details = serde_json::json!({
         "head": options.head,
@@ -1100,7 +1109,11 @@ pub fn export(sign_model: &PackedModel, options: &ExportOptions) -> Result<Expor
             *other = serde_json::json!({ "export": export_details, "before_export": previous });
         }
     }
-    Ok(Exported { model, q8, report })
+    Ok(Exported {
+        model,
+        quantized: quantized_tensors,
+        report,
+    })
 }
 
 /// Whether `path` is a file whose safetensors header says it is a binllm packed model

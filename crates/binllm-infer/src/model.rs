@@ -11,7 +11,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use binllm_format::names::{self, BlockLinear};
-use binllm_format::packed::{PackedLinear, PackedModel, Q8Tensors, QuantTensor};
+use binllm_format::packed::{PackedLinear, PackedModel, QuantTensor, QuantTensors};
 use binllm_format::{ModelConfig, TensorData};
 use binllm_kernels::{DenseKernel, Kernel, PackedMatrix, PreparedMatrix, Q4Matrix, Q8Matrix};
 use half::f16;
@@ -143,7 +143,12 @@ enum DenseData {
 }
 
 impl DenseMatrix {
-    fn from_tensor(packed: &PackedModel, q8: &Q8Tensors, name: &str, parts: usize) -> Result<Self> {
+    fn from_tensor(
+        packed: &PackedModel,
+        quantized: &QuantTensors,
+        name: &str,
+        parts: usize,
+    ) -> Result<Self> {
         let t = packed
             .dense
             .get(name)
@@ -151,9 +156,9 @@ impl DenseMatrix {
         ensure!(t.shape.len() == 2, "'{name}' is not a matrix");
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let parts = split_rows(rows, parts, ROW_ALIGN);
-        let data = if let Some(QuantTensor::Q4(q)) = q8.get(name) {
+        let data = if let Some(QuantTensor::Q4(q)) = quantized.get(name) {
             DenseData::Q4(parts.iter().map(|r| q.rows_slice(r.clone())).collect())
-        } else if let Some(QuantTensor::Q8(q)) = q8.get(name) {
+        } else if let Some(QuantTensor::Q8(q)) = quantized.get(name) {
             let m = q.to_kernel_matrix();
             let per_row = m.blocks_per_row;
             DenseData::Q8(
@@ -422,8 +427,12 @@ fn dense_f32(packed: &PackedModel, name: &str) -> Result<Vec<f32>> {
 }
 
 impl Model {
-    /// Builds the runtime model from a packed model (and the q8 tensors read with it).
-    pub fn new(packed: &PackedModel, q8: &Q8Tensors, options: &LoadOptions) -> Result<Self> {
+    /// Builds the runtime model from a packed model (and the quantized tensors read with it).
+    pub fn new(
+        packed: &PackedModel,
+        quantized: &QuantTensors,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         packed.validate()?;
         let config = packed.config.clone();
         let kernel = options.kernel.unwrap_or_else(Kernel::best);
@@ -470,13 +479,13 @@ impl Model {
         } else {
             Some(DenseMatrix::from_tensor(
                 packed,
-                q8,
+                quantized,
                 names::LM_HEAD,
                 head_parts,
             )?)
         };
         Ok(Model {
-            embed: DenseMatrix::from_tensor(packed, q8, names::EMBED, head_parts)?,
+            embed: DenseMatrix::from_tensor(packed, quantized, names::EMBED, head_parts)?,
             head,
             final_norm: dense_f32(packed, names::FINAL_NORM)?,
             layers,
@@ -489,8 +498,8 @@ impl Model {
 
     /// Reads a packed file and builds the model.
     pub fn load(path: &std::path::Path, options: &LoadOptions) -> Result<(Self, PackedModel)> {
-        let (packed, q8) = PackedModel::read_parts(path)?;
-        let model = Self::new(&packed, &q8, options)
+        let (packed, quantized) = PackedModel::read_parts(path)?;
+        let model = Self::new(&packed, &quantized, options)
             .with_context(|| format!("{}: cannot prepare the model", path.display()))?;
         Ok((model, packed))
     }

@@ -172,7 +172,11 @@ fn a_longer_prompt_reuses_the_cached_prefix() {
     assert_eq!(fresh_reply, expected);
 }
 
-fn logits_of(packed: &PackedModel, q8: &binllm_format::packed::Q8Tensors, ids: &[u32]) -> Vec<f32> {
+fn logits_of(
+    packed: &PackedModel,
+    q8: &binllm_format::packed::QuantTensors,
+    ids: &[u32],
+) -> Vec<f32> {
     let model = Model::new(packed, q8, &options(1)).unwrap();
     model
         .forward_all(&mut KvCache::new(&model.config), ids)
@@ -206,7 +210,7 @@ fn export_folds_tied_input_scales_exactly() {
     );
     assert!(exact.report.kept.is_empty());
     assert_eq!(exact.report.folded.len(), 4 * sign.config.num_layers);
-    let err_fold = relative_l2(&logits_of(&exact.model, &exact.q8, &ids), &reference);
+    let err_fold = relative_l2(&logits_of(&exact.model, &exact.quantized, &ids), &reference);
     assert!(err_fold < 1e-5, "folding changed the logits by {err_fold}");
 
     // The f16 file: what folding adds is within f16 rounding, the error of storing the
@@ -282,7 +286,7 @@ fn export_keeps_untied_input_scales() {
         }
     }
     let err = relative_l2(
-        &logits_of(&exported.model, &exported.q8, &ids),
+        &logits_of(&exported.model, &exported.quantized, &ids),
         &logits_of(&sign, &Default::default(), &ids),
     );
     assert!(err < 1e-5, "{err}");
@@ -313,7 +317,7 @@ fn q8_head_round_trips_and_stays_close() {
     let path: PathBuf = dir.path().join("q8.b1");
     exported.write(&path).unwrap();
     let (read, q8) = PackedModel::read_parts(&path).unwrap();
-    assert_eq!(q8, exported.q8, "q8 tensors change through the file");
+    assert_eq!(q8, exported.quantized, "q8 tensors change through the file");
     // Re-writing a model read from a q8 file keeps the tensors exactly.
     let again = dir.path().join("again.b1");
     read.write(&again).unwrap();
@@ -347,7 +351,7 @@ fn q4_head_round_trips_and_matches_its_dequantized_head() {
     let path: PathBuf = dir.path().join("q4.b1");
     exported.write(&path).unwrap();
     let (read, q4) = PackedModel::read_parts(&path).unwrap();
-    assert_eq!(q4, exported.q8, "q4 tensors change through the file");
+    assert_eq!(q4, exported.quantized, "q4 tensors change through the file");
     assert!(q4
         .values()
         .all(|t| matches!(t, binllm_format::packed::QuantTensor::Q4(_))));

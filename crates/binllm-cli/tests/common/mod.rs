@@ -4,7 +4,7 @@
 //! linear, so both must compute the same function.
 #![allow(dead_code)]
 
-use binllm_format::packed::{PackedModel, Q8Tensors};
+use binllm_format::packed::{PackedModel, QuantTensors};
 use binllm_infer::generate::{generate, GenerateOptions};
 use binllm_infer::sampling::SamplingParams;
 use binllm_infer::{KvCache, LoadOptions, Model};
@@ -23,7 +23,7 @@ pub fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
     (diff / norm).sqrt()
 }
 
-pub fn compare(packed: &PackedModel, q8: &Q8Tensors, label: &str) {
+pub fn compare(packed: &PackedModel, q8: &QuantTensors, label: &str) {
     let tokenizer = packed.tokenizer().unwrap().unwrap();
     let prompts: Vec<Vec<u32>> = PROMPTS
         .iter()
@@ -34,7 +34,7 @@ pub fn compare(packed: &PackedModel, q8: &Q8Tensors, label: &str) {
 
 pub fn compare_ids(
     packed: &PackedModel,
-    q8: &Q8Tensors,
+    q8: &QuantTensors,
     label: &str,
     prompts: &[Vec<u32>],
     tolerance: f64,
