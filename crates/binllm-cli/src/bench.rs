@@ -21,6 +21,11 @@ pub struct Args {
     /// shapes but rounds activations to int8 (approximate).
     #[arg(long)]
     pub kernel: Option<String>,
+    /// LM-head kernel: `avx512-vnni` (q8_0/q4_0 heads with int8 activations, llama.cpp's
+    /// arithmetic; the default where the CPU has it), `avx2`, `avx512`, `portable` (int16
+    /// activations) or `scalar` (f32 activations, the reference).
+    #[arg(long)]
+    pub head_kernel: Option<String>,
     #[arg(long, default_value_t = 128)]
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
@@ -74,7 +79,11 @@ fn bytemuck_u64(bytes: &[u8]) -> &[u64] {
 pub fn run(args: Args) -> Result<()> {
     let (model, packed) = Model::load(
         &args.model,
-        &crate::run::runtime_options(args.threads, args.kernel.as_deref())?,
+        &crate::run::runtime_options(
+            args.threads,
+            args.kernel.as_deref(),
+            args.head_kernel.as_deref(),
+        )?,
     )?;
     let vocab = model.config.vocab_size as u64;
     let mut rng = SplitMix64::new(1);
@@ -133,6 +142,7 @@ pub fn run(args: Args) -> Result<()> {
             "threads": model.threads(),
             "kernel": model.kernel().name(),
             "head": model.head().label(),
+            "head_kernel": model.head().kernel().name(),
             "bits_per_weight": bpw,
             "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens,
@@ -149,10 +159,11 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "model            {} ({:.2} MiB, head {})",
+        "model            {} ({:.2} MiB, head {}, head kernel {})",
         args.model.display(),
         file_size as f64 / (1 << 20) as f64,
-        model.head().label()
+        model.head().label(),
+        model.head().kernel().name()
     );
     println!(
         "bits/weight      body {:.4}, embeddings+head {:.3}, whole model {:.4}",

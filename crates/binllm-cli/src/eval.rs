@@ -75,6 +75,11 @@ pub struct RunArgs {
     /// `lut-i8-avx512` rounds activations to int8, to measure what that costs.
     #[arg(long)]
     pub kernel: Option<String>,
+    /// LM-head kernel: `avx512-vnni` (q8_0/q4_0 heads with int8 activations, llama.cpp's
+    /// arithmetic; the default where the CPU has it), `avx2`, `avx512`, `portable` (int16
+    /// activations) or `scalar` (f32 activations, the reference).
+    #[arg(long)]
+    pub head_kernel: Option<String>,
     /// cpu, cuda, cuda:N or auto (torch engine).
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -187,7 +192,7 @@ fn packed_engine(
     }
     let (runtime, file) = binllm_infer::Model::load(
         model,
-        &crate::run::runtime_options(a.threads, a.kernel.as_deref())?,
+        &crate::run::runtime_options(a.threads, a.kernel.as_deref(), a.head_kernel.as_deref())?,
     )?;
     let tokenizer = crate::run::embedded_tokenizer(&file, model)?;
     let label = format!(

@@ -11,7 +11,7 @@ use binllm_format::tokenizer::StreamDecoder;
 use binllm_format::TextTokenizer;
 use binllm_infer::generate::{generate, GenerateOptions, GenerationStats};
 use binllm_infer::sampling::SamplingParams;
-use binllm_infer::{Kernel, KvCache, LoadOptions, Model};
+use binllm_infer::{DenseKernel, Kernel, KvCache, LoadOptions, Model};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,6 +38,11 @@ pub struct Args {
     /// shapes but rounds activations to int8 (approximate).
     #[arg(long)]
     pub kernel: Option<String>,
+    /// LM-head kernel: `avx512-vnni` (q8_0/q4_0 heads with int8 activations, llama.cpp's
+    /// arithmetic; the default where the CPU has it), `avx2`, `avx512`, `portable` (int16
+    /// activations) or `scalar` (f32 activations, the reference).
+    #[arg(long)]
+    pub head_kernel: Option<String>,
     /// Print speeds (prompt and decode tokens/s) to stderr after each reply.
     #[arg(long)]
     pub stats: bool,
@@ -80,13 +85,21 @@ pub fn embedded_tokenizer(packed: &PackedModel, path: &Path) -> Result<TextToken
         .with_context(|| format!("{}: the model has no tokenizer", path.display()))
 }
 
-/// How the packed runtime loads, from the `--threads` and `--kernel` options that `run`,
-/// `bench` and `eval` share.
-pub fn runtime_options(threads: usize, kernel: Option<&str>) -> Result<LoadOptions> {
+/// How the packed runtime loads, from the `--threads`, `--kernel` and `--head-kernel` options
+/// that `run`, `bench` and `eval` share.
+pub fn runtime_options(
+    threads: usize,
+    kernel: Option<&str>,
+    head_kernel: Option<&str>,
+) -> Result<LoadOptions> {
     Ok(LoadOptions {
         threads,
         kernel: kernel
             .map(str::parse::<Kernel>)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        head_kernel: head_kernel
+            .map(str::parse::<DenseKernel>)
             .transpose()
             .map_err(anyhow::Error::msg)?,
     })
@@ -95,7 +108,11 @@ pub fn runtime_options(threads: usize, kernel: Option<&str>) -> Result<LoadOptio
 pub fn run(args: Args) -> Result<()> {
     let (model, packed) = Model::load(
         &args.model,
-        &crate::run::runtime_options(args.threads, args.kernel.as_deref())?,
+        &crate::run::runtime_options(
+            args.threads,
+            args.kernel.as_deref(),
+            args.head_kernel.as_deref(),
+        )?,
     )?;
     let tokenizer = embedded_tokenizer(&packed, &args.model)?;
     let options = GenerateOptions {

@@ -599,29 +599,61 @@ impl PackedModel {
     }
 }
 
-/// The two tensors of a blocked quantized matrix `name` of `shape` (`rows x cols`, blocks of
-/// `block_cols` columns): `NAME{payload_suffix}` (`payload_dtype`, `block_bytes` bytes per
-/// block) and `NAME{scale_suffix}` (F16, one scale per block). Returns `(rows, cols, blocks per
-/// row, payload bytes, scales)`.
-#[allow(clippy::too_many_arguments)]
+/// How a blocked quantized matrix `NAME` is stored: `NAME{payload_suffix}` (`payload_dtype`,
+/// `block_bytes` bytes per block of `block_cols` columns) and `NAME{scale_suffix}` (F16, one
+/// scale per block).
+struct BlockedFormat {
+    label: &'static str,
+    payload_suffix: &'static str,
+    payload_dtype: safetensors::Dtype,
+    scale_suffix: &'static str,
+    block_cols: usize,
+    block_bytes: usize,
+}
+
+const Q8_FORMAT: BlockedFormat = BlockedFormat {
+    label: "q8_0",
+    payload_suffix: Q8_SUFFIX,
+    payload_dtype: safetensors::Dtype::I8,
+    scale_suffix: Q8_SCALE_SUFFIX,
+    block_cols: Q8_BLOCK,
+    block_bytes: Q8_BLOCK,
+};
+
+const Q4_FORMAT: BlockedFormat = BlockedFormat {
+    label: "q4_0",
+    payload_suffix: Q4_SUFFIX,
+    payload_dtype: safetensors::Dtype::U8,
+    scale_suffix: Q4_SCALE_SUFFIX,
+    block_cols: Q4_BLOCK,
+    block_bytes: Q4_BLOCK_BYTES,
+};
+
+/// A blocked quantized matrix as read: its shape, blocks per row, payload bytes and scales.
+struct BlockedTensor<'a> {
+    rows: usize,
+    cols: usize,
+    blocks_per_row: usize,
+    payload: &'a [u8],
+    scales: Vec<f16>,
+}
+
+/// The two tensors of the blocked quantized matrix `name` of `shape`, checked against `format`.
 fn read_blocked<'a>(
     st: &safetensors::SafeTensors<'a>,
     name: &str,
     shape: &[usize],
-    format: &str,
-    (payload_suffix, payload_dtype): (&str, safetensors::Dtype),
-    scale_suffix: &str,
-    block_cols: usize,
-    block_bytes: usize,
-) -> Result<(usize, usize, usize, &'a [u8], Vec<f16>)> {
+    format: &BlockedFormat,
+) -> Result<BlockedTensor<'a>> {
     ensure!(
         shape.len() == 2,
-        "tensor '{name}' is stored {format} but is not a matrix"
+        "tensor '{name}' is stored {} but is not a matrix",
+        format.label
     );
     let (rows, cols) = (shape[0], shape[1]);
-    let blocks = cols.div_ceil(block_cols);
-    let payload_name = format!("{name}{payload_suffix}");
-    let scales_name = format!("{name}{scale_suffix}");
+    let blocks = cols.div_ceil(format.block_cols);
+    let payload_name = format!("{name}{}", format.payload_suffix);
+    let scales_name = format!("{name}{}", format.scale_suffix);
     let payload = st
         .tensor(&payload_name)
         .map_err(|e| anyhow!("tensor '{payload_name}': {e}"))?;
@@ -629,69 +661,52 @@ fn read_blocked<'a>(
         .tensor(&scales_name)
         .map_err(|e| anyhow!("tensor '{scales_name}': {e}"))?;
     ensure!(
-        payload.dtype() == payload_dtype,
-        "'{payload_name}' must be {payload_dtype:?}"
+        payload.dtype() == format.payload_dtype,
+        "'{payload_name}' must be {:?}",
+        format.payload_dtype
     );
     ensure!(
         scales.dtype() == safetensors::Dtype::F16,
         "'{scales_name}' must be F16"
     );
     ensure!(
-        payload.shape() == [rows, blocks * block_bytes],
+        payload.shape() == [rows, blocks * format.block_bytes],
         "'{payload_name}' has shape {:?}, expected [{rows}, {}]",
         payload.shape(),
-        blocks * block_bytes
+        blocks * format.block_bytes
     );
     ensure!(
         scales.shape() == [rows, blocks],
         "'{scales_name}' has shape {:?}, expected [{rows}, {blocks}]",
         scales.shape()
     );
-    Ok((
+    Ok(BlockedTensor {
         rows,
         cols,
-        blocks,
-        payload.data(),
-        le_values(scales.data(), f16::from_le_bytes),
-    ))
+        blocks_per_row: blocks,
+        payload: payload.data(),
+        scales: le_values(scales.data(), f16::from_le_bytes),
+    })
 }
 
 fn read_q8(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Q8Tensor> {
-    let (rows, cols, _, quants, scales) = read_blocked(
-        st,
-        name,
-        shape,
-        "q8_0",
-        (Q8_SUFFIX, safetensors::Dtype::I8),
-        Q8_SCALE_SUFFIX,
-        Q8_BLOCK,
-        Q8_BLOCK,
-    )?;
+    let t = read_blocked(st, name, shape, &Q8_FORMAT)?;
     Ok(Q8Tensor {
-        rows,
-        cols,
-        quants: quants.iter().map(|&b| b as i8).collect(),
-        scales,
+        rows: t.rows,
+        cols: t.cols,
+        quants: t.payload.iter().map(|&b| b as i8).collect(),
+        scales: t.scales,
     })
 }
 
 fn read_q4(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Q4Tensor> {
-    let (rows, cols, blocks_per_row, codes, scales) = read_blocked(
-        st,
-        name,
-        shape,
-        "q4_0",
-        (Q4_SUFFIX, safetensors::Dtype::U8),
-        Q4_SCALE_SUFFIX,
-        Q4_BLOCK,
-        Q4_BLOCK_BYTES,
-    )?;
+    let t = read_blocked(st, name, shape, &Q4_FORMAT)?;
     Ok(Q4Tensor {
-        rows,
-        cols,
-        blocks_per_row,
-        codes: codes.to_vec(),
-        scales,
+        rows: t.rows,
+        cols: t.cols,
+        blocks_per_row: t.blocks_per_row,
+        codes: t.payload.to_vec(),
+        scales: t.scales,
     })
 }
 

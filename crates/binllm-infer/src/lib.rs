@@ -13,6 +13,6 @@ pub mod sampling;
 pub mod scorer;
 mod threads;
 
-pub use binllm_kernels::Kernel;
-pub use model::{KvCache, LoadOptions, Model};
+pub use binllm_kernels::{DenseKernel, Kernel};
+pub use model::{default_head_kernel, KvCache, LoadOptions, Model};
 pub use scorer::PackedScorer;

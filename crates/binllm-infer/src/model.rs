@@ -25,6 +25,20 @@ pub struct LoadOptions {
     pub threads: usize,
     /// 1-bit kernel (default: [`Kernel::best`]).
     pub kernel: Option<Kernel>,
+    /// Kernel of the embedding table and the LM head (default: [`default_head_kernel`]).
+    pub head_kernel: Option<DenseKernel>,
+}
+
+/// The LM head's default kernel: on AVX-512 VNNI CPUs the q8_0 / q4_0 heads take int8
+/// activations per block of 32 (llama.cpp's arithmetic for those formats; 1.2x (q8_0) and
+/// 1.7x (q4_0) faster head GEMVs than int16 activations on a Xeon with VNNI); elsewhere AVX2,
+/// whose q8 path streamed faster than AVX-512's on Zen 4 in gemv_bench. f16 and f32 heads run
+/// the same either way.
+pub fn default_head_kernel() -> DenseKernel {
+    [DenseKernel::Avx512Vnni, DenseKernel::Avx2]
+        .into_iter()
+        .find(|k| k.is_available())
+        .unwrap_or_else(DenseKernel::best)
 }
 
 /// Rows per kernel block: parts split on multiples of this never cut a LUT tile.
@@ -131,6 +145,7 @@ pub struct DenseMatrix {
     cols: usize,
     parts: Vec<std::ops::Range<usize>>,
     data: DenseData,
+    kernel: DenseKernel,
 }
 
 enum DenseData {
@@ -148,6 +163,7 @@ impl DenseMatrix {
         quantized: &QuantTensors,
         name: &str,
         parts: usize,
+        kernel: Option<DenseKernel>,
     ) -> Result<Self> {
         let t = packed
             .dense
@@ -179,11 +195,22 @@ impl DenseMatrix {
                 _ => DenseData::F32(t.to_f32_vec()),
             }
         };
+        // By default f16 and f32 take the widest vectors, the quantized formats their own pick.
+        let kernel = kernel.unwrap_or_else(|| match data {
+            DenseData::F32(_) | DenseData::F16(_) => DenseKernel::best(),
+            DenseData::Q8(_) | DenseData::Q4(_) => default_head_kernel(),
+        });
+        ensure!(
+            kernel.is_available(),
+            "dense kernel {} is not available on this CPU",
+            kernel.name()
+        );
         Ok(DenseMatrix {
             rows,
             cols,
             parts,
             data,
+            kernel,
         })
     }
 
@@ -198,6 +225,11 @@ impl DenseMatrix {
             DenseData::Q8(_) => "q8_0",
             DenseData::Q4(_) => "q4_0",
         }
+    }
+
+    /// The kernel its products run on.
+    pub fn kernel(&self) -> DenseKernel {
+        self.kernel
     }
 
     /// Bytes read by one product.
@@ -256,7 +288,7 @@ impl DenseMatrix {
         let mut part = vec![0f32; n * rows];
         match &self.data {
             DenseData::F32(w) => binllm_kernels::gemm_dense_with(
-                DenseKernel::best(),
+                self.kernel,
                 &w[range.start * cols..range.end * cols],
                 cols,
                 xs,
@@ -264,7 +296,7 @@ impl DenseMatrix {
                 1,
             ),
             DenseData::F16(w) => binllm_kernels::gemm_dense_with(
-                DenseKernel::best(),
+                self.kernel,
                 &w[range.start * cols..range.end * cols],
                 cols,
                 xs,
@@ -272,16 +304,11 @@ impl DenseMatrix {
                 1,
             ),
             DenseData::Q8(parts) => {
-                binllm_kernels::gemm_q8_with(q8_kernel(), &parts[member], xs, n, &mut part, 1)
+                binllm_kernels::gemm_q8_with(self.kernel, &parts[member], xs, n, &mut part, 1)
             }
-            DenseData::Q4(parts) => binllm_kernels::gemm_q4_with(
-                DenseKernel::best(),
-                &parts[member],
-                xs,
-                n,
-                &mut part,
-                1,
-            ),
+            DenseData::Q4(parts) => {
+                binllm_kernels::gemm_q4_with(self.kernel, &parts[member], xs, n, &mut part, 1)
+            }
         }
         for (t, values) in part.chunks_exact(rows).enumerate() {
             // SAFETY: member parts are disjoint row ranges of each output vector.
@@ -298,7 +325,8 @@ impl DenseMatrix {
         let out = unsafe { y.slice(range.start, range.len()) };
         let (rows, cols) = (range.len(), self.cols);
         match &self.data {
-            DenseData::F32(w) => binllm_kernels::gemv_f32(
+            DenseData::F32(w) => binllm_kernels::gemv_f32_with(
+                self.kernel,
                 &w[range.start * cols..range.end * cols],
                 rows,
                 cols,
@@ -306,7 +334,8 @@ impl DenseMatrix {
                 out,
                 1,
             ),
-            DenseData::F16(w) => binllm_kernels::gemv_f16(
+            DenseData::F16(w) => binllm_kernels::gemv_f16_with(
+                self.kernel,
                 &w[range.start * cols..range.end * cols],
                 rows,
                 cols,
@@ -314,22 +343,13 @@ impl DenseMatrix {
                 out,
                 1,
             ),
-            // AVX2's q8 path streamed faster than AVX-512's on Zen 4 in gemv_bench.
             DenseData::Q8(parts) => {
-                binllm_kernels::gemv_q8_with(q8_kernel(), &parts[member], x, out, 1)
+                binllm_kernels::gemv_q8_with(self.kernel, &parts[member], x, out, 1)
             }
             DenseData::Q4(parts) => {
-                binllm_kernels::gemv_q4_with(DenseKernel::best(), &parts[member], x, out, 1)
+                binllm_kernels::gemv_q4_with(self.kernel, &parts[member], x, out, 1)
             }
         }
-    }
-}
-
-fn q8_kernel() -> DenseKernel {
-    if DenseKernel::Avx2.is_available() {
-        DenseKernel::Avx2
-    } else {
-        DenseKernel::best()
     }
 }
 
@@ -482,10 +502,17 @@ impl Model {
                 quantized,
                 names::LM_HEAD,
                 head_parts,
+                options.head_kernel,
             )?)
         };
         Ok(Model {
-            embed: DenseMatrix::from_tensor(packed, quantized, names::EMBED, head_parts)?,
+            embed: DenseMatrix::from_tensor(
+                packed,
+                quantized,
+                names::EMBED,
+                head_parts,
+                options.head_kernel,
+            )?,
             head,
             final_norm: dense_f32(packed, names::FINAL_NORM)?,
             layers,

@@ -9,7 +9,7 @@ use binllm_format::{LoadOptions as SourceOptions, PretrainedModel};
 use binllm_infer::generate::{generate, GenerateOptions};
 use binllm_infer::ptq::{ptq_sign_model, InputScales};
 use binllm_infer::sampling::SamplingParams;
-use binllm_infer::{KvCache, LoadOptions, Model};
+use binllm_infer::{DenseKernel, KvCache, LoadOptions, Model};
 
 fn stories() -> PretrainedModel {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K");
@@ -25,7 +25,7 @@ fn stories() -> PretrainedModel {
 fn options(threads: usize) -> LoadOptions {
     LoadOptions {
         threads,
-        kernel: None,
+        ..Default::default()
     }
 }
 
@@ -174,10 +174,23 @@ fn a_longer_prompt_reuses_the_cached_prefix() {
 
 fn logits_of(
     packed: &PackedModel,
-    q8: &binllm_format::packed::QuantTensors,
+    quantized: &binllm_format::packed::QuantTensors,
     ids: &[u32],
 ) -> Vec<f32> {
-    let model = Model::new(packed, q8, &options(1)).unwrap();
+    logits_with_head_kernel(packed, quantized, ids, None)
+}
+
+fn logits_with_head_kernel(
+    packed: &PackedModel,
+    quantized: &binllm_format::packed::QuantTensors,
+    ids: &[u32],
+    head_kernel: Option<DenseKernel>,
+) -> Vec<f32> {
+    let options = LoadOptions {
+        head_kernel,
+        ..options(1)
+    };
+    let model = Model::new(packed, quantized, &options).unwrap();
     model
         .forward_all(&mut KvCache::new(&model.config), ids)
         .unwrap()
@@ -330,8 +343,8 @@ fn q8_head_round_trips_and_stays_close() {
 }
 
 /// The 4-bit head: the file round-trips, and the runtime's q4 product gives the logits of the
-/// dequantized head computed in f32 (an independent path: the dense f32 GEMV) up to the int16
-/// activation rounding.
+/// dequantized head computed in f32 (an independent path: the dense f32 GEMV) up to the
+/// activation rounding (int16, or int8 per block on VNNI CPUs).
 #[test]
 fn q4_head_round_trips_and_matches_its_dequantized_head() {
     let pretrained = stories();
@@ -360,10 +373,26 @@ fn q4_head_round_trips_and_matches_its_dequantized_head() {
     assert_eq!(PackedModel::read_parts(&again).unwrap().1, q4);
     // `read.dense` holds the dequantized head in f32: without the quantized map the runtime
     // takes the dense f32 path.
-    let q4_logits = logits_of(&read, &q4, &ids);
     let dense = logits_of(&read, &Default::default(), &ids);
-    let err = relative_l2(&q4_logits, &dense);
-    assert!(err < 1e-3, "q4 kernel vs dequantized f32 head: {err}");
+    // int16 activations (the portable path runs everywhere): only their rounding is left.
+    let int16 = logits_with_head_kernel(&read, &q4, &ids, Some(DenseKernel::Portable));
+    let err = relative_l2(&int16, &dense);
+    assert!(
+        err < 1e-3,
+        "q4 kernel (int16 activations) vs dequantized f32 head: {err}"
+    );
+    // int8 activations per block of 32 (VNNI, where the CPU has it): each activation moves by
+    // up to 1/254 of its block's largest, which stories260K's 64-wide rows feel most.
+    if DenseKernel::Avx512Vnni.is_available() {
+        let int8 = logits_with_head_kernel(&read, &q4, &ids, Some(DenseKernel::Avx512Vnni));
+        let err = relative_l2(&int8, &dense);
+        assert!(
+            err < 1e-2,
+            "q4 kernel (int8 activations) vs dequantized f32 head: {err}"
+        );
+        println!("q4 head, int8 activations: {err:.2e} vs its dequantized head");
+    }
+    let q4_logits = logits_of(&read, &q4, &ids);
     let err_vs_sign = relative_l2(&q4_logits, &logits_of(&sign, &Default::default(), &ids));
     assert!(
         err_vs_sign < 0.2,

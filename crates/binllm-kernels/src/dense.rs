@@ -21,14 +21,18 @@ pub enum DenseKernel {
     Avx2,
     /// x86-64 AVX-512F + BW (f16 conversion is part of AVX-512F).
     Avx512,
+    /// x86-64 AVX-512 VNNI: the q8_0 and q4_0 heads with int8 activations, llama.cpp's
+    /// arithmetic for those formats ([`crate::head_i8`]); f16 and f32 as `Avx512`.
+    Avx512Vnni,
 }
 
 impl DenseKernel {
-    pub const ALL: [DenseKernel; 4] = [
+    pub const ALL: [DenseKernel; 5] = [
         DenseKernel::Scalar,
         DenseKernel::Portable,
         DenseKernel::Avx2,
         DenseKernel::Avx512,
+        DenseKernel::Avx512Vnni,
     ];
 
     pub fn is_available(self) -> bool {
@@ -45,6 +49,7 @@ impl DenseKernel {
                 // BW for the q8 path's 16-bit integer arithmetic (every AVX-512 CPU but Xeon Phi).
                 is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
             }
+            DenseKernel::Avx512Vnni => crate::head_i8::vnni_available(),
             #[allow(unreachable_patterns)]
             _ => false,
         }
@@ -70,7 +75,18 @@ impl DenseKernel {
             DenseKernel::Portable => "portable",
             DenseKernel::Avx2 => "avx2",
             DenseKernel::Avx512 => "avx512",
+            DenseKernel::Avx512Vnni => "avx512-vnni",
         }
+    }
+}
+
+impl std::str::FromStr for DenseKernel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        DenseKernel::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown dense kernel {s:?}"))
     }
 }
 
@@ -211,7 +227,7 @@ impl DotKernels for f16 {
             #[cfg(target_arch = "x86_64")]
             DenseKernel::Avx2 => unsafe { x86::dot_f16_avx2(row, x) },
             #[cfg(target_arch = "x86_64")]
-            DenseKernel::Avx512 => unsafe { x86::dot_f16_avx512(row, x) },
+            DenseKernel::Avx512 | DenseKernel::Avx512Vnni => unsafe { x86::dot_f16_avx512(row, x) },
             #[allow(unreachable_patterns)]
             _ => unreachable!(),
         }
@@ -227,7 +243,7 @@ impl DotKernels for f32 {
             #[cfg(target_arch = "x86_64")]
             DenseKernel::Avx2 => unsafe { x86::dot_f32_avx2(row, x) },
             #[cfg(target_arch = "x86_64")]
-            DenseKernel::Avx512 => unsafe { x86::dot_f32_avx512(row, x) },
+            DenseKernel::Avx512 | DenseKernel::Avx512Vnni => unsafe { x86::dot_f32_avx512(row, x) },
             #[allow(unreachable_patterns)]
             _ => unreachable!(),
         }

@@ -83,6 +83,7 @@
 
 pub mod dense;
 mod gemm;
+pub mod head_i8;
 mod kernel;
 pub mod layout;
 pub mod lut;

@@ -160,13 +160,7 @@ pub fn gemm_q4_with(
     );
     let simd = matches!(kernel, DenseKernel::Avx2 | DenseKernel::Avx512);
     let row_len = m.blocks_per_row * Q4_BLOCK;
-    let mut xs_q16 = vec![0i16; n * row_len];
-    let x_scales: Vec<f32> = xs
-        .chunks_exact(m.cols.max(1))
-        .take(n)
-        .zip(xs_q16.chunks_exact_mut(row_len.max(1)))
-        .map(|(x, q)| crate::q8::quantize_i16(x, q))
-        .collect();
+    let activations = crate::q8::Activations::new(kernel, xs, n, m.cols, m.blocks_per_row);
     let out = SharedOut::new(ys);
     for_each_range(m.rows, threads, |rows| {
         for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
@@ -174,17 +168,25 @@ pub fn gemm_q4_with(
             for t in 0..n {
                 // SAFETY: row ranges from `for_each_range` are disjoint, so (t, tile) slices are.
                 let out = unsafe { out.slice(t * m.rows + tile.start, tile.len()) };
-                let x_q16 = &xs_q16[t * row_len..(t + 1) * row_len];
-                for (out, r) in out.iter_mut().zip(tile.clone()) {
-                    let per = m.blocks_per_row;
-                    let codes = &m.codes[r * per * Q4_BLOCK_BYTES..(r + 1) * per * Q4_BLOCK_BYTES];
-                    let scales = &m.scales[r * per..(r + 1) * per];
-                    let sum = if simd {
-                        dot_q4_simd(codes, scales, x_q16)
-                    } else {
-                        dot_q4_reference(codes, scales, x_q16)
-                    };
-                    *out = sum * x_scales[t];
+                match &activations {
+                    crate::q8::Activations::Int8(x) => {
+                        crate::head_i8::rows_q4(m, tile.clone(), &x[t], out)
+                    }
+                    crate::q8::Activations::Int16 { quants, scales } => {
+                        let per = m.blocks_per_row;
+                        let x_q16 = &quants[t * row_len..(t + 1) * row_len];
+                        for (out, r) in out.iter_mut().zip(tile.clone()) {
+                            let codes =
+                                &m.codes[r * per * Q4_BLOCK_BYTES..(r + 1) * per * Q4_BLOCK_BYTES];
+                            let w_scales = &m.scales[r * per..(r + 1) * per];
+                            let sum = if simd {
+                                dot_q4_simd(codes, w_scales, x_q16)
+                            } else {
+                                dot_q4_reference(codes, w_scales, x_q16)
+                            };
+                            *out = sum * scales[t];
+                        }
+                    }
                 }
             }
         }

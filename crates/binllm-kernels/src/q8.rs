@@ -93,37 +93,7 @@ pub fn gemv_q8(m: &Q8Matrix, x: &[f32], y: &mut [f32], threads: usize) {
 pub fn gemv_q8_with(kernel: DenseKernel, m: &Q8Matrix, x: &[f32], y: &mut [f32], threads: usize) {
     assert_eq!(x.len(), m.cols, "gemv_q8: x.len() != cols");
     assert_eq!(y.len(), m.rows, "gemv_q8: y.len() != rows");
-    assert!(
-        kernel.is_available(),
-        "dense kernel {} is not available on this CPU",
-        kernel.name()
-    );
-    let integer = kernel != DenseKernel::Scalar;
-    // Activations as int16, padded with zeros to whole blocks, shared by all threads.
-    let mut x_q16 = vec![
-        0i16;
-        if integer {
-            m.blocks_per_row * Q8_BLOCK
-        } else {
-            0
-        }
-    ];
-    let x_scale = if integer {
-        quantize_i16(x, &mut x_q16)
-    } else {
-        0.0
-    };
-    let out = SharedOut::new(y);
-    let row_len = m.blocks_per_row * Q8_BLOCK;
-    for_each_range(m.rows, threads, |rows| {
-        // SAFETY: row ranges from `for_each_range` are disjoint.
-        let out = unsafe { out.slice(rows.start, rows.len()) };
-        for (out, r) in out.iter_mut().zip(rows) {
-            let quants = &m.quants[r * row_len..(r + 1) * row_len];
-            let scales = &m.scales[r * m.blocks_per_row..(r + 1) * m.blocks_per_row];
-            *out = dot_q8(kernel, quants, scales, x, &x_q16, x_scale);
-        }
-    });
+    gemm_q8_with(kernel, m, x, 1, y, threads)
 }
 
 /// Rows per tile of the multi-vector product: a tile of a q8 head row block (64 x 576 weights,
@@ -149,13 +119,7 @@ pub fn gemm_q8_with(
         kernel.name()
     );
     let row_len = m.blocks_per_row * Q8_BLOCK;
-    // Every vector's int16 activations once (the scalar reference ignores them).
-    let mut xs_q16 = vec![0i16; n * row_len];
-    let x_scales: Vec<f32> = xs
-        .chunks_exact(m.cols)
-        .zip(xs_q16.chunks_exact_mut(row_len))
-        .map(|(x, q)| quantize_i16(x, q))
-        .collect();
+    let activations = Activations::new(kernel, xs, n, m.cols, m.blocks_per_row);
     let out = SharedOut::new(ys);
     for_each_range(m.rows, threads, |rows| {
         for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
@@ -163,21 +127,58 @@ pub fn gemm_q8_with(
             for t in 0..n {
                 // SAFETY: row ranges from `for_each_range` are disjoint, so (t, tile) slices are.
                 let out = unsafe { out.slice(t * m.rows + tile.start, tile.len()) };
-                for (out, r) in out.iter_mut().zip(tile.clone()) {
-                    let quants = &m.quants[r * row_len..(r + 1) * row_len];
-                    let scales = &m.scales[r * m.blocks_per_row..(r + 1) * m.blocks_per_row];
-                    *out = dot_q8(
-                        kernel,
-                        quants,
-                        scales,
-                        &xs[t * m.cols..(t + 1) * m.cols],
-                        &xs_q16[t * row_len..(t + 1) * row_len],
-                        x_scales[t],
-                    );
+                match &activations {
+                    Activations::Int8(x) => crate::head_i8::rows_q8(m, tile.clone(), &x[t], out),
+                    Activations::Int16 { quants, scales } => {
+                        for (out, r) in out.iter_mut().zip(tile.clone()) {
+                            *out = dot_q8(
+                                kernel,
+                                &m.quants[r * row_len..(r + 1) * row_len],
+                                &m.scales[r * m.blocks_per_row..(r + 1) * m.blocks_per_row],
+                                &xs[t * m.cols..(t + 1) * m.cols],
+                                &quants[t * row_len..(t + 1) * row_len],
+                                scales[t],
+                            );
+                        }
+                    }
                 }
             }
         }
     });
+}
+
+/// The input vectors as a kernel reads them, quantized once per product and shared by every
+/// row: int8 per block for [`DenseKernel::Avx512Vnni`] ([`crate::head_i8`]), otherwise int16
+/// per vector (which the scalar reference ignores: it reads the f32 vectors).
+pub(crate) enum Activations {
+    Int8(Vec<crate::head_i8::I8Activations>),
+    Int16 { quants: Vec<i16>, scales: Vec<f32> },
+}
+
+impl Activations {
+    pub(crate) fn new(
+        kernel: DenseKernel,
+        xs: &[f32],
+        n: usize,
+        cols: usize,
+        blocks_per_row: usize,
+    ) -> Self {
+        let vectors = xs.chunks_exact(cols.max(1)).take(n);
+        if kernel == DenseKernel::Avx512Vnni {
+            return Activations::Int8(
+                vectors
+                    .map(|x| crate::head_i8::I8Activations::new(x, blocks_per_row))
+                    .collect(),
+            );
+        }
+        let row_len = blocks_per_row * Q8_BLOCK;
+        let mut quants = vec![0i16; n * row_len];
+        let scales = vectors
+            .zip(quants.chunks_exact_mut(row_len.max(1)))
+            .map(|(x, q)| quantize_i16(x, q))
+            .collect();
+        Activations::Int16 { quants, scales }
+    }
 }
 
 /// Symmetric per-vector int16 quantization: `x[j] ~ scale * q[j]`; `q` past `x.len()` is 0.
@@ -210,6 +211,7 @@ fn dot_q8(
         // SAFETY: callers assert the kernel is available; `x_q16` covers whole blocks.
         #[cfg(target_arch = "x86_64")]
         DenseKernel::Avx512 => unsafe { x86::dot_q8_avx512bw(quants, scales, x_q16) * x_scale },
+        DenseKernel::Avx512Vnni => unreachable!("int8 activations take crate::head_i8"),
         #[cfg(target_arch = "x86_64")]
         DenseKernel::Avx2 => unsafe { x86::dot_q8_avx2(quants, scales, x_q16) * x_scale },
         DenseKernel::Scalar => dot_q8_scalar(quants, scales, x),

@@ -562,7 +562,11 @@ fn q8_head_gemv_matches_dequantized_reference() {
                     / 65534.0
             })
             .collect();
-        for kernel in DenseKernel::available() {
+        // The int8-activation path has its own test (`int8_activation_heads_...`).
+        for kernel in DenseKernel::available()
+            .into_iter()
+            .filter(|&k| k != DenseKernel::Avx512Vnni)
+        {
             let mut y1 = vec![0.0; rows];
             gemv_q8_with(kernel, &m, x, &mut y1, 1);
             let simd = kernel != DenseKernel::Scalar;
@@ -686,7 +690,10 @@ fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
                     );
                 }
             }
-            for kernel in DenseKernel::available() {
+            for kernel in DenseKernel::available()
+                .into_iter()
+                .filter(|&k| k != DenseKernel::Avx512Vnni)
+            {
                 for threads in [1, 3] {
                     let mut ys = vec![f32::NAN; n * rows];
                     gemm_q4_with(kernel, &m, xs, n, &mut ys, threads);
@@ -703,4 +710,90 @@ fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
             }
         }
     }
+}
+
+/// The q8_0 and q4_0 heads with int8 activations (`DenseKernel::Avx512Vnni`, llama.cpp's
+/// arithmetic for those formats): the lane-by-lane references are within the int8 rounding of
+/// the activations (half a step of each block's `max|x| / 127`) of an f64 product of the
+/// dequantized weights, and the VNNI path, where this CPU has it, equals them bit for bit for
+/// every width (odd block counts, partial blocks, one row), thread count and batch.
+#[test]
+fn int8_activation_heads_match_their_references_and_f64() {
+    use binllm_kernels::head_i8::{dot_q4_reference, dot_q8_reference, I8Activations};
+    let vnni = DenseKernel::Avx512Vnni.is_available();
+    let mut rng = Rng(37);
+    for &(rows, cols) in &[
+        (1usize, 7usize),
+        (21, 31),
+        (21, 32),
+        (63, 33),
+        (65, 64),
+        (21, 65),
+        (70, 576),
+        (9, 1000),
+        (5, 17 * 32),
+        (3, 33 * 32 + 5),
+    ] {
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
+        let q8 = Q8Matrix::quantize(&w, rows, cols);
+        let q4 = Q4Matrix::quantize(&w, rows, cols);
+        let blocks = cols.div_ceil(32);
+        for n in [1usize, 3] {
+            let mut buffer = rng.activations(n * cols);
+            buffer.extend([f32::NAN; 40]);
+            let xs = &buffer[..n * cols];
+            let mut want_q8 = vec![0f32; n * rows];
+            let mut want_q4 = vec![0f32; n * rows];
+            for t in 0..n {
+                let x = &xs[t * cols..(t + 1) * cols];
+                let act = I8Activations::new(x, blocks);
+                // Each activation moves by at most half its block's step.
+                let half_steps: Vec<f32> = (0..cols)
+                    .map(|j| {
+                        let block = &x[j / 32 * 32..((j / 32 + 1) * 32).min(cols)];
+                        block.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 254.0
+                    })
+                    .collect();
+                for (m, want, name) in [
+                    (q8.dequantize(), &mut want_q8, "q8"),
+                    (q4.dequantize(), &mut want_q4, "q4"),
+                ] {
+                    for r in 0..rows {
+                        let row = &m[r * cols..(r + 1) * cols];
+                        let exact: f64 =
+                            row.iter().zip(x).map(|(&w, &x)| w as f64 * x as f64).sum();
+                        let mag: f32 = row.iter().zip(x).map(|(w, x)| (w * x).abs()).sum();
+                        let x_error: f32 =
+                            row.iter().zip(&half_steps).map(|(w, h)| w.abs() * h).sum();
+                        let got = if name == "q8" {
+                            dot_q8_reference(&q8, r, &act)
+                        } else {
+                            dot_q4_reference(&q4, r, &act)
+                        };
+                        assert!(
+                            (got as f64 - exact).abs() <= (1e-5 * mag + 1.01 * x_error) as f64 + 1e-30,
+                            "{name} int8 reference rows {rows} cols {cols} row {r}: {got} vs {exact}"
+                        );
+                        want[t * rows + r] = got;
+                    }
+                }
+            }
+            if !vnni {
+                continue;
+            }
+            for threads in [1, 3] {
+                let what = format!("rows {rows} cols {cols} n {n} threads {threads}");
+                let mut ys = vec![f32::NAN; n * rows];
+                gemm_q8_with(DenseKernel::Avx512Vnni, &q8, xs, n, &mut ys, threads);
+                assert_eq!(ys, want_q8, "q8 vnni {what}");
+                gemm_q4_with(DenseKernel::Avx512Vnni, &q4, xs, n, &mut ys, threads);
+                assert_eq!(ys, want_q4, "q4 vnni {what}");
+            }
+        }
+    }
+    // A NaN activation makes its rows NaN, as in the other paths.
+    let q8 = Q8Matrix::quantize(&[0.5f32; 64], 1, 64);
+    let mut x = vec![1.0f32; 64];
+    x[40] = f32::NAN;
+    assert!(dot_q8_reference(&q8, 0, &I8Activations::new(&x, 2)).is_nan());
 }
