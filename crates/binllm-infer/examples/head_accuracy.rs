@@ -2,9 +2,11 @@
 //! the logits of every position of a text, their relative L2 error, how often the arg-max
 //! token agrees, and each file's perplexity on the text.
 //!
-//!     cargo run --release -p binllm-infer --example head_accuracy -- REFERENCE.b1 OTHER.b1 TEXT [TOKENS]
+//!     cargo run --release -p binllm-infer --example head_accuracy -- REFERENCE.b1 OTHER.b1 TEXT [TOKENS [REFERENCE_HEAD_KERNEL OTHER_HEAD_KERNEL]]
 //!
-//! Both files must hold the same body (export the same sign model with different `--head`).
+//! Both files must hold the same body (export the same sign model with different `--head`), or
+//! be one file run with two head kernels (e.g. `portable` against `avx512-vnni`: int16 against
+//! int8 activations).
 
 use anyhow::{ensure, Context, Result};
 use binllm_infer::{KvCache, LoadOptions, Model};
@@ -29,12 +31,21 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     ensure!(
         args.len() >= 4,
-        "usage: head_accuracy REFERENCE.b1 OTHER.b1 TEXT [TOKENS]"
+        "usage: head_accuracy REFERENCE.b1 OTHER.b1 TEXT [TOKENS [REFERENCE_HEAD_KERNEL OTHER_HEAD_KERNEL]]"
     );
     let limit: usize = args.get(4).map_or(Ok(1024), |s| s.parse())?;
-    let options = LoadOptions::default();
-    let (reference, packed) = Model::load(args[1].as_ref(), &options)?;
-    let (other, _) = Model::load(args[2].as_ref(), &options)?;
+    let options = |i: usize| -> Result<LoadOptions> {
+        Ok(LoadOptions {
+            head_kernel: args
+                .get(i)
+                .map(|s| s.parse::<binllm_infer::DenseKernel>())
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
+            ..Default::default()
+        })
+    };
+    let (reference, packed) = Model::load(args[1].as_ref(), &options(5)?)?;
+    let (other, _) = Model::load(args[2].as_ref(), &options(6)?)?;
     let tokenizer = packed.tokenizer()?.context("the file has no tokenizer")?;
     let text = std::fs::read_to_string(&args[3])?;
     let mut ids = tokenizer.encode(&text, true)?;
@@ -62,12 +73,13 @@ fn main() -> Result<()> {
         }
     }
     let predicted = (positions - ids.len().div_ceil(512)) as f64;
+    let label = |m: &Model| format!("{} ({})", m.head().label(), m.head().kernel().name());
     println!(
         "{} positions of {}: heads {} vs {}",
         positions,
         args[3],
-        reference.head().label(),
-        other.head().label()
+        label(&reference),
+        label(&other)
     );
     println!("relative L2 of the logits: {:.4e}", (diff / norm).sqrt());
     println!(
@@ -77,9 +89,9 @@ fn main() -> Result<()> {
     println!(
         "perplexity: {:.4} ({}) vs {:.4} ({})",
         (nll_ref / predicted).exp(),
-        reference.head().label(),
+        label(&reference),
         (nll_other / predicted).exp(),
-        other.head().label()
+        label(&other)
     );
     Ok(())
 }

@@ -310,55 +310,69 @@ mod x86 {
         let steps = blocks.div_ceil(2);
         assert!(x.magnitudes.len() >= steps * STEP && x.negative.len() >= steps);
         assert!(x.scales.len() >= blocks.div_ceil(SCALES_PER_REGISTER) * SCALES_PER_REGISTER);
-        for (out, r) in out.iter_mut().zip(rows) {
-            *out = dot_q8_vnni(m, r, x);
+        let mut pairs = out.chunks_exact_mut(2);
+        let mut r = rows.start;
+        for pair in &mut pairs {
+            pair.copy_from_slice(&dot_q8_vnni::<2>(m, r, x));
+            r += 2;
+        }
+        if let [last] = pairs.into_remainder() {
+            *last = dot_q8_vnni::<1>(m, r, x)[0];
         }
     }
 
-    /// One row; the caller has checked the activations' lengths.
+    /// Rows `r..r + R` (R rows share each activation load); the caller has checked the
+    /// activations' lengths.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
-    unsafe fn dot_q8_vnni(m: &Q8Matrix, r: usize, x: &I8Activations) -> f32 {
+    unsafe fn dot_q8_vnni<const R: usize>(m: &Q8Matrix, r: usize, x: &I8Activations) -> [f32; R] {
         let blocks = m.blocks_per_row;
         let row_len = blocks * Q8_BLOCK;
-        let quants = &m.quants[r * row_len..(r + 1) * row_len];
-        let w_scales = &m.scales[r * blocks..(r + 1) * blocks];
+        let quants = &m.quants[r * row_len..(r + R) * row_len];
+        let w_scales = &m.scales[r * blocks..(r + R) * blocks];
         let steps = blocks.div_ceil(2);
-        let mut scales = _mm512_setzero_ps();
-        let mut step = |k: usize, acc: __m512| -> __m512 {
+        let mut scales = [_mm512_setzero_ps(); R];
+        let mut step = |k: usize, acc: [__m512; R]| -> [__m512; R] {
             let first = 2 * k;
             if first.is_multiple_of(SCALES_PER_REGISTER) {
                 let n = (blocks - first).min(SCALES_PER_REGISTER);
-                // SAFETY: the masked load reads w_scales[first..first + n] only; x.scales is
-                // padded to whole registers (asserted).
-                let w =
-                    _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, w_scales.as_ptr().add(first));
-                scales = _mm512_mul_ps(w, _mm512_loadu_ps(x.scales.as_ptr().add(first)));
+                let x_scales = _mm512_loadu_ps(x.scales.as_ptr().add(first));
+                for i in 0..R {
+                    // SAFETY: the masked load reads row i's w_scales[first..first + n] only;
+                    // x.scales is padded to whole registers (asserted).
+                    let w = _mm512_maskz_loadu_ps(
+                        ((1u32 << n) - 1) as u16,
+                        w_scales.as_ptr().add(i * blocks + first),
+                    );
+                    scales[i] = _mm512_mul_ps(w, x_scales);
+                }
             }
             let offset = STEP * k;
-            // SAFETY: the masked load stays inside the row; activations are padded (asserted).
-            let w = load_bytes(quants.as_ptr().add(offset), row_len - offset);
-            let signed =
-                _mm512_mask_sub_epi8(w, *x.negative.get_unchecked(k), _mm512_setzero_si512(), w);
+            let negative = *x.negative.get_unchecked(k);
             let magnitudes = _mm512_loadu_si512(x.magnitudes.as_ptr().add(offset) as *const _);
-            let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitudes, signed);
             let index = _mm512_loadu_si512(Q8_SCALE_INDEX[k % 8].as_ptr() as *const _);
-            let scale = _mm512_permutexvar_ps(index, scales);
-            _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc)
+            std::array::from_fn(|i| {
+                // SAFETY: the masked load stays inside row i; activations are padded (asserted).
+                let w = load_bytes(quants.as_ptr().add(i * row_len + offset), row_len - offset);
+                let signed = _mm512_mask_sub_epi8(w, negative, _mm512_setzero_si512(), w);
+                let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitudes, signed);
+                let scale = _mm512_permutexvar_ps(index, scales[i]);
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc[i])
+            })
         };
         accumulate_alternately(steps, &mut step)
     }
 
-    /// Runs `step(k, acc)` for `k` in `0..steps`, even steps into one accumulator and odd
-    /// ones into another (named registers: an indexed pair would live on the stack, and the
-    /// store-to-load latency would serialise the steps), and reduces their sum.
+    /// Runs `step(k, acc)` for `k` in `0..steps`, even steps into one set of accumulators and
+    /// odd ones into another (named registers: an indexed pair would live on the stack, and
+    /// the store-to-load latency would serialise the steps), and reduces each row's sum.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn accumulate_alternately(
+    unsafe fn accumulate_alternately<const R: usize>(
         steps: usize,
-        step: &mut impl FnMut(usize, __m512) -> __m512,
-    ) -> f32 {
-        let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        step: &mut impl FnMut(usize, [__m512; R]) -> [__m512; R],
+    ) -> [f32; R] {
+        let (mut even, mut odd) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
         let mut k = 0;
         while k + 1 < steps {
             even = step(k, even);
@@ -368,7 +382,7 @@ mod x86 {
         if k < steps {
             even = step(k, even);
         }
-        reduce16(_mm512_add_ps(even, odd))
+        std::array::from_fn(|i| reduce16(_mm512_add_ps(even[i], odd[i])))
     }
 
     /// # Safety
@@ -385,46 +399,61 @@ mod x86 {
         let steps = blocks.div_ceil(4);
         assert!(x.q4_pairs.len() >= steps * 2 * STEP && x.q4_correction.len() >= steps * 16);
         assert!(x.scales.len() >= blocks.div_ceil(SCALES_PER_REGISTER) * SCALES_PER_REGISTER);
-        for (out, r) in out.iter_mut().zip(rows) {
-            *out = dot_q4_vnni(m, r, x);
+        let mut pairs = out.chunks_exact_mut(2);
+        let mut r = rows.start;
+        for pair in &mut pairs {
+            pair.copy_from_slice(&dot_q4_vnni::<2>(m, r, x));
+            r += 2;
+        }
+        if let [last] = pairs.into_remainder() {
+            *last = dot_q4_vnni::<1>(m, r, x)[0];
         }
     }
 
-    /// One row; the caller has checked the activations' lengths.
+    /// Rows `r..r + R`, as [`dot_q8_vnni`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn dot_q4_vnni(m: &Q4Matrix, r: usize, x: &I8Activations) -> f32 {
+    unsafe fn dot_q4_vnni<const R: usize>(m: &Q4Matrix, r: usize, x: &I8Activations) -> [f32; R] {
         let blocks = m.blocks_per_row;
         let row_bytes = blocks * Q4_BLOCK_BYTES;
-        let codes = &m.codes[r * row_bytes..(r + 1) * row_bytes];
-        let w_scales = &m.scales[r * blocks..(r + 1) * blocks];
+        let codes = &m.codes[r * row_bytes..(r + R) * row_bytes];
+        let w_scales = &m.scales[r * blocks..(r + R) * blocks];
         let steps = blocks.div_ceil(4);
         let low_nibble = _mm512_set1_epi8(0x0f);
-        let mut scales = _mm512_setzero_ps();
-        let mut step = |k: usize, acc: __m512| -> __m512 {
+        let mut scales = [_mm512_setzero_ps(); R];
+        let mut step = |k: usize, acc: [__m512; R]| -> [__m512; R] {
             let first = 4 * k;
             if first.is_multiple_of(SCALES_PER_REGISTER) {
                 let n = (blocks - first).min(SCALES_PER_REGISTER);
-                // SAFETY: the masked load reads w_scales[first..first + n] only.
-                let w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                    ((1u32 << n) - 1) as u16,
-                    w_scales.as_ptr().add(first) as *const i16,
-                ));
-                scales = _mm512_mul_ps(w, _mm512_loadu_ps(x.scales.as_ptr().add(first)));
+                let x_scales = _mm512_loadu_ps(x.scales.as_ptr().add(first));
+                for i in 0..R {
+                    // SAFETY: the masked load reads row i's w_scales[first..first + n] only.
+                    let w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                        ((1u32 << n) - 1) as u16,
+                        w_scales.as_ptr().add(i * blocks + first) as *const i16,
+                    ));
+                    scales[i] = _mm512_mul_ps(w, x_scales);
+                }
             }
             let offset = STEP * k;
-            // SAFETY: the masked load stays inside the row; activations are padded (asserted).
-            let bytes = load_bytes(codes.as_ptr().add(offset) as *const i8, row_bytes - offset);
-            let low = _mm512_and_si512(bytes, low_nibble);
-            let high = _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), low_nibble);
             let pairs = x.q4_pairs.as_ptr().add(2 * offset);
+            let x_low = _mm512_loadu_si512(pairs as *const _);
+            let x_high = _mm512_loadu_si512(pairs.add(STEP) as *const _);
             let correction = _mm512_loadu_si512(x.q4_correction.as_ptr().add(16 * k) as *const _);
-            let lanes = _mm512_dpbusd_epi32(correction, low, _mm512_loadu_si512(pairs as *const _));
-            let lanes =
-                _mm512_dpbusd_epi32(lanes, high, _mm512_loadu_si512(pairs.add(STEP) as *const _));
             let index = _mm512_loadu_si512(Q4_SCALE_INDEX[k % 4].as_ptr() as *const _);
-            let scale = _mm512_permutexvar_ps(index, scales);
-            _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc)
+            std::array::from_fn(|i| {
+                // SAFETY: the masked load stays inside row i; activations are padded (asserted).
+                let bytes = load_bytes(
+                    codes.as_ptr().add(i * row_bytes + offset) as *const i8,
+                    row_bytes - offset,
+                );
+                let low = _mm512_and_si512(bytes, low_nibble);
+                let high = _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), low_nibble);
+                let lanes = _mm512_dpbusd_epi32(correction, low, x_low);
+                let lanes = _mm512_dpbusd_epi32(lanes, high, x_high);
+                let scale = _mm512_permutexvar_ps(index, scales[i]);
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc[i])
+            })
         };
         accumulate_alternately(steps, &mut step)
     }
