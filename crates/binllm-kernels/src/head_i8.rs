@@ -236,6 +236,7 @@ pub(crate) fn rows_q4(
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // index loops over the R rows unroll cleanly
 mod x86 {
     use super::{I8Activations, SCALES_PER_REGISTER, STEP};
     use crate::q4::{Q4Matrix, Q4_BLOCK_BYTES};
