@@ -21,16 +21,35 @@ use anyhow::{Context, Result};
 
 type Job = &'static (dyn Fn(usize) + Sync);
 
-struct Shared {
+/// One value on a cache line of its own (two 64-byte lines: the adjacent-line prefetcher
+/// pairs them), so that members spinning on one counter do not take the line from members
+/// writing another.
+#[repr(align(128))]
+struct OwnLine<T>(T);
+
+impl<T> std::ops::Deref for OwnLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+struct JobLine {
     /// Bumped once per job; a worker looks for parts when it sees a new value.
     epoch: AtomicU64,
     /// The job's epoch (high 32 bits) and next unclaimed part (low 32 bits): a part is claimed
     /// by a compare-and-swap that also checks the epoch, so a late worker never claims a part
     /// of the next job with the previous job's closure.
     claim: AtomicU64,
+}
+
+struct Shared {
+    /// What the caller publishes and members claim from, on one line: a worker that sees a new
+    /// epoch has the line for its claim.
+    job_line: OwnLine<JobLine>,
     parts: AtomicUsize,
     /// Parts finished in the current job.
-    finished: AtomicUsize,
+    finished: OwnLine<AtomicUsize>,
     job: UnsafeCell<Option<Job>>,
     sleeping: Vec<AtomicBool>,
     panicked: AtomicBool,
@@ -60,10 +79,12 @@ impl Team {
             size
         };
         let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(0),
-            claim: AtomicU64::new(0),
+            job_line: OwnLine(JobLine {
+                epoch: AtomicU64::new(0),
+                claim: AtomicU64::new(0),
+            }),
             parts: AtomicUsize::new(0),
-            finished: AtomicUsize::new(0),
+            finished: OwnLine(AtomicUsize::new(0)),
             job: UnsafeCell::new(None),
             sleeping: (0..size).map(|_| AtomicBool::new(false)).collect(),
             panicked: AtomicBool::new(false),
@@ -104,11 +125,11 @@ impl Team {
         // SAFETY: no worker reads `job` now: the previous job's parts are all finished and
         // its epoch is still published, so no new claim can succeed.
         unsafe { *s.job.get() = Some(erased) };
-        let epoch = s.epoch.load(Ordering::Relaxed) + 1;
+        let epoch = s.job_line.epoch.load(Ordering::Relaxed) + 1;
         s.parts.store(parts, Ordering::Relaxed);
         s.finished.store(0, Ordering::Relaxed);
-        s.claim.store(epoch << 32, Ordering::SeqCst);
-        s.epoch.store(epoch, Ordering::SeqCst);
+        s.job_line.claim.store(epoch << 32, Ordering::SeqCst);
+        s.job_line.epoch.store(epoch, Ordering::SeqCst);
         for (i, thread) in self.threads.iter().enumerate() {
             if s.sleeping[i + 1].load(Ordering::SeqCst) {
                 thread.unpark();
@@ -137,12 +158,12 @@ impl Team {
 /// Claims and runs parts of job `epoch` until none are left.
 fn work(s: &Shared, epoch: u64) {
     let parts = s.parts.load(Ordering::Acquire) as u64;
-    let mut current = s.claim.load(Ordering::Acquire);
+    let mut current = s.job_line.claim.load(Ordering::Acquire);
     loop {
         if current >> 32 != epoch || current & 0xffff_ffff >= parts {
             return;
         }
-        match s.claim.compare_exchange_weak(
+        match s.job_line.claim.compare_exchange_weak(
             current,
             current + 1,
             Ordering::AcqRel,
@@ -157,7 +178,7 @@ fn work(s: &Shared, epoch: u64) {
                     s.panicked.store(true, Ordering::SeqCst);
                 }
                 s.finished.fetch_add(1, Ordering::Release);
-                current = s.claim.load(Ordering::Acquire);
+                current = s.job_line.claim.load(Ordering::Acquire);
             }
             Err(actual) => current = actual,
         }
@@ -173,7 +194,7 @@ fn worker(s: &Shared, index: usize) {
             if s.stop.load(Ordering::Acquire) {
                 return;
             }
-            let epoch = s.epoch.load(Ordering::Acquire);
+            let epoch = s.job_line.epoch.load(Ordering::Acquire);
             if epoch != seen {
                 seen = epoch;
                 break;
@@ -188,7 +209,8 @@ fn worker(s: &Shared, index: usize) {
                 // Announce the nap, then look once more: a job published before the flag was
                 // seen is found here; one published after finds the flag and unparks.
                 s.sleeping[index].store(true, Ordering::SeqCst);
-                if s.epoch.load(Ordering::SeqCst) == seen && !s.stop.load(Ordering::SeqCst) {
+                if s.job_line.epoch.load(Ordering::SeqCst) == seen && !s.stop.load(Ordering::SeqCst)
+                {
                     std::thread::park_timeout(Duration::from_millis(100));
                 }
                 s.sleeping[index].store(false, Ordering::SeqCst);
