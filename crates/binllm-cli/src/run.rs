@@ -38,9 +38,9 @@ pub struct Args {
     /// shapes but rounds activations to int8 (approximate).
     #[arg(long)]
     pub kernel: Option<String>,
-    /// LM-head kernel: `avx512-vnni` (q8_0/q4_0 heads with int8 activations, llama.cpp's
-    /// arithmetic; the default where the CPU has it), `avx2`, `avx512`, `portable` (int16
-    /// activations) or `scalar` (f32 activations, the reference).
+    /// LM-head kernel. q8_0/q4_0 heads: `avx512-vnni` or `avx2-int8` (int8 activations per
+    /// block of 32, llama.cpp's arithmetic, the same bits on both; the default on x86-64),
+    /// `avx2`, `avx512` or `portable` (int16 activations), `scalar` (f32, the reference).
     #[arg(long)]
     pub head_kernel: Option<String>,
     /// Print speeds (prompt and decode tokens/s) to stderr after each reply.

@@ -29,13 +29,13 @@ pub struct LoadOptions {
     pub head_kernel: Option<DenseKernel>,
 }
 
-/// The quantized LM head's default kernel: on AVX-512 VNNI CPUs the q8_0 / q4_0 heads take
-/// int8 activations per block of 32 (llama.cpp's arithmetic for those formats; the SmolLM2
-/// head GEMV ran 1.45x (q8_0) and 2.1x (q4_0) as fast as with int16 activations on one thread
-/// of a Xeon with VNNI); elsewhere AVX2, whose q8 path streamed faster than AVX-512's on Zen 4
-/// in gemv_bench.
+/// The quantized LM head's default kernel: int8 activations per block of 32, llama.cpp's
+/// arithmetic for q8_0 / q4_0 weights, with the same bits on every x86-64 CPU with AVX2
+/// (`avx512-vnni` where the CPU has it, else `avx2-int8`). Against int16 activations the SmolLM2
+/// head GEMV ran, on one thread of a Xeon, 1.45x (q8_0) and 2.1x (q4_0) as fast with VNNI and
+/// 1.3x / 1.5x with AVX2. Elsewhere the portable int16 path.
 pub fn default_head_kernel() -> DenseKernel {
-    [DenseKernel::Avx512Vnni, DenseKernel::Avx2]
+    [DenseKernel::Avx512Vnni, DenseKernel::Avx2Int8]
         .into_iter()
         .find(|k| k.is_available())
         .unwrap_or_else(DenseKernel::best)

@@ -381,16 +381,23 @@ fn q4_head_round_trips_and_matches_its_dequantized_head() {
         err < 1e-3,
         "q4 kernel (int16 activations) vs dequantized f32 head: {err}"
     );
-    // int8 activations per block of 32 (VNNI, where the CPU has it): each activation moves by
-    // up to 1/254 of its block's largest, which stories260K's 64-wide rows feel most.
-    if DenseKernel::Avx512Vnni.is_available() {
-        let int8 = logits_with_head_kernel(&read, &q4, &ids, Some(DenseKernel::Avx512Vnni));
+    // int8 activations per block of 32 (every int8 kernel this CPU has): each activation moves
+    // by up to 1/254 of its block's largest, which stories260K's 64-wide rows feel most.
+    for kernel in DenseKernel::available()
+        .into_iter()
+        .filter(|k| k.int8_activations())
+    {
+        let int8 = logits_with_head_kernel(&read, &q4, &ids, Some(kernel));
         let err = relative_l2(&int8, &dense);
         assert!(
             err < 1e-2,
-            "q4 kernel (int8 activations) vs dequantized f32 head: {err}"
+            "q4 kernel {} (int8 activations) vs dequantized f32 head: {err}",
+            kernel.name()
         );
-        println!("q4 head, int8 activations: {err:.2e} vs its dequantized head");
+        println!(
+            "q4 head, {}: {err:.2e} vs its dequantized head",
+            kernel.name()
+        );
     }
     let q4_logits = logits_of(&read, &q4, &ids);
     let err_vs_sign = relative_l2(&q4_logits, &logits_of(&sign, &Default::default(), &ids));

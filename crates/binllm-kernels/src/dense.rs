@@ -24,22 +24,26 @@ pub enum DenseKernel {
     /// x86-64 AVX-512 VNNI: the q8_0 and q4_0 heads with int8 activations, llama.cpp's
     /// arithmetic for those formats ([`crate::head_i8`]); f16 and f32 as `Avx512`.
     Avx512Vnni,
+    /// x86-64 AVX2: the q8_0 and q4_0 heads with int8 activations, equal to `Avx512Vnni` bit
+    /// for bit; f16 and f32 as `Avx2`.
+    Avx2Int8,
 }
 
 impl DenseKernel {
-    pub const ALL: [DenseKernel; 5] = [
+    pub const ALL: [DenseKernel; 6] = [
         DenseKernel::Scalar,
         DenseKernel::Portable,
         DenseKernel::Avx2,
         DenseKernel::Avx512,
         DenseKernel::Avx512Vnni,
+        DenseKernel::Avx2Int8,
     ];
 
     pub fn is_available(self) -> bool {
         match self {
             DenseKernel::Scalar | DenseKernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            DenseKernel::Avx2 => {
+            DenseKernel::Avx2 | DenseKernel::Avx2Int8 => {
                 is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("f16c")
@@ -69,6 +73,12 @@ impl DenseKernel {
             .unwrap_or(DenseKernel::Portable)
     }
 
+    /// Whether the q8_0 / q4_0 products take int8 activations per block of 32
+    /// ([`crate::head_i8`]) rather than int16 per vector (f32 for `Scalar`).
+    pub fn int8_activations(self) -> bool {
+        matches!(self, DenseKernel::Avx512Vnni | DenseKernel::Avx2Int8)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DenseKernel::Scalar => "scalar",
@@ -76,6 +86,7 @@ impl DenseKernel {
             DenseKernel::Avx2 => "avx2",
             DenseKernel::Avx512 => "avx512",
             DenseKernel::Avx512Vnni => "avx512-vnni",
+            DenseKernel::Avx2Int8 => "avx2-int8",
         }
     }
 }
@@ -225,7 +236,7 @@ impl DotKernels for f16 {
             DenseKernel::Portable => dot_portable_f16(row, x),
             // SAFETY: callers assert the kernel is available.
             #[cfg(target_arch = "x86_64")]
-            DenseKernel::Avx2 => unsafe { x86::dot_f16_avx2(row, x) },
+            DenseKernel::Avx2 | DenseKernel::Avx2Int8 => unsafe { x86::dot_f16_avx2(row, x) },
             #[cfg(target_arch = "x86_64")]
             DenseKernel::Avx512 | DenseKernel::Avx512Vnni => unsafe { x86::dot_f16_avx512(row, x) },
             #[allow(unreachable_patterns)]
@@ -241,7 +252,7 @@ impl DotKernels for f32 {
             DenseKernel::Portable => dot_portable(row, x),
             // SAFETY: callers assert the kernel is available.
             #[cfg(target_arch = "x86_64")]
-            DenseKernel::Avx2 => unsafe { x86::dot_f32_avx2(row, x) },
+            DenseKernel::Avx2 | DenseKernel::Avx2Int8 => unsafe { x86::dot_f32_avx2(row, x) },
             #[cfg(target_arch = "x86_64")]
             DenseKernel::Avx512 | DenseKernel::Avx512Vnni => unsafe { x86::dot_f32_avx512(row, x) },
             #[allow(unreachable_patterns)]

@@ -24,6 +24,7 @@
 //!   0..=15 are the unsigned operand against x rearranged to match, and the `-8` is one
 //!   per-lane correction `-8 * (sum of the lane's 8 activations)` computed once per vector.
 
+use crate::dense::DenseKernel;
 use crate::q4::{Q4Matrix, Q4_BLOCK, Q4_BLOCK_BYTES};
 use crate::q8::{Q8Matrix, Q8_BLOCK};
 
@@ -199,39 +200,54 @@ pub fn vnni_available() -> bool {
     false
 }
 
-/// `out[i]` = row `rows.start + i` of a q8_0 matrix times `x` (the VNNI path;
-/// [`dot_q8_reference`] elsewhere). One call per run of rows, so the checks and the call are
+/// `out[i]` = row `rows.start + i` of a q8_0 matrix times `x`, on `kernel`'s int8 path
+/// ([`DenseKernel::Avx512Vnni`], [`DenseKernel::Avx2Int8`]; any other kernel, or a CPU without
+/// it, takes [`dot_q8_reference`]). One call per run of rows, so the checks and the call are
 /// paid once per run, not per row.
 pub(crate) fn rows_q8(
+    kernel: DenseKernel,
     m: &Q8Matrix,
     rows: std::ops::Range<usize>,
     x: &I8Activations,
     out: &mut [f32],
 ) {
     assert!(rows.end <= m.rows && out.len() == rows.len());
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: callers pick this path only when `vnni_available()`; bounds are asserted inside.
-    return unsafe { x86::rows_q8_vnni(m, rows, x, out) };
-    #[cfg(not(target_arch = "x86_64"))]
-    for (out, r) in out.iter_mut().zip(rows) {
-        *out = dot_q8_reference(m, r, x);
+    assert!(kernel.is_available());
+    match kernel {
+        // SAFETY: the kernel's features were checked just above; lengths are asserted inside.
+        #[cfg(target_arch = "x86_64")]
+        DenseKernel::Avx512Vnni => unsafe { x86::rows_q8_vnni(m, rows, x, out) },
+        #[cfg(target_arch = "x86_64")]
+        DenseKernel::Avx2Int8 => unsafe { x86::rows_q8_avx2(m, rows, x, out) },
+        _ => {
+            for (out, r) in out.iter_mut().zip(rows) {
+                *out = dot_q8_reference(m, r, x);
+            }
+        }
     }
 }
 
-/// As [`rows_q8`] for a q4_0 matrix ([`dot_q4_reference`] off x86-64).
+/// As [`rows_q8`] for a q4_0 matrix ([`dot_q4_reference`] off the SIMD paths).
 pub(crate) fn rows_q4(
+    kernel: DenseKernel,
     m: &Q4Matrix,
     rows: std::ops::Range<usize>,
     x: &I8Activations,
     out: &mut [f32],
 ) {
     assert!(rows.end <= m.rows && out.len() == rows.len());
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: as in `rows_q8`.
-    return unsafe { x86::rows_q4_vnni(m, rows, x, out) };
-    #[cfg(not(target_arch = "x86_64"))]
-    for (out, r) in out.iter_mut().zip(rows) {
-        *out = dot_q4_reference(m, r, x);
+    assert!(kernel.is_available());
+    match kernel {
+        // SAFETY: as in `rows_q8`.
+        #[cfg(target_arch = "x86_64")]
+        DenseKernel::Avx512Vnni => unsafe { x86::rows_q4_vnni(m, rows, x, out) },
+        #[cfg(target_arch = "x86_64")]
+        DenseKernel::Avx2Int8 => unsafe { x86::rows_q4_avx2(m, rows, x, out) },
+        _ => {
+            for (out, r) in out.iter_mut().zip(rows) {
+                *out = dot_q4_reference(m, r, x);
+            }
+        }
     }
 }
 
@@ -457,5 +473,172 @@ mod x86 {
             })
         };
         accumulate_alternately(steps, &mut step)
+    }
+
+    /// AVX2 twin of [`rows_q8_vnni`]: a 64-byte step is two 32-byte halves (lanes 0-7 and
+    /// 8-15), `vpmaddubsw` (|x| against the weights with x's sign, pairs at most 2 * 127^2, so
+    /// no saturation) then `vpmaddwd` by ones gives the same exact i32 lanes, and the
+    /// accumulators, scales and reduction are the reference's lane for lane.
+    ///
+    /// # Safety
+    /// Requires AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_q8_avx2(
+        m: &Q8Matrix,
+        rows: std::ops::Range<usize>,
+        x: &I8Activations,
+        out: &mut [f32],
+    ) {
+        let blocks = m.blocks_per_row;
+        assert_eq!(x.blocks, blocks, "activations for another width");
+        assert!(x.quants.len() >= blocks.div_ceil(2) * STEP && x.scales.len() >= blocks);
+        let row_len = blocks * Q8_BLOCK;
+        let ones = _mm256_set1_epi16(1);
+        for (out, r) in out.iter_mut().zip(rows) {
+            let quants = &m.quants[r * row_len..(r + 1) * row_len];
+            let w_scales = &m.scales[r * blocks..(r + 1) * blocks];
+            let block = |b: usize, a: __m256| -> __m256 {
+                let offset = Q8_BLOCK * b;
+                // SAFETY: offset + 32 <= row_len; activations are padded (asserted).
+                let w = _mm256_loadu_si256(quants.as_ptr().add(offset) as *const __m256i);
+                let xq = _mm256_loadu_si256(x.quants.as_ptr().add(offset) as *const __m256i);
+                let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(xq, xq), _mm256_sign_epi8(w, xq));
+                let lanes = _mm256_madd_epi16(pairs, ones);
+                let scale = _mm256_set1_ps(w_scales[b] * x.scales[b]);
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, a)
+            };
+            // Named values, not a loop over references: the accumulators stay in registers.
+            let mut step = |k: usize, [low, high]: [__m256; 2]| -> [__m256; 2] {
+                let low = block(2 * k, low);
+                let high = if 2 * k + 1 < blocks {
+                    block(2 * k + 1, high)
+                } else {
+                    high
+                };
+                [low, high]
+            };
+            *out = reduce_halves(alternate_halves(blocks.div_ceil(2), &mut step));
+        }
+    }
+
+    /// Runs `step(k, acc)` over `0..steps` with even and odd steps in separate (named)
+    /// accumulator pairs, as [`accumulate_alternately`]; returns `[even, odd]`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn alternate_halves(
+        steps: usize,
+        step: &mut impl FnMut(usize, [__m256; 2]) -> [__m256; 2],
+    ) -> [[__m256; 2]; 2] {
+        let zero = [_mm256_setzero_ps(); 2];
+        let (mut even, mut odd) = (zero, zero);
+        let mut k = 0;
+        while k + 1 < steps {
+            even = step(k, even);
+            odd = step(k + 1, odd);
+            k += 2;
+        }
+        if k < steps {
+            even = step(k, even);
+        }
+        [even, odd]
+    }
+
+    /// AVX2 twin of [`rows_q4_vnni`]: each 32-byte half of a step holds two blocks (lanes 0-3
+    /// and 4-7 of the half); `vpmaddubsw` of the nibbles against x (at most 2 * 15 * 127 per
+    /// pair) and `vpmaddwd` by ones give the exact lane sums, plus the `-8` correction.
+    ///
+    /// # Safety
+    /// Requires AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_q4_avx2(
+        m: &Q4Matrix,
+        rows: std::ops::Range<usize>,
+        x: &I8Activations,
+        out: &mut [f32],
+    ) {
+        let blocks = m.blocks_per_row;
+        assert_eq!(x.blocks, blocks, "activations for another width");
+        let steps = blocks.div_ceil(4);
+        assert!(x.q4_pairs.len() >= steps * 2 * STEP && x.q4_correction.len() >= steps * 16);
+        assert!(x.scales.len() >= blocks);
+        let row_bytes = blocks * Q4_BLOCK_BYTES;
+        let ones = _mm256_set1_epi16(1);
+        let low_nibble = _mm256_set1_epi8(0x0f);
+        // Per row, each block's `w_scale * x_scale`, padded with a zero to whole pairs.
+        let mut combined = vec![0f32; blocks + 1];
+        let pair_lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        for (out, r) in out.iter_mut().zip(rows) {
+            let codes = &m.codes[r * row_bytes..(r + 1) * row_bytes];
+            let w_scales = &m.scales[r * blocks..(r + 1) * blocks];
+            // F16C eight at a time (`f16::to_f32` checks the CPU on every call).
+            let mut b = 0;
+            while b + 8 <= blocks {
+                // SAFETY: b + 8 <= blocks <= w_scales.len(), x.scales.len(), combined.len().
+                let w = _mm256_cvtph_ps(_mm_loadu_si128(w_scales.as_ptr().add(b) as *const _));
+                let product = _mm256_mul_ps(w, _mm256_loadu_ps(x.scales.as_ptr().add(b)));
+                _mm256_storeu_ps(combined.as_mut_ptr().add(b), product);
+                b += 8;
+            }
+            for b in b..blocks {
+                combined[b] = w_scales[b].to_f32() * x.scales[b];
+            }
+            // Half `half` of step `k`: blocks `first` and `first + 1` (if any) into lanes 0-3
+            // and 4-7 of `a`.
+            let pair = |k: usize, half: usize, a: __m256| -> __m256 {
+                let first = 4 * k + 2 * half;
+                let offset = Q4_BLOCK_BYTES * first;
+                // SAFETY: the half holds one or two whole blocks of the row: a 16-byte masked
+                // load when only one is left.
+                let bytes = if first + 1 < blocks {
+                    _mm256_loadu_si256(codes.as_ptr().add(offset) as *const __m256i)
+                } else {
+                    _mm256_maskload_epi32(
+                        codes.as_ptr().add(offset) as *const i32,
+                        _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0),
+                    )
+                };
+                let low = _mm256_and_si256(bytes, low_nibble);
+                let high = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low_nibble);
+                let pairs = x.q4_pairs.as_ptr().add(2 * STEP * k + 32 * half);
+                let x_low = _mm256_loadu_si256(pairs as *const __m256i);
+                let x_high = _mm256_loadu_si256(pairs.add(STEP) as *const __m256i);
+                let sums = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(low, x_low),
+                    _mm256_maddubs_epi16(high, x_high),
+                );
+                let correction = _mm256_loadu_si256(
+                    x.q4_correction.as_ptr().add(16 * k + 8 * half) as *const __m256i,
+                );
+                let lanes = _mm256_add_epi32(_mm256_madd_epi16(sums, ones), correction);
+                // SAFETY: first + 1 <= blocks < combined.len().
+                let two = _mm_castpd_ps(_mm_load_sd(combined.as_ptr().add(first) as *const f64));
+                let scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), pair_lanes);
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, a)
+            };
+            // Named values, not a loop over references: the accumulators stay in registers.
+            let mut step = |k: usize, [low, high]: [__m256; 2]| -> [__m256; 2] {
+                let low = pair(k, 0, low);
+                let high = if 4 * k + 2 < blocks {
+                    pair(k, 1, high)
+                } else {
+                    high
+                };
+                [low, high]
+            };
+            *out = reduce_halves(alternate_halves(steps, &mut step));
+        }
+    }
+
+    /// [`super::reduce16`] of `acc[0] + acc[1]` (even and odd steps), each as two 8-lane
+    /// halves.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn reduce_halves(acc: [[__m256; 2]; 2]) -> f32 {
+        let low = _mm256_add_ps(acc[0][0], acc[1][0]);
+        let high = _mm256_add_ps(acc[0][1], acc[1][1]);
+        let s8 = _mm256_add_ps(low, high);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
     }
 }

@@ -170,7 +170,7 @@ pub fn gemm_q4_with(
                 let out = unsafe { out.slice(t * m.rows + tile.start, tile.len()) };
                 match &activations {
                     crate::q8::Activations::Int8(x) => {
-                        crate::head_i8::rows_q4(m, tile.clone(), &x[t], out)
+                        crate::head_i8::rows_q4(kernel, m, tile.clone(), &x[t], out)
                     }
                     crate::q8::Activations::Int16 { quants, scales } => {
                         let per = m.blocks_per_row;

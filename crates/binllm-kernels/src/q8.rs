@@ -128,7 +128,9 @@ pub fn gemm_q8_with(
                 // SAFETY: row ranges from `for_each_range` are disjoint, so (t, tile) slices are.
                 let out = unsafe { out.slice(t * m.rows + tile.start, tile.len()) };
                 match &activations {
-                    Activations::Int8(x) => crate::head_i8::rows_q8(m, tile.clone(), &x[t], out),
+                    Activations::Int8(x) => {
+                        crate::head_i8::rows_q8(kernel, m, tile.clone(), &x[t], out)
+                    }
                     Activations::Int16 { quants, scales } => {
                         for (out, r) in out.iter_mut().zip(tile.clone()) {
                             *out = dot_q8(
@@ -148,7 +150,8 @@ pub fn gemm_q8_with(
 }
 
 /// The input vectors as a kernel reads them, quantized once per product and shared by every
-/// row: int8 per block for [`DenseKernel::Avx512Vnni`] ([`crate::head_i8`]), otherwise int16
+/// row: int8 per block for the int8 kernels ([`DenseKernel::int8_activations`],
+/// [`crate::head_i8`]), otherwise int16
 /// per vector (which the scalar reference ignores: it reads the f32 vectors).
 pub(crate) enum Activations {
     Int8(Vec<crate::head_i8::I8Activations>),
@@ -164,7 +167,7 @@ impl Activations {
         blocks_per_row: usize,
     ) -> Self {
         let vectors = xs.chunks_exact(cols.max(1)).take(n);
-        if kernel == DenseKernel::Avx512Vnni {
+        if kernel.int8_activations() {
             return Activations::Int8(
                 vectors
                     .map(|x| crate::head_i8::I8Activations::new(x, blocks_per_row))
@@ -211,7 +214,9 @@ fn dot_q8(
         // SAFETY: callers assert the kernel is available; `x_q16` covers whole blocks.
         #[cfg(target_arch = "x86_64")]
         DenseKernel::Avx512 => unsafe { x86::dot_q8_avx512bw(quants, scales, x_q16) * x_scale },
-        DenseKernel::Avx512Vnni => unreachable!("int8 activations take crate::head_i8"),
+        DenseKernel::Avx512Vnni | DenseKernel::Avx2Int8 => {
+            unreachable!("int8 activations take crate::head_i8")
+        }
         #[cfg(target_arch = "x86_64")]
         DenseKernel::Avx2 => unsafe { x86::dot_q8_avx2(quants, scales, x_q16) * x_scale },
         DenseKernel::Scalar => dot_q8_scalar(quants, scales, x),

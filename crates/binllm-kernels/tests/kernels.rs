@@ -565,7 +565,7 @@ fn q8_head_gemv_matches_dequantized_reference() {
         // The int8-activation path has its own test (`int8_activation_heads_...`).
         for kernel in DenseKernel::available()
             .into_iter()
-            .filter(|&k| k != DenseKernel::Avx512Vnni)
+            .filter(|k| !k.int8_activations())
         {
             let mut y1 = vec![0.0; rows];
             gemv_q8_with(kernel, &m, x, &mut y1, 1);
@@ -692,7 +692,7 @@ fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
             }
             for kernel in DenseKernel::available()
                 .into_iter()
-                .filter(|&k| k != DenseKernel::Avx512Vnni)
+                .filter(|k| !k.int8_activations())
             {
                 for threads in [1, 3] {
                     let mut ys = vec![f32::NAN; n * rows];
@@ -712,15 +712,18 @@ fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
     }
 }
 
-/// The q8_0 and q4_0 heads with int8 activations (`DenseKernel::Avx512Vnni`, llama.cpp's
-/// arithmetic for those formats): the lane-by-lane references are within the int8 rounding of
-/// the activations (half a step of each block's `max|x| / 127`) of an f64 product of the
-/// dequantized weights, and the VNNI path, where this CPU has it, equals them bit for bit for
+/// The q8_0 and q4_0 heads with int8 activations (`DenseKernel::Avx512Vnni` and `Avx2Int8`,
+/// llama.cpp's arithmetic for those formats): the lane-by-lane references are within the int8
+/// rounding of the activations (half a step of each block's `max|x| / 127`) of an f64 product
+/// of the dequantized weights, and every int8 kernel this CPU has equals them bit for bit for
 /// every width (odd block counts, partial blocks, one row), thread count and batch.
 #[test]
 fn int8_activation_heads_match_their_references_and_f64() {
     use binllm_kernels::head_i8::{dot_q4_reference, dot_q8_reference, I8Activations};
-    let vnni = DenseKernel::Avx512Vnni.is_available();
+    let int8_kernels: Vec<DenseKernel> = DenseKernel::available()
+        .into_iter()
+        .filter(|k| k.int8_activations())
+        .collect();
     let mut rng = Rng(37);
     for &(rows, cols) in &[
         (1usize, 7usize),
@@ -778,16 +781,19 @@ fn int8_activation_heads_match_their_references_and_f64() {
                     }
                 }
             }
-            if !vnni {
-                continue;
-            }
-            for threads in [1, 3] {
-                let what = format!("rows {rows} cols {cols} n {n} threads {threads}");
+            for (&kernel, threads) in int8_kernels.iter().flat_map(|k| [(k, 1), (k, 3)]) {
+                let what = format!(
+                    "{} rows {rows} cols {cols} n {n} threads {threads}",
+                    kernel.name()
+                );
                 let mut ys = vec![f32::NAN; n * rows];
-                gemm_q8_with(DenseKernel::Avx512Vnni, &q8, xs, n, &mut ys, threads);
-                assert_eq!(ys, want_q8, "q8 vnni {what}");
-                gemm_q4_with(DenseKernel::Avx512Vnni, &q4, xs, n, &mut ys, threads);
-                assert_eq!(ys, want_q4, "q4 vnni {what}");
+                gemm_q8_with(kernel, &q8, xs, n, &mut ys, threads);
+                assert_eq!(ys, want_q8, "q8 {what}");
+                gemm_q4_with(kernel, &q4, xs, n, &mut ys, threads);
+                assert_eq!(ys, want_q4, "q4 {what}");
+                let mut y = vec![f32::NAN; rows];
+                gemv_q8_with(kernel, &q8, &xs[..cols], &mut y, threads);
+                assert_eq!(y, want_q8[..rows], "q8 gemv {what}");
             }
         }
     }
