@@ -10,8 +10,9 @@
 # in q4_0 (--token-embedding-type q4_0 --output-tensor-type q4_0); binllm's model is a PTQ sign
 # model made from the same GGUF (speed does not depend on the values) exported with an f16, a
 # q8_0 and a q4_0 head. Each binllm row is compared with the llama.cpp row of the same head. Every engine runs with the same thread count, prompt and generation
-# lengths (llama-bench -r 5; binllm bench --reps 5: mean of 5 after a warm-up). Rounds
-# interleave the engines; the table gives each one's median over rounds and its best round:
+# lengths (llama-bench -r 5; binllm bench --reps 5, each after a warm-up). Rounds interleave
+# the engines; the table gives each one's median over every rep of every round and its best rep,
+# and ratios of medians and of bests:
 # on a shared machine, load from other processes moves every figure between runs, and
 # spinning thread pools (llama.cpp's and binllm's) suffer most when another process holds a
 # core. Prints one Markdown table (raw per-round figures on stderr).
@@ -62,48 +63,56 @@ work, thread_counts, pp, tg, rounds = sys.argv[1], [int(t) for t in sys.argv[2].
 rows = {}
 def add(key, pp_ts, tg_ts, size, head, weights):
     r = rows.setdefault(key, {"pp": [], "tg": [], "size": size, "head": head, "weights": weights})
-    r["pp"].append(pp_ts); r["tg"].append(tg_ts)
+    r["pp"].extend(pp_ts); r["tg"].extend(tg_ts)
 bandwidth = []
 for threads in thread_counts:
     for t in ["F16", "Q8_0", "Q4_0", "Q4_0-q4head"]:
         for f in sorted(glob.glob(f"{work}/results/llama-{t}-t{threads}-*.json")):
             entries = json.load(open(f))
-            pp_ts = next(e["avg_ts"] for e in entries if e["n_prompt"] > 0)
-            tg_ts = next(e["avg_ts"] for e in entries if e["n_gen"] > 0)
+            pp_ts = next(e["samples_ts"] for e in entries if e["n_prompt"] > 0)
+            tg_ts = next(e["samples_ts"] for e in entries if e["n_gen"] > 0)
             size = os.path.getsize(f"{work}/models/smollm2-{t}.gguf")
             # The tied embedding/head as llama-quantize writes it: Q4_0 files keep it Q8_0
             # (`binllm inspect` lists 210 Q4_0 + 1 Q8_0; 576 columns rule out Q6_K).
             # The -q4head file has it in q4_0 (--token-embedding-type / --output-tensor-type).
             head = {"F16": "f16", "Q8_0": "q8_0", "Q4_0": "q8_0", "Q4_0-q4head": "q4_0"}[t]
             add(("llama.cpp", t, threads), pp_ts, tg_ts, size, head, "Q4_0" if t == "Q4_0-q4head" else t)
-            print(f"raw {f}: pp {pp_ts:.1f} tg {tg_ts:.1f}", file=sys.stderr)
+            print(f"raw {f}: pp {statistics.median(pp_ts):.1f} tg {statistics.median(tg_ts):.1f} "
+                  f"(tg reps {' '.join(f'{v:.1f}' for v in tg_ts)})", file=sys.stderr)
     for h in ["f16", "q8", "q4"]:
         for f in sorted(glob.glob(f"{work}/results/binllm-{h}-t{threads}-*.json")):
             r = json.load(open(f))
-            add(("binllm", h, threads), r["pp_tokens_per_second"], r["tg_tokens_per_second"], r["file_bytes"], r["head"],
+            add(("binllm", h, threads), r["pp_samples"], r["tg_samples"], r["file_bytes"], r["head"],
                 f"1-bit, {r['bits_per_weight']['whole_model']:.2f} bits/weight overall")
             bandwidth.append(r["read_gb_per_second"])
-            print(f"raw {f}: pp {r['pp_tokens_per_second']:.1f} tg {r['tg_tokens_per_second']:.1f} "
-                  f"weights streamed {r['weights_streamed_gb_per_second']:.1f} GB/s", file=sys.stderr)
+            print(f"raw {f}: pp {statistics.median(r['pp_samples']):.1f} tg {statistics.median(r['tg_samples']):.1f} "
+                  f"(tg reps {' '.join(f'{v:.1f}' for v in r['tg_samples'])}; head kernel {r['head_kernel']})", file=sys.stderr)
+# Every rep of every round counts: the median is the typical figure on this shared machine, the
+# best the least disturbed one (load from other tenants only ever slows a rep down).
 med = {k: (statistics.median(v["pp"]), statistics.median(v["tg"])) for k, v in rows.items()}
+best = {k: (max(v["pp"]), max(v["tg"])) for k, v in rows.items()}
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+reps = len(next(iter(rows.values()))["tg"])
 print(f"SmolLM2-135M-Instruct on {cpu} ({os.cpu_count()} logical CPUs, shared); pp{pp} / tg{tg}; "
-      f"median (best) of {rounds} rounds, each the mean of 5 reps; load average at the end {os.getloadavg()[0]:.1f}; "
+      f"median (best) of {reps} reps over {rounds} interleaved rounds; ratios: of medians (of bests); "
+      f"load average at the end {os.getloadavg()[0]:.1f}; "
       f"single-thread read bandwidth {statistics.median(bandwidth):.1f} GB/s")
 print()
 print(f"| engine | weights | head | file MiB | threads | pp{pp} tok/s | tg{tg} tok/s | tg vs llama.cpp Q4_0 (q8_0 head) "
       f"| tg vs llama.cpp Q4_0, same head | tg vs llama.cpp F16 |")
 print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+def ratio(k, ref):
+    return f"{med[k][1] / med[ref][1]:.2f}x ({best[k][1] / best[ref][1]:.2f}x)"
 for threads in thread_counts:
-    q4 = med[("llama.cpp", "Q4_0", threads)][1]
-    f16 = med[("llama.cpp", "F16", threads)][1]
+    q4 = ("llama.cpp", "Q4_0", threads)
+    f16 = ("llama.cpp", "F16", threads)
     # llama.cpp Q4_0 by head format (there is no Q4_0 file with an f16 head).
-    q4_by_head = {"q8_0": q4, "q4_0": med[("llama.cpp", "Q4_0-q4head", threads)][1]}
+    q4_by_head = {"q8_0": q4, "q4_0": ("llama.cpp", "Q4_0-q4head", threads)}
     for k, v in rows.items():
         if k[2] != threads:
             continue
-        p, t = med[k]
-        same = f"{t / q4_by_head[v['head']]:.2f}x" if v["head"] in q4_by_head else "-"
-        print(f"| {k[0]} | {v['weights']} | {v['head']} | {v['size'] / 2**20:.1f} | {threads} | {p:.1f} ({max(v['pp']):.1f}) "
-              f"| {t:.1f} ({max(v['tg']):.1f}) | {t / q4:.2f}x | {same} | {t / f16:.2f}x |")
+        same = ratio(k, q4_by_head[v["head"]]) if v["head"] in q4_by_head else "-"
+        print(f"| {k[0]} | {v['weights']} | {v['head']} | {v['size'] / 2**20:.1f} | {threads} "
+              f"| {med[k][0]:.1f} ({best[k][0]:.1f}) | {med[k][1]:.1f} ({best[k][1]:.1f}) "
+              f"| {ratio(k, q4)} | {same} | {ratio(k, f16)} |")
 PY

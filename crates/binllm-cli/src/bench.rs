@@ -150,6 +150,8 @@ pub fn run(args: Args) -> Result<()> {
             "pp_sd": pp_sd,
             "tg_tokens_per_second": tg_mean,
             "tg_sd": tg_sd,
+            "pp_samples": pp,
+            "tg_samples": tg,
             "weight_bytes_per_token": bytes_per_token,
             "weights_streamed_gb_per_second": streamed_gbs,
             "memcpy_gb_per_second": copy_gbs,
