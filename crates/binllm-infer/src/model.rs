@@ -847,24 +847,57 @@ fn attend_avx512(
         // SAFETY: i * 16 + 16 <= hd = query.len().
         *q = unsafe { _mm512_loadu_ps(query.as_ptr().add(i * 16)) };
     }
-    let mut scores = Vec::with_capacity(visible);
-    let mut max = f32::NEG_INFINITY;
-    for p in 0..visible {
-        // SAFETY: in bounds by the assertion above.
-        let key = unsafe { keys.as_ptr().add(p * kv_dim + kv_offset) };
-        let mut acc = _mm512_setzero_ps();
-        for (i, q) in q.iter().enumerate().take(chunks) {
-            acc = _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(key.add(i * 16)) }, acc);
+    // Scores 16 positions at a time: each position's 16-lane partial dot product, then one
+    // transposing reduction gives the block's 16 scores in one register (a horizontal sum per
+    // position cost several times the dot product itself at head_dim 64).
+    let mut scores = vec![0f32; visible.div_ceil(16) * 16];
+    let mut max_lanes = _mm512_set1_ps(f32::NEG_INFINITY);
+    for block in 0..visible.div_ceil(16) {
+        let mut partial = [_mm512_setzero_ps(); 16];
+        for (j, partial) in partial.iter_mut().enumerate() {
+            let p = block * 16 + j;
+            if p >= visible {
+                break;
+            }
+            // SAFETY: in bounds by the assertion above.
+            let key = unsafe { keys.as_ptr().add(p * kv_dim + kv_offset) };
+            for (i, q) in q.iter().enumerate().take(chunks) {
+                *partial =
+                    _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(key.add(i * 16)) }, *partial);
+            }
         }
-        let s = _mm512_reduce_add_ps(acc) * scale;
-        max = max.max(s);
-        scores.push(s);
+        let block_scores = _mm512_mul_ps(transpose_sum16(&partial), _mm512_set1_ps(scale));
+        let valid = (visible - block * 16).min(16);
+        let mask: __mmask16 = if valid == 16 {
+            u16::MAX
+        } else {
+            (1u16 << valid) - 1
+        };
+        max_lanes = _mm512_mask_max_ps(max_lanes, mask, max_lanes, block_scores);
+        // SAFETY: scores holds whole blocks of 16.
+        unsafe { _mm512_storeu_ps(scores.as_mut_ptr().add(block * 16), block_scores) };
     }
-    let mut total = 0.0;
-    for s in &mut scores {
-        *s = (*s - max).exp();
-        total += *s;
+    let max = _mm512_reduce_max_ps(max_lanes);
+    let mut total_lanes = _mm512_setzero_ps();
+    for block in 0..visible.div_ceil(16) {
+        let valid = (visible - block * 16).min(16);
+        let mask: __mmask16 = if valid == 16 {
+            u16::MAX
+        } else {
+            (1u16 << valid) - 1
+        };
+        // SAFETY: scores holds whole blocks of 16.
+        let at = unsafe { scores.as_mut_ptr().add(block * 16) };
+        let e = exp_avx512(_mm512_sub_ps(
+            unsafe { _mm512_loadu_ps(at) },
+            _mm512_set1_ps(max),
+        ));
+        let e = _mm512_maskz_mov_ps(mask, e);
+        total_lanes = _mm512_add_ps(total_lanes, e);
+        unsafe { _mm512_storeu_ps(at, e) };
     }
+    scores.truncate(visible);
+    let total = _mm512_reduce_add_ps(total_lanes);
     let inv_total = 1.0 / total;
     let mut acc = [_mm512_setzero_ps(); 16];
     for (p, s) in scores.iter().enumerate() {
@@ -879,6 +912,76 @@ fn attend_avx512(
         // SAFETY: out.len() == hd (asserted).
         unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(i * 16), *a) };
     }
+}
+
+/// `v[j]` summed over its 16 lanes, for each of the 16 vectors, as the 16 lanes of one vector
+/// (lane `j` = the sum of `v[j]`): unpack-and-add within 128-bit blocks, then across them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose_sum16(v: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // Pairs: per 128-bit block, lanes (a, b, a, b) of partial sums.
+    let pairs: [__m512; 8] = std::array::from_fn(|i| {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+    });
+    // Quads: per 128-bit block, lanes (a, b, c, d), each that block's sum.
+    let quads: [__m512; 4] = std::array::from_fn(|i| {
+        let (a, b) = (
+            _mm512_castps_pd(pairs[2 * i]),
+            _mm512_castps_pd(pairs[2 * i + 1]),
+        );
+        _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+        )
+    });
+    // Across blocks: (block 0 + 1, block 2 + 3) of two quads side by side, twice.
+    let halves = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+        )
+    };
+    let (low, high) = (halves(quads[0], quads[1]), halves(quads[2], quads[3]));
+    halves(low, high)
+}
+
+/// `e^x` lane by lane, within a few ulp for `x <= 0` (softmax arguments; the test bounds it
+/// at 4): `x = k ln 2 + r` with `|r| <= ln 2 / 2`, a degree-7 polynomial for `e^r`, and
+/// `vscalefps` for the `2^k` (exact, flushing to 0 far below the smallest float).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+    let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    // ln 2 in two parts (Cephes'), the first with few significant bits so that k * LN2_HIGH
+    // is exact.
+    const LN2_HIGH: f32 = 0.693_359_4;
+    const LN2_LOW: f32 = -2.121_944_4e-4;
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_HIGH), x);
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_LOW), r);
+    // Taylor coefficients 1/7! .. 1/0!, Horner.
+    let coefficients = [
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
+    let mut p = _mm512_set1_ps(coefficients[0]);
+    for &c in &coefficients[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, k)
 }
 
 #[inline(always)]
@@ -943,6 +1046,40 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_exp_and_transposed_sums_are_accurate() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        use std::arch::x86_64::*;
+        // SAFETY (all blocks): AVX-512F was just detected.
+        for start in 0..700 {
+            let xs: [f32; 16] = std::array::from_fn(|i| -((start * 16 + i) as f32) * 0.0093);
+            let mut got = [0f32; 16];
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp_avx512(_mm512_loadu_ps(xs.as_ptr()))) };
+            for (x, g) in xs.iter().zip(got) {
+                let want = (*x as f64).exp();
+                if want < f32::MIN_POSITIVE as f64 {
+                    assert!(g as f64 <= f32::MIN_POSITIVE as f64, "exp({x}) = {g}");
+                    continue;
+                }
+                let ulp = (want as f32).to_bits().abs_diff(g.to_bits());
+                assert!(ulp <= 4, "exp({x}): {g} vs {want} ({ulp} ulp)");
+            }
+        }
+        let mut rng = crate::sampling::SplitMix64::new(5);
+        let rows: [[f32; 16]; 16] =
+            std::array::from_fn(|_| std::array::from_fn(|_| rng.next_f32() - 0.5));
+        let vectors = rows.map(|r| unsafe { _mm512_loadu_ps(r.as_ptr()) });
+        let mut sums = [0f32; 16];
+        unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), transpose_sum16(&vectors)) };
+        for (row, sum) in rows.iter().zip(sums) {
+            let want: f64 = row.iter().map(|&v| v as f64).sum();
+            assert!((sum as f64 - want).abs() < 1e-5, "{sum} vs {want}");
+        }
+    }
 
     #[test]
     fn simd_attention_matches_the_generic_loop() {

@@ -60,11 +60,13 @@
 //! # Dense products ([`dense`], [`q8`], [`q4`])
 //!
 //! [`gemv_f32`], [`gemv_f16`] (F16C / AVX-512 conversion on x86) and [`gemv_q8`] (q8_0-style:
-//! int8 weights with an f32 scale per 32; the fast paths quantize activations to int16 per
-//! vector, an error of at most 2^-16 of `max|x|` per activation), each with a scalar reference
-//! and a forced-kernel variant taking a [`DenseKernel`]; [`gemv_q4_with`] (q4_0-style 4-bit
-//! blocks of 32 with an f16 scale, for a 4-bit LM head; the AVX2 path equals its integer
-//! reference bit for bit).
+//! int8 weights with an f32 scale per 32), each with a scalar reference and a forced-kernel
+//! variant taking a [`DenseKernel`]; [`gemv_q4_with`] (q4_0-style 4-bit blocks of 32 with an
+//! f16 scale, for a 4-bit LM head). The quantized heads round activations either to int16 per
+//! vector (`Avx2`, `Avx512`, `Portable`: an error of at most 2^-16 of `max|x|` per activation;
+//! the q4 AVX2 path equals its integer reference bit for bit) or to int8 per block of 32
+//! (`Avx512Vnni`, `Avx2Int8`: llama.cpp's arithmetic for those formats, [`head_i8`], bit for
+//! bit equal to lane-by-lane references and to each other; the runtime's default on x86-64).
 //!
 //! # Use
 //!
