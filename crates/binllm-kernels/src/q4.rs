@@ -160,7 +160,14 @@ pub fn gemm_q4_with(
     );
     let simd = matches!(kernel, DenseKernel::Avx2 | DenseKernel::Avx512);
     let row_len = m.blocks_per_row * Q4_BLOCK;
-    let activations = crate::q8::Activations::new(kernel, xs, n, m.cols, m.blocks_per_row);
+    let activations = crate::q8::Activations::new(
+        kernel,
+        xs,
+        n,
+        m.cols,
+        m.blocks_per_row,
+        crate::head_i8::HeadFormat::Q4_0,
+    );
     let out = SharedOut::new(ys);
     for_each_range(m.rows, threads, |rows| {
         for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {

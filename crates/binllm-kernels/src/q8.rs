@@ -12,6 +12,7 @@
 //! GEMV stays memory-bound, so it is about twice as fast.
 
 use crate::dense::DenseKernel;
+use crate::head_i8::HeadFormat;
 use crate::parallel::{for_each_range, SharedOut};
 
 /// Weights per block (one scale each).
@@ -119,7 +120,7 @@ pub fn gemm_q8_with(
         kernel.name()
     );
     let row_len = m.blocks_per_row * Q8_BLOCK;
-    let activations = Activations::new(kernel, xs, n, m.cols, m.blocks_per_row);
+    let activations = Activations::new(kernel, xs, n, m.cols, m.blocks_per_row, HeadFormat::Q8_0);
     let out = SharedOut::new(ys);
     for_each_range(m.rows, threads, |rows| {
         for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
@@ -165,12 +166,13 @@ impl Activations {
         n: usize,
         cols: usize,
         blocks_per_row: usize,
+        format: HeadFormat,
     ) -> Self {
         let vectors = xs.chunks_exact(cols.max(1)).take(n);
         if kernel.int8_activations() {
             return Activations::Int8(
                 vectors
-                    .map(|x| crate::head_i8::I8Activations::new(x, blocks_per_row))
+                    .map(|x| crate::head_i8::I8Activations::new(x, blocks_per_row, format))
                     .collect(),
             );
         }

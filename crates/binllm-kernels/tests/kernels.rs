@@ -719,7 +719,7 @@ fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
 /// every width (odd block counts, partial blocks, one row), thread count and batch.
 #[test]
 fn int8_activation_heads_match_their_references_and_f64() {
-    use binllm_kernels::head_i8::{dot_q4_reference, dot_q8_reference, I8Activations};
+    use binllm_kernels::head_i8::{dot_q4_reference, dot_q8_reference, HeadFormat, I8Activations};
     let int8_kernels: Vec<DenseKernel> = DenseKernel::available()
         .into_iter()
         .filter(|k| k.int8_activations())
@@ -749,7 +749,8 @@ fn int8_activation_heads_match_their_references_and_f64() {
             let mut want_q4 = vec![0f32; n * rows];
             for t in 0..n {
                 let x = &xs[t * cols..(t + 1) * cols];
-                let act = I8Activations::new(x, blocks);
+                let act_q8 = I8Activations::new(x, blocks, HeadFormat::Q8_0);
+                let act_q4 = I8Activations::new(x, blocks, HeadFormat::Q4_0);
                 // Each activation moves by at most half its block's step.
                 let half_steps: Vec<f32> = (0..cols)
                     .map(|j| {
@@ -769,9 +770,9 @@ fn int8_activation_heads_match_their_references_and_f64() {
                         let x_error: f32 =
                             row.iter().zip(&half_steps).map(|(w, h)| w.abs() * h).sum();
                         let got = if name == "q8" {
-                            dot_q8_reference(&q8, r, &act)
+                            dot_q8_reference(&q8, r, &act_q8)
                         } else {
-                            dot_q4_reference(&q4, r, &act)
+                            dot_q4_reference(&q4, r, &act_q4)
                         };
                         assert!(
                             (got as f64 - exact).abs() <= (1e-5 * mag + 1.01 * x_error) as f64 + 1e-30,
@@ -801,5 +802,5 @@ fn int8_activation_heads_match_their_references_and_f64() {
     let q8 = Q8Matrix::quantize(&[0.5f32; 64], 1, 64);
     let mut x = vec![1.0f32; 64];
     x[40] = f32::NAN;
-    assert!(dot_q8_reference(&q8, 0, &I8Activations::new(&x, 2)).is_nan());
+    assert!(dot_q8_reference(&q8, 0, &I8Activations::new(&x, 2, HeadFormat::Q8_0)).is_nan());
 }
