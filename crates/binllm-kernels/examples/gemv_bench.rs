@@ -312,9 +312,15 @@ fn main() {
     }
 
     println!();
-    println!("## dense LM head GEMV, 49152x576 (SmolLM2-135M tied embedding): f16 and q8_0");
+    println!(
+        "## dense LM head GEMV, 49152x576 (SmolLM2-135M tied embedding): f16, q8_0 and q4_0"
+    );
     println!();
-    println!("GB/s counts the matrix bytes (f16: 2 per weight; q8_0: 1 per weight + an f32 scale per 32).");
+    println!(
+        "GB/s counts the matrix bytes (f16: 2 per weight; q8_0: 1 per weight + an f32 scale per 32; \
+         q4_0: 0.5 per weight + an f16 scale per 32). q8_0/q4_0 activations: int16 per vector \
+         (avx2, avx512, portable) or int8 per block of 32 (avx512-vnni, avx2-int8)."
+    );
     println!();
     println!("| threads | kernel | ms | GB/s | vs DRAM read | vs memcpy |");
     println!("|---|---|---|---|---|---|");
