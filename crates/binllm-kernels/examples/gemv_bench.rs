@@ -312,9 +312,7 @@ fn main() {
     }
 
     println!();
-    println!(
-        "## dense LM head GEMV, 49152x576 (SmolLM2-135M tied embedding): f16, q8_0 and q4_0"
-    );
+    println!("## dense LM head GEMV, 49152x576 (SmolLM2-135M tied embedding): f16, q8_0 and q4_0");
     println!();
     println!(
         "GB/s counts the matrix bytes (f16: 2 per weight; q8_0: 1 per weight + an f32 scale per 32; \
