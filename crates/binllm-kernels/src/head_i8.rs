@@ -343,15 +343,12 @@ mod x86 {
         let steps = blocks.div_ceil(2);
         assert!(x.magnitudes.len() >= steps * STEP && x.negative.len() >= steps);
         assert!(x.scales.len() >= blocks.div_ceil(SCALES_PER_REGISTER) * SCALES_PER_REGISTER);
-        let mut pairs = out.chunks_exact_mut(2);
-        let mut r = rows.start;
-        for pair in &mut pairs {
-            pair.copy_from_slice(&dot_q8_vnni::<2>(m, r, x));
-            r += 2;
-        }
-        if let [last] = pairs.into_remainder() {
-            *last = dot_q8_vnni::<1>(m, r, x)[0];
-        }
+        in_row_pairs(
+            rows.start,
+            out,
+            |r| dot_q8_vnni::<2>(m, r, x),
+            |r| dot_q8_vnni::<1>(m, r, x)[0],
+        );
     }
 
     /// Rows `r..r + R` (R rows share each activation load); the caller has checked the
@@ -396,6 +393,26 @@ mod x86 {
         accumulate_alternately(steps, &mut step)
     }
 
+    /// Fills `out` (rows `start..`) two rows at a time with `two(r)` (rows `r`, `r + 1`), an odd
+    /// last row with `one(r)`.
+    #[inline(always)]
+    fn in_row_pairs(
+        start: usize,
+        out: &mut [f32],
+        mut two: impl FnMut(usize) -> [f32; 2],
+        mut one: impl FnMut(usize) -> f32,
+    ) {
+        let mut pairs = out.chunks_exact_mut(2);
+        let mut r = start;
+        for pair in &mut pairs {
+            pair.copy_from_slice(&two(r));
+            r += 2;
+        }
+        if let [last] = pairs.into_remainder() {
+            *last = one(r);
+        }
+    }
+
     /// Runs `step(k, acc)` for `k` in `0..steps`, even steps into one set of accumulators and
     /// odd ones into another (named registers: an indexed pair would live on the stack, and
     /// the store-to-load latency would serialise the steps), and reduces each row's sum.
@@ -432,15 +449,12 @@ mod x86 {
         let steps = blocks.div_ceil(4);
         assert!(x.q4_pairs.len() >= steps * 2 * STEP && x.q4_correction.len() >= steps * 16);
         assert!(x.scales.len() >= blocks.div_ceil(SCALES_PER_REGISTER) * SCALES_PER_REGISTER);
-        let mut pairs = out.chunks_exact_mut(2);
-        let mut r = rows.start;
-        for pair in &mut pairs {
-            pair.copy_from_slice(&dot_q4_vnni::<2>(m, r, x));
-            r += 2;
-        }
-        if let [last] = pairs.into_remainder() {
-            *last = dot_q4_vnni::<1>(m, r, x)[0];
-        }
+        in_row_pairs(
+            rows.start,
+            out,
+            |r| dot_q4_vnni::<2>(m, r, x),
+            |r| dot_q4_vnni::<1>(m, r, x)[0],
+        );
     }
 
     /// Rows `r..r + R`, as [`dot_q8_vnni`].

@@ -632,23 +632,29 @@ fn dense_and_q8_gemm_equal_gemv_per_vector() {
     }
 }
 
+/// Quantized-head shapes: one row, widths around whole blocks of 32, odd and even block
+/// counts (the int8 kernels take blocks in pairs and quads), several 16-block scale registers.
+const HEAD_SHAPES: [(usize, usize); 11] = [
+    (1, 7),
+    (21, 31),
+    (21, 32),
+    (63, 33),
+    (65, 64),
+    (21, 65),
+    (70, 576),
+    (9, 1000),
+    (5, 8 * 32 * 3 + 5),
+    (5, 17 * 32),
+    (3, 33 * 32 + 5),
+];
+
 /// The 4-bit head: quantization round trip, every kernel exactly equal to the integer reference
 /// (`Scalar`), all within the int16 activation error of an f64 product of the dequantized
 /// weights, and GEMM equal to per-vector GEMVs for every thread count.
 #[test]
 fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
     let mut rng = Rng(31);
-    for &(rows, cols) in &[
-        (1usize, 7usize),
-        (21, 31),
-        (21, 32),
-        (63, 33),
-        (65, 64),
-        (21, 65),
-        (70, 576),
-        (9, 1000),
-        (5, 8 * 32 * 3 + 5),
-    ] {
+    for &(rows, cols) in &HEAD_SHAPES {
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
         let m = Q4Matrix::quantize(&w, rows, cols);
         assert_eq!(m.codes.len(), rows * cols.div_ceil(32) * 16);
@@ -725,18 +731,7 @@ fn int8_activation_heads_match_their_references_and_f64() {
         .filter(|k| k.int8_activations())
         .collect();
     let mut rng = Rng(37);
-    for &(rows, cols) in &[
-        (1usize, 7usize),
-        (21, 31),
-        (21, 32),
-        (63, 33),
-        (65, 64),
-        (21, 65),
-        (70, 576),
-        (9, 1000),
-        (5, 17 * 32),
-        (3, 33 * 32 + 5),
-    ] {
+    for &(rows, cols) in &HEAD_SHAPES {
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
         let q8 = Q8Matrix::quantize(&w, rows, cols);
         let q4 = Q4Matrix::quantize(&w, rows, cols);
