@@ -851,6 +851,13 @@ fn attend_avx512(
     // transposing reduction gives the block's 16 scores in one register (a horizontal sum per
     // position cost several times the dot product itself at head_dim 64).
     let mut scores = vec![0f32; visible.div_ceil(16) * 16];
+    // Lanes of block `block` that hold positions before `visible`.
+    let real_positions = |block: usize| -> __mmask16 {
+        match visible - block * 16 {
+            valid if valid >= 16 => u16::MAX,
+            valid => (1u16 << valid) - 1,
+        }
+    };
     let mut max_lanes = _mm512_set1_ps(f32::NEG_INFINITY);
     for block in 0..visible.div_ceil(16) {
         let mut partial = [_mm512_setzero_ps(); 16];
@@ -867,12 +874,7 @@ fn attend_avx512(
             }
         }
         let block_scores = _mm512_mul_ps(transpose_sum16(&partial), _mm512_set1_ps(scale));
-        let valid = (visible - block * 16).min(16);
-        let mask: __mmask16 = if valid == 16 {
-            u16::MAX
-        } else {
-            (1u16 << valid) - 1
-        };
+        let mask = real_positions(block);
         max_lanes = _mm512_mask_max_ps(max_lanes, mask, max_lanes, block_scores);
         // SAFETY: scores holds whole blocks of 16.
         unsafe { _mm512_storeu_ps(scores.as_mut_ptr().add(block * 16), block_scores) };
@@ -880,12 +882,7 @@ fn attend_avx512(
     let max = _mm512_reduce_max_ps(max_lanes);
     let mut total_lanes = _mm512_setzero_ps();
     for block in 0..visible.div_ceil(16) {
-        let valid = (visible - block * 16).min(16);
-        let mask: __mmask16 = if valid == 16 {
-            u16::MAX
-        } else {
-            (1u16 << valid) - 1
-        };
+        let mask = real_positions(block);
         // SAFETY: scores holds whole blocks of 16.
         let at = unsafe { scores.as_mut_ptr().add(block * 16) };
         let e = exp_avx512(_mm512_sub_ps(

@@ -53,7 +53,13 @@ impl DenseKernel {
                 // BW for the q8 path's 16-bit integer arithmetic (every AVX-512 CPU but Xeon Phi).
                 is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
             }
-            DenseKernel::Avx512Vnni => crate::head_i8::vnni_available(),
+            #[cfg(target_arch = "x86_64")]
+            DenseKernel::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
             #[allow(unreachable_patterns)]
             _ => false,
         }

@@ -130,10 +130,6 @@ impl I8Activations {
             q4_correction,
         }
     }
-
-    pub fn blocks(&self) -> usize {
-        self.blocks
-    }
 }
 
 /// `v` (|v| <= 127.5) rounded to the nearest integer, ties to even: adding and subtracting
@@ -203,23 +199,11 @@ pub fn dot_q4_reference(m: &Q4Matrix, r: usize, x: &I8Activations) -> f32 {
     reduce16(std::array::from_fn(|l| acc[0][l] + acc[1][l]))
 }
 
-/// Whether this CPU runs the VNNI paths.
-pub fn vnni_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// `out[i]` = row `rows.start + i` of a q8_0 matrix times `x`, on `kernel`'s int8 path
 /// ([`DenseKernel::Avx512Vnni`], [`DenseKernel::Avx2Int8`]; any other kernel, or a CPU without
 /// it, takes [`dot_q8_reference`]). One call per run of rows, so the checks and the call are
-/// paid once per run, not per row.
+/// paid once per run, not per row. The caller has checked that `kernel` is available (the
+/// public products do on entry), not once per run of rows here.
 pub(crate) fn rows_q8(
     kernel: DenseKernel,
     m: &Q8Matrix,
@@ -228,9 +212,8 @@ pub(crate) fn rows_q8(
     out: &mut [f32],
 ) {
     assert!(rows.end <= m.rows && out.len() == rows.len());
-    assert!(kernel.is_available());
     match kernel {
-        // SAFETY: the kernel's features were checked just above; lengths are asserted inside.
+        // SAFETY: the caller checked the kernel's features; lengths are asserted inside.
         #[cfg(target_arch = "x86_64")]
         DenseKernel::Avx512Vnni => unsafe { x86::rows_q8_vnni(m, rows, x, out) },
         #[cfg(target_arch = "x86_64")]
@@ -252,7 +235,6 @@ pub(crate) fn rows_q4(
     out: &mut [f32],
 ) {
     assert!(rows.end <= m.rows && out.len() == rows.len());
-    assert!(kernel.is_available());
     match kernel {
         // SAFETY: as in `rows_q8`.
         #[cfg(target_arch = "x86_64")]
