@@ -331,6 +331,8 @@ mod x86 {
         let mut j = 0;
         // SAFETY (all loads): j + width <= n, checked by each loop condition.
         while j + 64 <= n {
+            crate::prefetch_ahead(w.add(j));
+            crate::prefetch_ahead(w.add(j + 32));
             for k in 0..4 {
                 let wv = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(j + 16 * k) as *const __m256i));
                 acc[k] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(j + 16 * k)), acc[k]);
@@ -407,6 +409,7 @@ mod x86 {
         let mut j = 0;
         // SAFETY (all loads): j + width <= n, checked by each loop condition.
         while j + 32 <= n {
+            crate::prefetch_ahead(w.add(j));
             for k in 0..4 {
                 let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.add(j + 8 * k) as *const __m128i));
                 acc[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(j + 8 * k)), acc[k]);

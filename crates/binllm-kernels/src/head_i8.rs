@@ -364,6 +364,7 @@ mod x86 {
             let magnitudes = _mm512_loadu_si512(x.magnitudes.as_ptr().add(offset) as *const _);
             let index = _mm512_loadu_si512(Q8_SCALE_INDEX[k % 8].as_ptr() as *const _);
             std::array::from_fn(|i| {
+                crate::prefetch_ahead(quants.as_ptr().add(i * row_len + offset));
                 // SAFETY: the masked load stays inside row i; activations are padded (asserted).
                 let w = load_bytes(quants.as_ptr().add(i * row_len + offset), row_len - offset);
                 let signed = _mm512_mask_sub_epi8(w, negative, _mm512_setzero_si512(), w);
@@ -471,6 +472,7 @@ mod x86 {
             let correction = _mm512_loadu_si512(x.q4_correction.as_ptr().add(16 * k) as *const _);
             let index = _mm512_loadu_si512(Q4_SCALE_INDEX[k % 4].as_ptr() as *const _);
             std::array::from_fn(|i| {
+                crate::prefetch_ahead(codes.as_ptr().add(i * row_bytes + offset));
                 // SAFETY: the masked load stays inside row i; activations are padded (asserted).
                 let bytes = load_bytes(
                     codes.as_ptr().add(i * row_bytes + offset) as *const i8,
@@ -521,6 +523,7 @@ mod x86 {
             };
             // Named values, not a loop over references: the accumulators stay in registers.
             let mut step = |k: usize, [low, high]: [__m256; 2]| -> [__m256; 2] {
+                crate::prefetch_ahead(quants.as_ptr().add(Q8_BLOCK * 2 * k));
                 let low = block(2 * k, low);
                 let high = if 2 * k + 1 < blocks {
                     block(2 * k + 1, high)
@@ -629,6 +632,7 @@ mod x86 {
             };
             // Named values, not a loop over references: the accumulators stay in registers.
             let mut step = |k: usize, [low, high]: [__m256; 2]| -> [__m256; 2] {
+                crate::prefetch_ahead(codes.as_ptr().add(Q4_BLOCK_BYTES * 4 * k));
                 let low = pair(k, 0, low);
                 let high = if 4 * k + 2 < blocks {
                     pair(k, 1, high)

@@ -100,6 +100,23 @@ pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 
+/// How far ahead of its reads a streaming kernel asks for weights. The hardware prefetchers
+/// alone leave a single core waiting on DRAM for about 40% of a decode step's 1-bit products
+/// (measured with `perf annotate`); asking for the line 2 KiB ahead keeps more misses in
+/// flight. 1 and 4 KiB measured slower on the development VM.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_AHEAD_BYTES: usize = 2048;
+
+/// Hints the cache line `PREFETCH_AHEAD_BYTES` past `p` into L1. A hint only: the address may
+/// lie past the end of the data (prefetches never fault).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_ahead<T>(p: *const T) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    // SAFETY: prefetch is a hint that never faults, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_AHEAD_BYTES)) }
+}
+
 pub use dense::{gemm_dense_with, gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_with, DenseKernel};
 pub use kernel::Kernel;
 pub use layout::{pack_signs, words_per_row, PackedMatrix};

@@ -220,6 +220,7 @@ unsafe fn one_block_avx512<const T: usize>(
     for chunk in 0..chunks {
         // SAFETY: chunk * 16 + 16 <= block.len().
         let mut index = _mm512_loadu_si512(block.as_ptr().add(chunk * LUT_BLOCK_ROWS) as *const _);
+        crate::prefetch_ahead(block.as_ptr().add(chunk * LUT_BLOCK_ROWS));
         for nibble in 0..GROUPS_PER_CHUNK {
             let table_offset = (chunk * GROUPS_PER_CHUNK + nibble) * LUT_TABLE_LEN;
             for t in 0..T {
@@ -265,6 +266,7 @@ unsafe fn one_block_avx2<const T: usize>(
         let mut acc = [[_mm256_setzero_ps(); ACCUMULATORS]; T];
         for chunk in 0..chunks {
             // SAFETY: chunk * 16 + half * 8 + 8 <= block.len().
+            crate::prefetch_ahead(block.as_ptr().add(chunk * LUT_BLOCK_ROWS));
             let mut index = _mm256_loadu_si256(
                 block.as_ptr().add(chunk * LUT_BLOCK_ROWS + half * 8) as *const _,
             );

@@ -212,6 +212,7 @@ unsafe fn one_block_avx2<const T: usize>(
     for chunk in 0..chunks {
         // SAFETY: chunk * 16 + 16 <= block.len().
         let lanes = block.as_ptr().add(chunk * LUT3_BLOCK_ROWS);
+        crate::prefetch_ahead(lanes);
         let mut index = [
             _mm256_loadu_si256(lanes as *const __m256i),
             _mm256_loadu_si256(lanes.add(8) as *const __m256i),
