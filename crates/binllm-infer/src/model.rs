@@ -764,7 +764,11 @@ fn silu(x: f32) -> f32 {
 /// Causal multi-head attention of `n` new queries (positions `start..start + n`) over the
 /// cached keys and values (positions `0..start + n`); query head `h` reads kv head
 /// `h / (heads / kv_heads)`. Softmax of `q.k / sqrt(head_dim)`, as scaled_dot_product_attention.
-/// Part `p` of the team's job takes every `parts`-th (token, head) pair.
+///
+/// The (token, head) items are cut into one contiguous run per part of about equal cost (the
+/// positions each item sees), and consecutive heads of a run that share a kv head are attended
+/// together: each cached key and value row then comes from memory once per kv head rather than
+/// once per query head.
 fn attention(
     c: &ModelConfig,
     team: &Team,
@@ -778,15 +782,19 @@ fn attention(
     let group = c.num_heads / c.num_kv_heads;
     let items = out.len() / hd;
     let parts = team.size().min(items);
+    let bounds = balanced_runs(items, parts, |index| start + index / heads + 1);
     let shared = SharedOut::new(out);
     team.run(parts, &|part| {
-        for index in (part..items).step_by(parts) {
+        let mut index = bounds[part];
+        while index < bounds[part + 1] {
             let (t, h) = (index / heads, index % heads);
-            let query = &q[t * heads * hd + h * hd..][..hd];
+            // This head and the following ones of its kv head, as far as the part goes.
+            let run = (group - h % group).min(bounds[part + 1] - index);
             // SAFETY: each (token, head) item belongs to exactly one part.
-            let out = unsafe { shared.slice(index * hd, hd) };
+            let out = unsafe { shared.slice(index * hd, run * hd) };
             attend(
-                query,
+                &q[index * hd..(index + run) * hd],
+                hd,
                 keys,
                 values,
                 kv_dim,
@@ -794,14 +802,34 @@ fn attention(
                 start + t + 1,
                 out,
             );
+            index += run;
         }
     });
 }
 
-/// One query head over `visible` cached positions (keys and values strided by `kv_dim`,
-/// starting at `kv_offset`), into `out` (`head_dim` floats).
+/// Boundaries (`parts + 1` of them, from 0 to `items`) of contiguous runs of `0..items` whose
+/// summed `cost` is about `1 / parts` of the total each.
+fn balanced_runs(items: usize, parts: usize, cost: impl Fn(usize) -> usize) -> Vec<usize> {
+    let total: usize = (0..items).map(&cost).sum();
+    let mut bounds = vec![0];
+    let mut done = 0;
+    for index in 0..items {
+        done += cost(index);
+        while bounds.len() < parts && done * parts >= total * bounds.len() {
+            bounds.push(index + 1);
+        }
+    }
+    bounds.resize(parts + 1, items);
+    bounds
+}
+
+/// Query heads `queries` (`head_dim` floats each, all reading one kv head) over `visible`
+/// cached positions (keys and values strided by `kv_dim`, starting at `kv_offset`), into `out`
+/// (`head_dim` floats per head).
+#[allow(clippy::too_many_arguments)]
 fn attend(
-    query: &[f32],
+    queries: &[f32],
+    head_dim: usize,
     keys: &[f32],
     values: &[f32],
     kv_dim: usize,
@@ -809,20 +837,43 @@ fn attend(
     visible: usize,
     out: &mut [f32],
 ) {
+    assert_eq!(queries.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+    if head_dim.is_multiple_of(16)
+        && head_dim <= 256
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("fma")
+    {
         // SAFETY: the features were just detected.
-        return unsafe { attend_avx512(query, keys, values, kv_dim, kv_offset, visible, out) };
+        return unsafe {
+            attend_avx512(
+                queries, head_dim, keys, values, kv_dim, kv_offset, visible, out,
+            )
+        };
     }
-    attend_generic(query, keys, values, kv_dim, kv_offset, visible, out)
+    for (query, out) in queries
+        .chunks_exact(head_dim)
+        .zip(out.chunks_exact_mut(head_dim))
+    {
+        attend_generic(query, keys, values, kv_dim, kv_offset, visible, out)
+    }
 }
 
-/// [`attend_generic`] with AVX-512 dot products and updates for head dims that are whole
-/// multiples of 16 (64 and 128 in practice).
+/// Positions per tile of the weighted value sum: a tile's value rows stay in L1 while every
+/// head of the group takes its turn.
+#[cfg(target_arch = "x86_64")]
+const VALUE_TILE: usize = 32;
+
+/// [`attend_generic`] for each head of `queries`, with AVX-512 dot products and updates, for
+/// head dims that are whole multiples of 16 up to 256 (64 and 128 in practice). Each phase
+/// walks the positions outermost and the heads inside, so the group shares every key and
+/// value row brought in from memory.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 fn attend_avx512(
-    query: &[f32],
+    queries: &[f32],
+    hd: usize,
     keys: &[f32],
     values: &[f32],
     kv_dim: usize,
@@ -831,26 +882,21 @@ fn attend_avx512(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let hd = query.len();
-    if !hd.is_multiple_of(16) || hd > 256 {
-        return attend_generic(query, keys, values, kv_dim, kv_offset, visible, out);
-    }
+    assert!(hd.is_multiple_of(16) && hd <= 256);
     assert!(
         keys.len() >= (visible - 1) * kv_dim + kv_offset + hd
             && values.len() >= (visible - 1) * kv_dim + kv_offset + hd
     );
-    assert!(out.len() == hd);
+    assert!(out.len() == queries.len() && queries.len().is_multiple_of(hd));
+    let heads = queries.len() / hd;
     let chunks = hd / 16;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut q = [_mm512_setzero_ps(); 16];
-    for (i, q) in q.iter_mut().enumerate().take(chunks) {
-        // SAFETY: i * 16 + 16 <= hd = query.len().
-        *q = unsafe { _mm512_loadu_ps(query.as_ptr().add(i * 16)) };
-    }
+    let blocks = visible.div_ceil(16);
+    let padded = blocks * 16;
     // Scores 16 positions at a time: each position's 16-lane partial dot product, then one
     // transposing reduction gives the block's 16 scores in one register (a horizontal sum per
     // position cost several times the dot product itself at head_dim 64).
-    let mut scores = vec![0f32; visible.div_ceil(16) * 16];
+    let mut scores = vec![0f32; heads * padded];
     // Lanes of block `block` that hold positions before `visible`.
     let real_positions = |block: usize| -> __mmask16 {
         match visible - block * 16 {
@@ -858,56 +904,80 @@ fn attend_avx512(
             valid => (1u16 << valid) - 1,
         }
     };
-    let mut max_lanes = _mm512_set1_ps(f32::NEG_INFINITY);
-    for block in 0..visible.div_ceil(16) {
-        let mut partial = [_mm512_setzero_ps(); 16];
-        for (j, partial) in partial.iter_mut().enumerate() {
-            let p = block * 16 + j;
-            if p >= visible {
-                break;
-            }
-            // SAFETY: in bounds by the assertion above.
-            let key = unsafe { keys.as_ptr().add(p * kv_dim + kv_offset) };
-            for (i, q) in q.iter().enumerate().take(chunks) {
-                *partial =
-                    _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(key.add(i * 16)) }, *partial);
-            }
-        }
-        let block_scores = _mm512_mul_ps(transpose_sum16(&partial), _mm512_set1_ps(scale));
+    let mut max_lanes = vec![_mm512_set1_ps(f32::NEG_INFINITY); heads];
+    for block in 0..blocks {
         let mask = real_positions(block);
-        max_lanes = _mm512_mask_max_ps(max_lanes, mask, max_lanes, block_scores);
-        // SAFETY: scores holds whole blocks of 16.
-        unsafe { _mm512_storeu_ps(scores.as_mut_ptr().add(block * 16), block_scores) };
-    }
-    let max = _mm512_reduce_max_ps(max_lanes);
-    let mut total_lanes = _mm512_setzero_ps();
-    for block in 0..visible.div_ceil(16) {
-        let mask = real_positions(block);
-        // SAFETY: scores holds whole blocks of 16.
-        let at = unsafe { scores.as_mut_ptr().add(block * 16) };
-        let e = exp_avx512(_mm512_sub_ps(
-            unsafe { _mm512_loadu_ps(at) },
-            _mm512_set1_ps(max),
-        ));
-        let e = _mm512_maskz_mov_ps(mask, e);
-        total_lanes = _mm512_add_ps(total_lanes, e);
-        unsafe { _mm512_storeu_ps(at, e) };
-    }
-    scores.truncate(visible);
-    let total = _mm512_reduce_add_ps(total_lanes);
-    let inv_total = 1.0 / total;
-    let mut acc = [_mm512_setzero_ps(); 16];
-    for (p, s) in scores.iter().enumerate() {
-        let w = _mm512_set1_ps(s * inv_total);
-        // SAFETY: in bounds by the assertion above.
-        let value = unsafe { values.as_ptr().add(p * kv_dim + kv_offset) };
-        for (i, a) in acc.iter_mut().enumerate().take(chunks) {
-            *a = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(value.add(i * 16)) }, *a);
+        for (g, max_lanes) in max_lanes.iter_mut().enumerate() {
+            let mut q = [_mm512_setzero_ps(); 16];
+            for (i, q) in q.iter_mut().enumerate().take(chunks) {
+                // SAFETY: g * hd + i * 16 + 16 <= queries.len().
+                *q = unsafe { _mm512_loadu_ps(queries.as_ptr().add(g * hd + i * 16)) };
+            }
+            let mut partial = [_mm512_setzero_ps(); 16];
+            for (j, partial) in partial.iter_mut().enumerate() {
+                let p = block * 16 + j;
+                if p >= visible {
+                    break;
+                }
+                // SAFETY: in bounds by the assertion above.
+                let key = unsafe { keys.as_ptr().add(p * kv_dim + kv_offset) };
+                for (i, q) in q.iter().enumerate().take(chunks) {
+                    *partial =
+                        _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(key.add(i * 16)) }, *partial);
+                }
+            }
+            let block_scores = _mm512_mul_ps(transpose_sum16(&partial), _mm512_set1_ps(scale));
+            *max_lanes = _mm512_mask_max_ps(*max_lanes, mask, *max_lanes, block_scores);
+            // SAFETY: each head's scores hold whole blocks of 16.
+            unsafe {
+                _mm512_storeu_ps(
+                    scores.as_mut_ptr().add(g * padded + block * 16),
+                    block_scores,
+                )
+            };
         }
     }
-    for (i, a) in acc.iter().enumerate().take(chunks) {
-        // SAFETY: out.len() == hd (asserted).
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(i * 16), *a) };
+    // Softmax weights in place: e^(s - max), then times 1 / their sum.
+    for (g, max_lanes) in max_lanes.iter().enumerate() {
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(*max_lanes));
+        let head_scores = &mut scores[g * padded..(g + 1) * padded];
+        let mut total_lanes = _mm512_setzero_ps();
+        for block in 0..blocks {
+            // SAFETY: each head's scores hold whole blocks of 16.
+            let at = unsafe { head_scores.as_mut_ptr().add(block * 16) };
+            let e = exp_avx512(_mm512_sub_ps(unsafe { _mm512_loadu_ps(at) }, max));
+            let e = _mm512_maskz_mov_ps(real_positions(block), e);
+            total_lanes = _mm512_add_ps(total_lanes, e);
+            unsafe { _mm512_storeu_ps(at, e) };
+        }
+        let inv_total = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(total_lanes));
+        for block in 0..blocks {
+            let at = unsafe { head_scores.as_mut_ptr().add(block * 16) };
+            unsafe { _mm512_storeu_ps(at, _mm512_mul_ps(_mm512_loadu_ps(at), inv_total)) };
+        }
+    }
+    out.fill(0.0);
+    for tile in (0..visible).step_by(VALUE_TILE) {
+        let positions = tile..(tile + VALUE_TILE).min(visible);
+        for g in 0..heads {
+            // SAFETY (out): g * hd + hd <= out.len() (asserted).
+            let out_head = unsafe { out.as_mut_ptr().add(g * hd) };
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for (i, a) in acc.iter_mut().enumerate().take(chunks) {
+                *a = unsafe { _mm512_loadu_ps(out_head.add(i * 16)) };
+            }
+            for p in positions.clone() {
+                let w = _mm512_set1_ps(scores[g * padded + p]);
+                // SAFETY: in bounds by the assertion above.
+                let value = unsafe { values.as_ptr().add(p * kv_dim + kv_offset) };
+                for (i, a) in acc.iter_mut().enumerate().take(chunks) {
+                    *a = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(value.add(i * 16)) }, *a);
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(chunks) {
+                unsafe { _mm512_storeu_ps(out_head.add(i * 16), *a) };
+            }
+        }
     }
 }
 
@@ -1079,38 +1149,54 @@ mod tests {
     }
 
     #[test]
-    fn simd_attention_matches_the_generic_loop() {
+    fn grouped_simd_attention_matches_the_generic_loop() {
         let mut rng = crate::sampling::SplitMix64::new(4);
-        for (hd, kv_dim, visible) in [(64, 192, 1), (64, 192, 37), (128, 256, 300), (8, 32, 5)] {
+        for (hd, kv_dim, visible, heads) in [
+            (64, 192, 1, 1),
+            (64, 192, 37, 3),
+            (64, 192, 70, 2),
+            (128, 256, 300, 4),
+            (8, 32, 5, 2),
+        ] {
             let mut values = |n: usize| {
                 (0..n)
                     .map(|_| rng.next_f32() * 2.0 - 1.0)
                     .collect::<Vec<f32>>()
             };
-            let (query, keys, vals) = (
-                values(hd),
+            let (queries, keys, vals) = (
+                values(heads * hd),
                 values(visible * kv_dim),
                 values(visible * kv_dim),
             );
             let offset = kv_dim - hd;
-            let mut fast = vec![0f32; hd];
-            let mut reference = vec![0f32; hd];
-            attend(&query, &keys, &vals, kv_dim, offset, visible, &mut fast);
-            attend_generic(
-                &query,
-                &keys,
-                &vals,
-                kv_dim,
-                offset,
-                visible,
-                &mut reference,
+            let mut fast = vec![f32::NAN; heads * hd];
+            attend(
+                &queries, hd, &keys, &vals, kv_dim, offset, visible, &mut fast,
             );
-            for (a, b) in fast.iter().zip(&reference) {
-                assert!(
-                    (a - b).abs() < 1e-5,
-                    "head_dim {hd}, {visible} positions: {a} vs {b}"
-                );
+            for (query, fast) in queries.chunks_exact(hd).zip(fast.chunks_exact(hd)) {
+                let mut reference = vec![0f32; hd];
+                attend_generic(query, &keys, &vals, kv_dim, offset, visible, &mut reference);
+                for (a, b) in fast.iter().zip(&reference) {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "head_dim {hd}, {visible} positions, {heads} heads: {a} vs {b}"
+                    );
+                }
             }
         }
+    }
+
+    #[test]
+    fn attention_runs_cover_every_item_once_at_about_equal_cost() {
+        assert_eq!(balanced_runs(9, 2, |_| 1), [0, 5, 9]);
+        assert_eq!(balanced_runs(1, 1, |_| 1), [0, 1]);
+        assert_eq!(balanced_runs(3, 3, |_| 1), [0, 1, 2, 3]);
+        // Prefill: 128 tokens x 9 heads, token t sees t + 1 positions.
+        let cost = |i: usize| i / 9 + 1;
+        let bounds = balanced_runs(128 * 9, 2, cost);
+        assert_eq!((bounds[0], bounds.len(), bounds[2]), (0, 3, 128 * 9));
+        let first: usize = (bounds[0]..bounds[1]).map(cost).sum();
+        let second: usize = (bounds[1]..bounds[2]).map(cost).sum();
+        assert!(first.abs_diff(second) <= 2 * 128, "{first} vs {second}");
     }
 }
