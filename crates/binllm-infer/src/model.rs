@@ -44,49 +44,84 @@ pub fn default_head_kernel() -> DenseKernel {
 /// Rows per kernel block: parts split on multiples of this never cut a LUT tile.
 const ROW_ALIGN: usize = 32;
 
-/// One binarized linear layer ready for products, split by rows into one part per team member.
+/// Binarized linear layers that read one input (q, k and v; gate and up), split by rows into
+/// one part per team member. A member's rows of every layer in the stack form one matrix, so
+/// one product builds the input's lookup tables once for all of them. A stack of one is a
+/// plain linear layer.
 pub struct Linear {
-    rows: usize,
     cols: usize,
-    parts: Vec<(std::ops::Range<usize>, Option<PreparedMatrix>)>,
+    outputs: Vec<LinearOutput>,
+    /// Per member: its rows of each output, one after the other (None: no rows).
+    members: Vec<Option<PreparedMatrix>>,
     input_scale: Option<Vec<f32>>,
-    bias: Option<Vec<f32>>,
     packed_bytes: usize,
 }
 
+/// One layer of a [`Linear`] stack: its rows, bias, and each member's share of its rows.
+struct LinearOutput {
+    rows: usize,
+    ranges: Vec<std::ops::Range<usize>>,
+    bias: Option<Vec<f32>>,
+}
+
 impl Linear {
-    fn new(l: &PackedLinear, kernel: Kernel, parts: usize) -> Self {
-        let wpr = binllm_format::packed::words_per_row(l.cols);
-        let parts: Vec<_> = split_rows(l.rows, parts, ROW_ALIGN)
-            .into_iter()
-            .map(|range| {
-                let matrix = (!range.is_empty()).then(|| {
-                    let bits = l.sign_bits[range.start * wpr..range.end * wpr].to_vec();
-                    let scales = l.row_scale[range.clone()].to_vec();
+    /// Stacks of consecutive `linears` that read the same input (same width and input
+    /// scale), in order.
+    fn stacks(linears: &[&PackedLinear], kernel: Kernel, parts: usize) -> Vec<Linear> {
+        let mut stacks: Vec<Vec<&PackedLinear>> = Vec::new();
+        for &l in linears {
+            match stacks.last_mut() {
+                Some(stack) if stack[0].cols == l.cols && stack[0].input_scale == l.input_scale => {
+                    stack.push(l)
+                }
+                _ => stacks.push(vec![l]),
+            }
+        }
+        stacks
+            .iter()
+            .map(|stack| Linear::new(stack, kernel, parts))
+            .collect()
+    }
+
+    fn new(stack: &[&PackedLinear], kernel: Kernel, parts: usize) -> Self {
+        let cols = stack[0].cols;
+        let wpr = binllm_format::packed::words_per_row(cols);
+        let outputs: Vec<LinearOutput> = stack
+            .iter()
+            .map(|l| LinearOutput {
+                rows: l.rows,
+                ranges: split_rows(l.rows, parts, ROW_ALIGN),
+                bias: l.bias.clone(),
+            })
+            .collect();
+        let members: Vec<Option<PreparedMatrix>> = (0..parts.max(1))
+            .map(|member| {
+                let (mut bits, mut scales) = (Vec::new(), Vec::new());
+                for (l, output) in stack.iter().zip(&outputs) {
+                    let range = output.ranges[member].clone();
+                    bits.extend_from_slice(&l.sign_bits[range.start * wpr..range.end * wpr]);
+                    scales.extend_from_slice(&l.row_scale[range]);
+                }
+                (!scales.is_empty()).then(|| {
                     PreparedMatrix::new(
-                        PackedMatrix::from_parts(range.len(), l.cols, bits, scales),
+                        PackedMatrix::from_parts(scales.len(), cols, bits, scales),
                         kernel,
                     )
-                });
-                (range, matrix)
+                })
             })
             .collect();
         Linear {
-            rows: l.rows,
-            cols: l.cols,
-            packed_bytes: parts
-                .iter()
-                .filter_map(|(_, m)| m.as_ref())
-                .map(|m| m.packed_bytes())
-                .sum(),
-            parts,
-            input_scale: l.input_scale.clone(),
-            bias: l.bias.clone(),
+            cols,
+            packed_bytes: members.iter().flatten().map(|m| m.packed_bytes()).sum(),
+            outputs,
+            members,
+            input_scale: stack[0].input_scale.clone(),
         }
     }
 
+    /// Rows of every layer in the stack.
     pub fn rows(&self) -> usize {
-        self.rows
+        self.outputs.iter().map(|o| o.rows).sum()
     }
 
     pub fn cols(&self) -> usize {
@@ -104,38 +139,63 @@ impl Linear {
         }
     }
 
-    /// Member `member`'s rows of `ys[t] = row_scale * (B xs[t]) + bias` for the `n` rows of
-    /// `xs` (already input-scaled); `ys` is `n x rows`.
-    fn forward_part(&self, member: usize, xs: &[f32], n: usize, ys: &SharedOut) {
-        let Some((range, Some(matrix))) = self.parts.get(member) else {
+    /// Member `member`'s rows of `ys[i][t] = row_scale * (B_i xs[t]) + bias_i` for each layer
+    /// `i` of the stack and the `n` rows of `xs` (already input-scaled); `ys[i]` is
+    /// `n x rows_i`.
+    fn forward_part(&self, member: usize, xs: &[f32], n: usize, ys: &[SharedOut]) {
+        assert_eq!(ys.len(), self.outputs.len());
+        let Some(Some(matrix)) = self.members.get(member) else {
             return;
         };
-        let part_rows = range.len();
-        if n == 1 {
-            // One token: this member's rows are contiguous in `ys`.
-            // SAFETY: member parts are disjoint row ranges.
-            let y = unsafe { ys.slice(range.start, part_rows) };
-            matrix.gemv(xs, y, 1);
-            if let Some(b) = &self.bias {
-                y.iter_mut()
-                    .zip(&b[range.clone()])
-                    .for_each(|(y, b)| *y += b);
+        let add_bias = |y: &mut [f32], output: &LinearOutput, range: std::ops::Range<usize>| {
+            if let Some(b) = &output.bias {
+                y.iter_mut().zip(&b[range]).for_each(|(y, b)| *y += b);
             }
+        };
+        if let ([output], [ys], 1) = (&self.outputs[..], ys, n) {
+            // One layer, one token: this member's rows are contiguous in `ys`.
+            let range = output.ranges[member].clone();
+            // SAFETY: member parts are disjoint row ranges.
+            let y = unsafe { ys.slice(range.start, range.len()) };
+            matrix.gemv(xs, y, 1);
+            add_bias(y, output, range);
             return;
         }
-        let mut local = vec![0f32; n * part_rows];
-        matrix.gemm(xs, n, &mut local, 1);
-        if let Some(b) = &self.bias {
-            for y in local.chunks_exact_mut(part_rows) {
-                y.iter_mut()
-                    .zip(&b[range.clone()])
-                    .for_each(|(y, b)| *y += b);
+        let member_rows = matrix.rows();
+        let mut local = vec![0f32; n * member_rows];
+        if n == 1 {
+            matrix.gemv(xs, &mut local, 1);
+        } else {
+            matrix.gemm(xs, n, &mut local, 1);
+        }
+        for (t, local) in local.chunks_exact_mut(member_rows).enumerate() {
+            let mut first = 0;
+            for (output, ys) in self.outputs.iter().zip(ys) {
+                let range = output.ranges[member].clone();
+                let y = &mut local[first..first + range.len()];
+                add_bias(y, output, range.clone());
+                // SAFETY: member parts are disjoint row ranges of each output row.
+                unsafe { ys.slice(t * output.rows + range.start, range.len()) }.copy_from_slice(y);
+                first += range.len();
             }
         }
-        for (t, y) in local.chunks_exact(part_rows).enumerate() {
-            // SAFETY: member parts are disjoint row ranges of each output row.
-            unsafe { ys.slice(t * self.rows + range.start, part_rows) }.copy_from_slice(y);
-        }
+    }
+}
+
+/// Member `member`'s share of `stacks` (whose layers, in order, write `ys`), each stack on its
+/// own input from `inputs`.
+fn forward_stacks(
+    stacks: &[Linear],
+    inputs: &[std::borrow::Cow<'_, [f32]>],
+    member: usize,
+    n: usize,
+    ys: &[SharedOut],
+) {
+    let mut first = 0;
+    for (stack, xs) in stacks.iter().zip(inputs) {
+        let outputs = stack.outputs.len();
+        stack.forward_part(member, xs, n, &ys[first..first + outputs]);
+        first += outputs;
     }
 }
 
@@ -357,13 +417,12 @@ pub struct Layer {
     attn_norm: Vec<f32>,
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v, stacked where they read the same input.
+    qkv: Vec<Linear>,
     o: Linear,
     mlp_norm: Vec<f32>,
-    gate: Linear,
-    up: Linear,
+    /// gate and up, stacked where they read the same input.
+    gate_up: Vec<Linear>,
     down: Linear,
 }
 
@@ -467,13 +526,19 @@ impl Model {
         let head_parts = if parts > 1 { 8 * parts } else { 1 };
         let mut layers = Vec::with_capacity(config.num_layers);
         for layer in 0..config.num_layers {
-            let linear = |which: BlockLinear| -> Result<Linear> {
-                let l = packed
-                    .linears
-                    .get(&(layer, which))
-                    .with_context(|| format!("layer {layer} lacks {}", which.module()))?;
-                Ok(Linear::new(l, kernel, parts))
+            let stacks = |which: &[BlockLinear]| -> Result<Vec<Linear>> {
+                let linears = which
+                    .iter()
+                    .map(|&which| {
+                        packed
+                            .linears
+                            .get(&(layer, which))
+                            .with_context(|| format!("layer {layer} lacks {}", which.module()))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Linear::stacks(&linears, kernel, parts))
             };
+            let linear = |which: BlockLinear| -> Result<Linear> { Ok(stacks(&[which])?.remove(0)) };
             layers.push(Layer {
                 attn_norm: dense_f32(packed, &names::attn_norm(layer))?,
                 q_norm: config
@@ -484,13 +549,10 @@ impl Model {
                     .qk_norm
                     .then(|| dense_f32(packed, &names::k_norm(layer)))
                     .transpose()?,
-                q: linear(BlockLinear::Q)?,
-                k: linear(BlockLinear::K)?,
-                v: linear(BlockLinear::V)?,
+                qkv: stacks(&[BlockLinear::Q, BlockLinear::K, BlockLinear::V])?,
                 o: linear(BlockLinear::O)?,
                 mlp_norm: dense_f32(packed, &names::mlp_norm(layer))?,
-                gate: linear(BlockLinear::Gate)?,
-                up: linear(BlockLinear::Up)?,
+                gate_up: stacks(&[BlockLinear::Gate, BlockLinear::Up])?,
                 down: linear(BlockLinear::Down)?,
             });
         }
@@ -548,8 +610,8 @@ impl Model {
         let linears: usize = self
             .layers
             .iter()
-            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
-            .map(|l| l.packed_bytes + 4 * (l.rows + l.input_scale.as_ref().map_or(0, Vec::len)))
+            .flat_map(|l| l.qkv.iter().chain(&l.gate_up).chain([&l.o, &l.down]))
+            .map(|l| l.packed_bytes + 4 * (l.rows() + l.input_scale.as_ref().map_or(0, Vec::len)))
             .sum();
         linears + self.head().bytes()
     }
@@ -624,21 +686,15 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention: q, k, v projections.
             rms_norm(&x, &layer.attn_norm, eps, &mut xn);
-            let (qx, kx, vx) = (
-                layer.q.scaled_input(&xn),
-                layer.k.scaled_input(&xn),
-                layer.v.scaled_input(&xn),
-            );
+            let inputs: Vec<_> = layer.qkv.iter().map(|l| l.scaled_input(&xn)).collect();
             {
-                let (qo, ko, vo) = (
+                let outs = [
                     SharedOut::new(&mut q),
                     SharedOut::new(&mut k),
                     SharedOut::new(&mut v),
-                );
+                ];
                 team.run(team.size(), &|m| {
-                    layer.q.forward_part(m, &qx, n, &qo);
-                    layer.k.forward_part(m, &kx, n, &ko);
-                    layer.v.forward_part(m, &vx, n, &vo);
+                    forward_stacks(&layer.qkv, &inputs, m, n, &outs)
                 });
             }
             // q/k RMSNorm per head (Qwen3), then RoPE; keys and values into the cache.
@@ -665,36 +721,43 @@ impl Model {
             let ox = layer.o.scaled_input(&attn);
             {
                 let oo = SharedOut::new(&mut out);
-                team.run(team.size(), &|m| layer.o.forward_part(m, &ox, n, &oo));
+                team.run(team.size(), &|m| {
+                    layer.o.forward_part(m, &ox, n, std::slice::from_ref(&oo))
+                });
             }
             x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
 
             // SwiGLU MLP: each member gates its own rows of gate and up.
             rms_norm(&x, &layer.mlp_norm, eps, &mut xn);
-            let (gx, ux) = (layer.gate.scaled_input(&xn), layer.up.scaled_input(&xn));
+            let inputs: Vec<_> = layer.gate_up.iter().map(|l| l.scaled_input(&xn)).collect();
             {
-                let (go, uo) = (SharedOut::new(&mut gate), SharedOut::new(&mut up));
+                let outs = [SharedOut::new(&mut gate), SharedOut::new(&mut up)];
+                // gate and up have the same rows, so the same split: a member's rows of one
+                // are its rows of the other.
+                let member_rows = &layer.gate_up[0].outputs[0].ranges;
                 team.run(team.size(), &|m| {
-                    layer.gate.forward_part(m, &gx, n, &go);
-                    layer.up.forward_part(m, &ux, n, &uo);
-                    if let Some((range, _)) = layer.gate.parts.get(m) {
-                        for t in 0..n {
-                            // SAFETY: this member's rows only.
-                            let (g, u) = unsafe {
-                                (
-                                    go.slice(t * inter + range.start, range.len()),
-                                    uo.slice(t * inter + range.start, range.len()),
-                                )
-                            };
-                            swiglu(g, u);
-                        }
+                    forward_stacks(&layer.gate_up, &inputs, m, n, &outs);
+                    let range = member_rows[m].clone();
+                    for t in 0..n {
+                        // SAFETY: this member's rows only.
+                        let (g, u) = unsafe {
+                            (
+                                outs[0].slice(t * inter + range.start, range.len()),
+                                outs[1].slice(t * inter + range.start, range.len()),
+                            )
+                        };
+                        swiglu(g, u);
                     }
                 });
             }
             let dx = layer.down.scaled_input(&gate);
             {
                 let oo = SharedOut::new(&mut out);
-                team.run(team.size(), &|m| layer.down.forward_part(m, &dx, n, &oo));
+                team.run(team.size(), &|m| {
+                    layer
+                        .down
+                        .forward_part(m, &dx, n, std::slice::from_ref(&oo))
+                });
             }
             x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
         }

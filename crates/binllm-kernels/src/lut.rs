@@ -116,7 +116,7 @@ const SIGNS: [[f32; LUT_TABLE_LEN]; LUT_GROUP] = [
 /// `sum_{i<4} (bit i of e ? +1 : -1) * x[4 g + i]`, summed left to right.
 pub fn build_tables(x: &[f32], chunks: usize, tables: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
         // SAFETY: feature checked above.
         return unsafe { build_tables_avx512(x, chunks, tables) };
     }
@@ -147,13 +147,18 @@ fn build_tables_portable(x: &[f32], chunks: usize, tables: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 unsafe fn build_tables_avx512(x: &[f32], chunks: usize, tables: &mut [f32]) {
     use std::arch::x86_64::*;
     let groups = chunks * GROUPS_PER_CHUNK;
     assert_eq!(tables.len(), groups * LUT_TABLE_LEN);
     let signs = SIGNS.map(|s| _mm512_loadu_ps(s.as_ptr()));
     let full_groups = x.len() / LUT_GROUP;
+    // `x` was usually just written by another core: ask for all of it at once rather than
+    // waiting for one cache line after the other.
+    for line in (0..x.len()).step_by(16) {
+        _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().add(line) as *const i8);
+    }
     for group in 0..groups {
         let inputs = if group < full_groups {
             let mut inputs = [0.0f32; LUT_GROUP];
@@ -162,10 +167,11 @@ unsafe fn build_tables_avx512(x: &[f32], chunks: usize, tables: &mut [f32]) {
         } else {
             group_inputs(x, group)
         };
-        // Products with ±1 are exact, so mul/add here rounds exactly like the portable sum.
+        // Products with ±1 are exact, so each fused multiply-add rounds exactly like the
+        // portable sum's add.
         let mut table = _mm512_mul_ps(signs[0], _mm512_set1_ps(inputs[0]));
         for i in 1..LUT_GROUP {
-            table = _mm512_add_ps(table, _mm512_mul_ps(signs[i], _mm512_set1_ps(inputs[i])));
+            table = _mm512_fmadd_ps(signs[i], _mm512_set1_ps(inputs[i]), table);
         }
         // SAFETY: group < groups, so the 16 floats lie inside `tables` (asserted length).
         _mm512_storeu_ps(tables.as_mut_ptr().add(group * LUT_TABLE_LEN), table);
