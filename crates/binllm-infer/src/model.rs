@@ -1307,6 +1307,69 @@ mod tests {
     }
 
     #[test]
+    fn stacked_linears_match_each_dense_layer() {
+        let mut rng = crate::sampling::SplitMix64::new(7);
+        let cols = 70;
+        let mut linear = |rows: usize, bias: bool, input_scale: Option<Vec<f32>>| {
+            let signs: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
+            let bias = bias.then(|| (0..rows).map(|_| rng.next_f32()).collect());
+            PackedLinear {
+                rows,
+                cols,
+                sign_bits: binllm_kernels::pack_signs(&signs, rows, cols).bits,
+                row_scale: (0..rows).map(|_| rng.next_f32() + 0.5).collect(),
+                input_scale,
+                bias,
+            }
+        };
+        let scale: Vec<f32> = (0..cols).map(|c| 0.5 + c as f32 / cols as f32).collect();
+        // q, k, v-like shapes; the last reads another input (its own input scale).
+        let linears = [
+            linear(96, true, None),
+            linear(40, false, None),
+            linear(40, true, None),
+            linear(33, true, Some(scale)),
+        ];
+        let refs: Vec<&PackedLinear> = linears.iter().collect();
+        for parts in [1, 2, 3] {
+            let stacks = Linear::stacks(&refs, Kernel::best(), parts);
+            assert_eq!(
+                stacks.iter().map(|s| s.outputs.len()).collect::<Vec<_>>(),
+                [3, 1]
+            );
+            for n in [1, 3] {
+                let xs: Vec<f32> = (0..n * cols).map(|_| rng.next_f32() - 0.5).collect();
+                let mut ys: Vec<Vec<f32>> =
+                    linears.iter().map(|l| vec![0f32; n * l.rows]).collect();
+                let outs: Vec<SharedOut> = ys.iter_mut().map(|y| SharedOut::new(y)).collect();
+                let inputs: Vec<_> = stacks.iter().map(|s| s.scaled_input(&xs)).collect();
+                for member in 0..parts {
+                    forward_stacks(&stacks, &inputs, member, n, &outs);
+                }
+                for (l, y) in linears.iter().zip(&ys) {
+                    let w = l.dense_weight();
+                    for t in 0..n {
+                        for r in 0..l.rows {
+                            let x = &xs[t * cols..(t + 1) * cols];
+                            let want: f64 = w[r * cols..(r + 1) * cols]
+                                .iter()
+                                .zip(x)
+                                .map(|(&w, &x)| w as f64 * x as f64)
+                                .sum::<f64>()
+                                + l.bias.as_ref().map_or(0.0, |b| b[r] as f64);
+                            let got = y[t * l.rows + r] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                "{parts} parts, token {t}, row {r}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn swiglu_matches_f64() {
         let mut rng = crate::sampling::SplitMix64::new(6);
         let gate: Vec<f32> = (0..1000)
