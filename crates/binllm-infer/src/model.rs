@@ -7,7 +7,9 @@
 //! libtorch engine, `sign_model::llama_from_packed`), in f32. Block linears are 1-bit
 //! ([`PreparedMatrix`], `y = row_scale * (B (input_scale * x)) + bias`); a prompt goes through
 //! them as one GEMM, a decoded token as a GEMV. Every matrix is split by rows into one part
-//! per member of the thread [`Team`]; member `i` computes part `i` of each product.
+//! per member of the thread [`Team`]; member `i` computes part `i` of each product, and the
+//! linears that read one input (q, k, v; gate, up) are stacked so that a member makes one
+//! product for its rows of all of them.
 
 use anyhow::{bail, ensure, Context, Result};
 use binllm_format::names::{self, BlockLinear};
