@@ -684,6 +684,13 @@ impl Model {
         let (mut gate, mut up) = (vec![0f32; n * inter], vec![0f32; n * inter]);
         let rope: Vec<(Vec<f32>, Vec<f32>)> =
             (start..start + n).map(|p| self.rope_angles(p)).collect();
+        // The same (token, head) items in every layer, so the same runs.
+        let attention_runs = {
+            let items = n * c.num_heads;
+            balanced_runs(items, team.size().min(items), |index| {
+                start + index / c.num_heads + 1
+            })
+        };
 
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention: q, k, v projections.
@@ -713,6 +720,7 @@ impl Model {
             attention(
                 c,
                 team,
+                &attention_runs,
                 &q,
                 &cache.keys[l],
                 &cache.values[l],
@@ -868,13 +876,15 @@ fn swiglu_avx512(gate: &mut [f32], up: &[f32]) {
 /// cached keys and values (positions `0..start + n`); query head `h` reads kv head
 /// `h / (heads / kv_heads)`. Softmax of `q.k / sqrt(head_dim)`, as scaled_dot_product_attention.
 ///
-/// The (token, head) items are cut into one contiguous run per part of about equal cost (the
-/// positions each item sees), and consecutive heads of a run that share a kv head are attended
-/// together: each cached key and value row then comes from memory once per kv head rather than
-/// once per query head.
+/// Part `p` takes the (token, head) items `runs[p]..runs[p + 1]` (from [`balanced_runs`], by
+/// the positions each item sees), and consecutive heads of a run that share a kv head are
+/// attended together: each cached key and value row then comes from memory once per kv head
+/// rather than once per query head.
+#[allow(clippy::too_many_arguments)]
 fn attention(
     c: &ModelConfig,
     team: &Team,
+    runs: &[usize],
     q: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -883,16 +893,14 @@ fn attention(
 ) {
     let (heads, hd, kv_dim) = (c.num_heads, c.head_dim, c.kv_dim());
     let group = c.num_heads / c.num_kv_heads;
-    let items = out.len() / hd;
-    let parts = team.size().min(items);
-    let bounds = balanced_runs(items, parts, |index| start + index / heads + 1);
+    assert_eq!(runs.last(), Some(&(out.len() / hd)), "runs of other items");
     let shared = SharedOut::new(out);
-    team.run(parts, &|part| {
-        let mut index = bounds[part];
-        while index < bounds[part + 1] {
+    team.run(runs.len() - 1, &|part| {
+        let mut index = runs[part];
+        while index < runs[part + 1] {
             let (t, h) = (index / heads, index % heads);
             // This head and the following ones of its kv head, as far as the part goes.
-            let run = (group - h % group).min(bounds[part + 1] - index);
+            let run = (group - h % group).min(runs[part + 1] - index);
             // SAFETY: each (token, head) item belongs to exactly one part.
             let out = unsafe { shared.slice(index * hd, run * hd) };
             attend(
@@ -1025,7 +1033,9 @@ fn attend_avx512(
                 // SAFETY: in bounds by the assertion above.
                 let key = unsafe { keys.as_ptr().add(p * kv_dim + kv_offset) };
                 if g == 0 {
-                    prefetch_row(key.wrapping_add(16 * kv_dim), hd);
+                    // The cache is strided by kv head, which the hardware prefetchers follow
+                    // poorly: ask for the row of the next block.
+                    binllm_kernels::prefetch_lines(key.wrapping_add(16 * kv_dim), hd);
                 }
                 for (i, q) in q.iter().enumerate().take(chunks) {
                     *partial =
@@ -1077,7 +1087,7 @@ fn attend_avx512(
                 // SAFETY: in bounds by the assertion above.
                 let value = unsafe { values.as_ptr().add(p * kv_dim + kv_offset) };
                 if g == 0 {
-                    prefetch_row(value.wrapping_add(VALUE_TILE * kv_dim), hd);
+                    binllm_kernels::prefetch_lines(value.wrapping_add(VALUE_TILE * kv_dim), hd);
                 }
                 for (i, a) in acc.iter_mut().enumerate().take(chunks) {
                     *a = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(value.add(i * 16)) }, *a);
@@ -1087,19 +1097,6 @@ fn attend_avx512(
                 unsafe { _mm512_storeu_ps(out_head.add(i * 16), *a) };
             }
         }
-    }
-}
-
-/// Asks for the cache lines of `len` floats at `row`, the cached row a later step of the walk
-/// reads: the cache is strided by kv head, which the hardware prefetchers follow poorly. A
-/// hint only; the address may lie past the cache's end.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_row(row: *const f32, len: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    for line in (0..len).step_by(16) {
-        // SAFETY: prefetches never fault, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line) as *const i8) };
     }
 }
 

@@ -117,6 +117,19 @@ pub(crate) fn prefetch_ahead<T>(p: *const T) {
     unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_AHEAD_BYTES)) }
 }
 
+/// Hints into L1 every cache line of the `len` elements at `p`, for data a caller reads soon
+/// and all at once. A hint only: the address may lie past the end of the data.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub fn prefetch_lines<T>(p: *const T, len: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let bytes = len * std::mem::size_of::<T>();
+    for line in (0..bytes).step_by(64) {
+        // SAFETY: prefetch is a hint that never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(line)) };
+    }
+}
+
 pub use dense::{gemm_dense_with, gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_with, DenseKernel};
 pub use kernel::Kernel;
 pub use layout::{pack_signs, words_per_row, PackedMatrix};

@@ -156,9 +156,7 @@ unsafe fn build_tables_avx512(x: &[f32], chunks: usize, tables: &mut [f32]) {
     let full_groups = x.len() / LUT_GROUP;
     // `x` was usually just written by another core: ask for all of it at once rather than
     // waiting for one cache line after the other.
-    for line in (0..x.len()).step_by(16) {
-        _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().add(line) as *const i8);
-    }
+    crate::prefetch_lines(x.as_ptr(), x.len());
     for group in 0..groups {
         let inputs = if group < full_groups {
             let mut inputs = [0.0f32; LUT_GROUP];
@@ -272,7 +270,10 @@ unsafe fn one_block_avx2<const T: usize>(
         let mut acc = [[_mm256_setzero_ps(); ACCUMULATORS]; T];
         for chunk in 0..chunks {
             // SAFETY: chunk * 16 + half * 8 + 8 <= block.len().
-            crate::prefetch_ahead(block.as_ptr().add(chunk * LUT_BLOCK_ROWS));
+            if half == 0 {
+                // One line holds both halves' lanes; the second half finds it cached.
+                crate::prefetch_ahead(block.as_ptr().add(chunk * LUT_BLOCK_ROWS));
+            }
             let mut index = _mm256_loadu_si256(
                 block.as_ptr().add(chunk * LUT_BLOCK_ROWS + half * 8) as *const _,
             );
