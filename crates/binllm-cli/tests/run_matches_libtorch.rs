@@ -4,16 +4,20 @@
 //! same function. On stories260K, a PTQ sign model with input scales on every linear, as the
 //! f32 sign model and as the exported f16 file read back; and on tiny synthetic Qwen2 (q/k/v
 //! bias, untied head) and Qwen3 (q/k RMSNorm, head_dim 64, Llama 3 RoPE scaling) models.
+//! Also the two engines' `LanguageModel::generate_greedy` (the chat benchmark's answers).
 #![cfg(feature = "torch")]
 
 use std::path::Path;
 
 mod common;
 
+use binllm_eval::{LanguageModel, ScoreRequest};
 use binllm_format::packed::{export, ExportOptions, PackedModel, QuantTensors};
 use binllm_format::{LoadOptions as SourceOptions, PretrainedModel};
 use binllm_infer::ptq::{ptq_sign_model, InputScales};
-use common::{compare, compare_ids};
+use binllm_infer::{DenseKernel, LoadOptions, Model, PackedScorer};
+use binllm_train::scorer::TorchScorer;
+use common::{compare, compare_ids, PROMPTS};
 
 fn stories() -> PretrainedModel {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K");
@@ -41,6 +45,70 @@ fn exported_file_matches_libtorch() {
     exported.write(&path).unwrap();
     let (read, q8) = PackedModel::read_parts(&path).unwrap();
     compare(&read, &q8, "exported f16 file");
+}
+
+/// Greedy answers through the evaluation trait: the same ids on both engines, with and
+/// without a stop id (kept when it ends the answer), and the packed engine's scores after
+/// generating (its KV cache is shared with scoring) still those of libtorch.
+#[test]
+fn greedy_answers_match_libtorch() {
+    let sign = ptq_sign_model(&stories(), InputScales::Independent { seed: 7 }).unwrap();
+    let tokenizer = sign.tokenizer().unwrap().unwrap();
+    let runtime = Model::new(
+        &sign,
+        &QuantTensors::new(),
+        &LoadOptions {
+            threads: 2,
+            head_kernel: Some(DenseKernel::Portable),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut packed = PackedScorer::new(runtime, sign.tokenizer().unwrap().unwrap());
+    let reference =
+        binllm_train::sign_model::llama_from_packed(&sign, tch::Device::Cpu, tch::Kind::Float)
+            .unwrap();
+    let mut torch = TorchScorer::new(reference, sign.tokenizer().unwrap().unwrap());
+    let limit = 24;
+    for prompt in PROMPTS {
+        let ids = tokenizer.encode(prompt, true).unwrap();
+        let free = packed.generate_greedy(&ids, limit, &[]).unwrap();
+        assert_eq!(free.len(), limit, "{prompt:?}");
+        assert_eq!(
+            torch.generate_greedy(&ids, limit, &[]).unwrap(),
+            free,
+            "{prompt:?}"
+        );
+        // Stopping on the tenth token: the answer runs to its first occurrence, kept.
+        let stop = [free[9]];
+        let first = free.iter().position(|&t| t == free[9]).unwrap();
+        let ended = &free[..=first];
+        assert_eq!(packed.generate_greedy(&ids, limit, &stop).unwrap(), ended);
+        assert_eq!(torch.generate_greedy(&ids, limit, &stop).unwrap(), ended);
+        // A limit that lands on the stop id still keeps it.
+        assert_eq!(
+            packed.generate_greedy(&ids, first + 1, &stop).unwrap(),
+            ended
+        );
+        assert!(packed.generate_greedy(&ids, 0, &stop).unwrap().is_empty());
+
+        let request = ScoreRequest {
+            tokens: [ids.as_slice(), &free[..12]].concat(),
+            score_from: ids.len(),
+        };
+        let ours = packed.score(std::slice::from_ref(&request)).unwrap();
+        let theirs = torch.score(std::slice::from_ref(&request)).unwrap();
+        for (a, b) in ours[0].iter().zip(&theirs[0]) {
+            assert!(
+                (a.logprob - b.logprob).abs() < 1e-3,
+                "{prompt:?}: {} vs {}",
+                a.logprob,
+                b.logprob
+            );
+            // Every scored token is the greedy answer, so both call it greedy.
+            assert!(a.is_greedy && b.is_greedy);
+        }
+    }
 }
 
 fn synthetic(config: binllm_format::ModelConfig) -> PretrainedModel {

@@ -45,6 +45,18 @@ pub trait LanguageModel {
 
     /// One `Vec` per request, of length `tokens.len() - score_from`, in request order.
     fn score(&mut self, batch: &[ScoreRequest]) -> Result<Vec<Vec<TokenScore>>>;
+
+    /// Greedy (arg-max) continuation of `prompt`: at most `max_new_tokens` new ids, stopping
+    /// right after the first id in `stop` (which is included in the result).
+    ///
+    /// Ties go to the lowest id. Generation also ends when the context is full: the prompt
+    /// and the result together take at most [`max_context`](Self::max_context) positions.
+    fn generate_greedy(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>>;
 }
 
 /// Scores `requests` in batches of the model's preferred size, longest first (as lm-eval

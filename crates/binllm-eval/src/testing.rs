@@ -114,6 +114,12 @@ impl BigramModel {
         let p = prev as usize;
         &self.logits[p * self.vocab..(p + 1) * self.vocab]
     }
+
+    /// The arg-max of `prev`'s row, the lowest id on ties (the `is_greedy` of its scores).
+    pub fn greedy_next(&self, prev: u32) -> u32 {
+        let row = self.row(prev);
+        (0..row.len()).fold(0, |best, k| if row[k] > row[best] { k } else { best }) as u32
+    }
 }
 
 impl LanguageModel for BigramModel {
@@ -147,17 +153,44 @@ impl LanguageModel for BigramModel {
                 let row = self.row(r.tokens[i - 1]);
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let sum: f32 = row.iter().map(|&l| (l - max).exp()).sum();
-                let next = r.tokens[i] as usize;
-                let argmax =
-                    (0..row.len()).fold(0, |best, k| if row[k] > row[best] { k } else { best });
+                let next = r.tokens[i];
                 scores.push(TokenScore {
-                    logprob: row[next] - max - sum.ln(),
-                    is_greedy: argmax == next,
+                    logprob: row[next as usize] - max - sum.ln(),
+                    is_greedy: self.greedy_next(r.tokens[i - 1]) == next,
                 });
             }
             out.push(scores);
         }
         Ok(out)
+    }
+
+    fn generate_greedy(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>> {
+        let Some(&last) = prompt.last() else {
+            bail!("the prompt has no tokens");
+        };
+        ensure!(
+            prompt.len() <= self.max_context,
+            "the prompt has {} tokens, more than the context {}",
+            prompt.len(),
+            self.max_context
+        );
+        // As the real engines: prompt and answer share the context.
+        let limit = max_new_tokens.min(self.max_context - prompt.len());
+        let mut answer = Vec::new();
+        let mut prev = last;
+        while answer.len() < limit {
+            prev = self.greedy_next(prev);
+            answer.push(prev);
+            if stop.contains(&prev) {
+                break;
+            }
+        }
+        Ok(answer)
     }
 }
 

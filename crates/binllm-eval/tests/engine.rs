@@ -47,6 +47,14 @@ impl LanguageModel for LeakyPadding {
         }
         Ok(out)
     }
+    fn generate_greedy(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        stop: &[u32],
+    ) -> anyhow::Result<Vec<u32>> {
+        self.0.generate_greedy(prompt, max_new_tokens, stop)
+    }
 }
 
 #[test]

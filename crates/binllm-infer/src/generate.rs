@@ -40,6 +40,21 @@ impl GenerationStats {
     }
 }
 
+/// Arg-max decoding of at most `max_tokens`, with no stop tokens: `generate` drops a stop
+/// token it meets, but a greedy answer keeps the one it ended with, so the caller stops in
+/// its callback instead (which receives every chosen id). Shared with the libtorch engine so
+/// both pick their tokens alike.
+pub fn greedy_options(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        stop_tokens: Vec::new(),
+    }
+}
+
 /// Feeds `prompt` (the whole text so far, as tokens) to the model, reusing the longest
 /// prefix the cache already holds, and returns the logits after its last token.
 pub fn prefill(model: &Model, cache: &mut KvCache, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
@@ -184,6 +199,32 @@ mod tests {
         let (emitted, forwards, _) = run(10, 100, &[], 2);
         assert_eq!(emitted, [1, 2]);
         assert_eq!(forwards, 1);
+    }
+
+    #[test]
+    fn greedy_options_leave_the_stop_token_to_the_callback() {
+        // The callback sees the stop token, keeps it and stops: no forward after it.
+        let stop = 4;
+        let mut emitted = Vec::new();
+        let mut forwards = 0;
+        let stats = decode(
+            &greedy_options(10),
+            &[0],
+            pointing_at(1),
+            100,
+            |t| {
+                emitted.push(t);
+                Ok(t != stop)
+            },
+            |t| {
+                forwards += 1;
+                Ok(pointing_at(t + 1))
+            },
+        )
+        .unwrap();
+        assert_eq!(emitted, [1, 2, 3, 4]);
+        assert_eq!(forwards, 3);
+        assert_eq!(stats.generated_tokens, 4);
     }
 
     #[test]

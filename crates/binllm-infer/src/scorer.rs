@@ -5,11 +5,13 @@
 //! cache already holds (the choices of one multiple-choice question share their context)
 //! keeps those positions instead of recomputing them; that changes nothing in the result,
 //! because the forward pass of a position depends only on the positions before it.
+//! Greedy generation (the chat benchmark's answers) runs through the same cache.
 
 use anyhow::Result;
 use binllm_eval::{LanguageModel, ScoreRequest, TokenScore};
 use binllm_format::TextTokenizer;
 
+use crate::generate::{generate, greedy_options};
 use crate::model::{KvCache, Model};
 use crate::sampling::argmax;
 
@@ -92,5 +94,22 @@ impl LanguageModel for PackedScorer {
             out[i] = self.score_one(&batch[i])?;
         }
         Ok(out)
+    }
+
+    fn generate_greedy(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>> {
+        let options = greedy_options(max_new_tokens);
+        let mut answer = Vec::new();
+        if max_new_tokens > 0 {
+            generate(&self.model, &mut self.cache, prompt, &options, |id| {
+                answer.push(id);
+                Ok(!stop.contains(&id))
+            })?;
+        }
+        Ok(answer)
     }
 }

@@ -1,5 +1,5 @@
 //! The libtorch engine behind `binllm eval`'s scoring trait: batched log-probabilities of
-//! tokens given their prefixes, on CPU or CUDA.
+//! tokens given their prefixes, and greedy answers (the chat benchmark), on CPU or CUDA.
 
 use anyhow::Result;
 use binllm_eval::{LanguageModel, ScoreRequest, TokenScore};
@@ -100,5 +100,23 @@ impl LanguageModel for TorchScorer {
             start = end;
         }
         Ok(out)
+    }
+
+    fn generate_greedy(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>> {
+        // The packed engine's options and stopping rule, so both give the same answers.
+        let options = binllm_infer::generate::greedy_options(max_new_tokens);
+        let mut answer = Vec::new();
+        if max_new_tokens > 0 {
+            crate::generate::generate(&self.model, prompt, &options, |id| {
+                answer.push(id);
+                Ok(!stop.contains(&id))
+            })?;
+        }
+        Ok(answer)
     }
 }
