@@ -5,15 +5,18 @@
 //! - the seven zero-shot multiple-choice tasks (BoolQ, PIQA, HellaSwag, WinoGrande,
 //!   ARC-Easy, ARC-Challenge, OpenBookQA) with prompts, tokenization and metrics exactly as
 //!   lm-evaluation-harness v0.4 defines them (acc, acc_norm, `mean_stderr`);
+//! - the chat score: the teacher's greedy answers' likelihood, and whether the model's own
+//!   greedy answers end cleanly, against a reference file of the teacher's answers;
 //! - the JSON report, its Markdown rendering, side-by-side comparison of several reports,
 //!   and agreement checks against the Python reference (`tools/reference/eval_reference.py`).
 //!
 //! An engine implements only [`LanguageModel`] (token log-probabilities for a batch of
-//! sequences); windows, prompts, request ordering, batching and metrics all live here, so
-//! every engine is measured by the same code.
+//! sequences, and greedy generation); windows, prompts, request ordering, batching and
+//! metrics all live here, so every engine is measured by the same code.
 //!
 //! Pure Rust: no libtorch, so the packed 1-bit runtime can be evaluated too.
 
+pub mod chat;
 pub mod data;
 pub mod lm;
 pub mod metrics;
@@ -23,6 +26,10 @@ pub mod report;
 pub mod tasks;
 pub mod testing;
 
+pub use chat::{
+    has_repetition_loop, held_out_prompts, score_chat, ChatReference, ChatReferenceItem,
+    ChatResult, ChatScore, CHAT_REFERENCE_FORMAT,
+};
 pub use lm::{score_all, LanguageModel, ScoreRequest, TokenScore};
 pub use perplexity::{
     perplexity_windows, run_perplexity, PerplexityOptions, PerplexityResult, PerplexitySet, Window,
