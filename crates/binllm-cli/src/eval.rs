@@ -1,12 +1,13 @@
 //! `binllm eval`: the paper's panel (WikiText-2 / C4 / PTB perplexity and seven zero-shot
-//! tasks) on any model binllm loads, and `binllm eval compare` for side-by-side tables.
+//! tasks) and the chat score on any model binllm loads, and `binllm eval compare` for
+//! side-by-side tables.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use binllm_eval::{
     compare_files, compare_with_reference, parse_benchmarks, render_markdown, run_benchmarks,
-    EvalSettings, LanguageModel, ReferenceFile,
+    Benchmark, EvalSettings, LanguageModel, ReferenceFile,
 };
 
 #[derive(clap::Args)]
@@ -15,6 +16,7 @@ use binllm_eval::{
     after_long_help = "Examples:
   binllm eval --model models/SmolLM2-135M-Instruct.Q4_1.gguf --tasks all --device cuda --out results/fp.json
   binllm eval --model runs/smollm2/sign-model.safetensors --tasks wikitext2,piqa --limit 200
+  binllm eval --model runs/smollm2/model.b1 --tasks chat:smollm2-chat-reference.json
   binllm eval compare results/fp.json results/binaryllm.json results/ste.json"
 )]
 pub struct Args {
@@ -43,7 +45,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Comma-separated: wikitext2, c4, ptb, ptb-valid, file:PATH, boolq, piqa, hellaswag,
-    /// winogrande, arc_easy, arc_challenge, openbookqa; `all` is the paper's panel.
+    /// winogrande, arc_easy, arc_challenge, openbookqa, chat:PATH (the chat score against a
+    /// reference of the teacher's greedy answers); `all` is the paper's panel (no chat).
     #[arg(long, default_value = "all")]
     pub tasks: String,
     /// Score only the first N examples of each task.
@@ -115,7 +118,9 @@ pub fn run(args: Args) -> Result<()> {
         .clone()
         .or_else(|| std::env::var_os("BINLLM_EVAL_DATA").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("../shared/data/eval"));
-    if !data_dir.is_dir() {
+    // A chat reference carries its own prompts; every other benchmark reads the data dir.
+    let needs_data = benchmarks.iter().any(|b| !matches!(b, Benchmark::Chat(_)));
+    if needs_data && !data_dir.is_dir() {
         bail!(
             "{}: evaluation data directory not found (set --data-dir or BINLLM_EVAL_DATA)",
             data_dir.display()

@@ -1,5 +1,6 @@
-//! `binllm export`, `run`, `bench` and `inspect` on a packed stories260K, as a user runs them
-//! (pure Rust: these pass in the `--no-default-features` build too).
+//! `binllm export`, `run`, `bench`, `inspect` and `eval` with a chat reference on a packed
+//! stories260K, as a user runs them (pure Rust: these pass in the `--no-default-features`
+//! build too).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -101,6 +102,76 @@ fn chat_needs_a_template() {
     let result = binllm(&["run", "--model", model.to_str().unwrap(), "--chat"]);
     assert!(!result.status.success());
     assert!(String::from_utf8_lossy(&result.stderr).contains("no chat template"));
+}
+
+/// `binllm eval --tasks chat:PATH` on a reference holding the model's own greedy answers
+/// (computed here through the packed scorer): the report gives back those answers, their
+/// ended share, and a perplexity of the answers; no evaluation data directory is needed.
+#[test]
+fn eval_scores_a_chat_reference() {
+    use binllm_eval::{ChatReference, ChatReferenceItem, LanguageModel, CHAT_REFERENCE_FORMAT};
+    let dir = tempfile::tempdir().unwrap();
+    let model = exported(dir.path(), "f16");
+    let (runtime, file) = binllm_infer::Model::load(&model, &Default::default()).unwrap();
+    let tokenizer = file.tokenizer().unwrap().unwrap();
+    let stop_ids = tokenizer.eos_ids.clone();
+    let mut scorer = binllm_infer::PackedScorer::new(runtime, file.tokenizer().unwrap().unwrap());
+    let mut items = Vec::new();
+    for prompt in ["Once upon a time", "The cat", "Lily wanted to"] {
+        let prompt_ids = tokenizer.encode(prompt, true).unwrap();
+        let answer_ids = scorer.generate_greedy(&prompt_ids, 24, &stop_ids).unwrap();
+        items.push(ChatReferenceItem {
+            prompt: prompt.into(),
+            ended: stop_ids.contains(answer_ids.last().unwrap()),
+            answer: tokenizer.decode(&answer_ids, true).unwrap(),
+            prompt_ids,
+            answer_ids,
+        });
+    }
+    let reference = ChatReference {
+        format: CHAT_REFERENCE_FORMAT.into(),
+        source_model: "stories260K".into(),
+        max_new_tokens: 24,
+        stop_ids,
+        items,
+        teacher: None,
+    };
+    let path = dir.path().join("chat.json");
+    reference.save(&path).unwrap();
+    let out = dir.path().join("eval.json");
+    let result = binllm(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--tasks",
+        &format!("chat:{}", path.display()),
+        "--data-dir",
+        dir.path().join("no-data").to_str().unwrap(),
+        "--threads",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success(),
+        "eval failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(stdout.contains("| answer ppl |"), "{stdout}");
+    assert!(stdout.contains("**The cat**"), "{stdout}");
+    let report = binllm_eval::EvalReport::load(&out).unwrap();
+    let score = &report.chat[0].score;
+    let answers: Vec<&str> = reference.items.iter().map(|i| i.answer.as_str()).collect();
+    assert_eq!(score.answers, answers);
+    let ended = reference.items.iter().filter(|i| i.ended).count();
+    assert_eq!(score.ended_share, ended as f64 / 3.0);
+    // Greedy answers are each token's most likely choice: a low perplexity, above 1.
+    assert!(
+        score.answer_perplexity > 1.0 && score.answer_perplexity < 20.0,
+        "{}",
+        score.answer_perplexity
+    );
 }
 
 #[test]

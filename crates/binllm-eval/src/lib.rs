@@ -42,19 +42,27 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-/// One item of a `--tasks` list: a perplexity set or a zero-shot task.
+/// One item of a `--tasks` list: a perplexity set, a zero-shot task, or a chat reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Benchmark {
     Perplexity(PerplexitySet),
     Task(Task),
+    /// `chat:PATH`: the chat score against a [`ChatReference`] file.
+    Chat(PathBuf),
 }
 
 impl FromStr for Benchmark {
     type Err = anyhow::Error;
 
     fn from_str(name: &str) -> Result<Self> {
+        if let Some(path) = name.strip_prefix("chat:") {
+            if path.is_empty() {
+                bail!("chat: needs a reference file (chat:PATH)");
+            }
+            return Ok(Benchmark::Chat(PathBuf::from(path)));
+        }
         if let Ok(task) = name.parse::<Task>() {
             return Ok(Benchmark::Task(task));
         }
@@ -62,7 +70,7 @@ impl FromStr for Benchmark {
             return Ok(Benchmark::Perplexity(set));
         }
         bail!(
-            "unknown benchmark {name:?}: expected one of {}, {} or file:PATH",
+            "unknown benchmark {name:?}: expected one of {}, {}, file:PATH or chat:PATH",
             PerplexitySet::NAMES.join(", "),
             Task::ALL.map(|t| t.name()).join(", ")
         )
@@ -70,7 +78,8 @@ impl FromStr for Benchmark {
 }
 
 /// Parses a comma-separated list such as `wikitext2,c4,ptb,boolq,piqa`; `all` expands to
-/// the paper's panel (three perplexity sets and seven tasks).
+/// the paper's panel (three perplexity sets and seven tasks; no chat reference, which is
+/// a file of the caller's).
 pub fn parse_benchmarks(list: &str) -> Result<Vec<Benchmark>> {
     let mut out = Vec::new();
     for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -146,6 +155,17 @@ pub fn run_benchmarks(
                 &ppl_options,
             )?),
             Benchmark::Task(task) => tasks.push(*task),
+            Benchmark::Chat(path) => {
+                let reference = ChatReference::load(path)?;
+                let score = score_chat(model, &reference, settings.show_progress)
+                    .with_context(|| format!("chat benchmark {}", path.display()))?;
+                report.chat.push(ChatResult {
+                    reference: path.display().to_string(),
+                    score,
+                    teacher: reference.teacher.clone(),
+                    prompts: reference.items.iter().map(|i| i.prompt.clone()).collect(),
+                });
+            }
         }
     }
     report.tasks = run_tasks(model, &tasks, &settings.data_dir, &task_options)?;

@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::chat::{ChatResult, ChatScore};
 use crate::perplexity::PerplexityResult;
 use crate::tasks::{Task, TaskResult};
 
@@ -60,6 +61,8 @@ pub struct EvalReport {
     pub perplexity: Vec<PerplexityResult>,
     #[serde(default)]
     pub tasks: Vec<TaskResult>,
+    #[serde(default)]
+    pub chat: Vec<ChatResult>,
 }
 
 impl EvalReport {
@@ -68,6 +71,7 @@ impl EvalReport {
             run,
             perplexity: Vec::new(),
             tasks: Vec::new(),
+            chat: Vec::new(),
         }
     }
 
@@ -130,6 +134,22 @@ impl EvalReport {
                 ));
             }
         }
+        for c in &self.chat {
+            // One reference keeps the plain names, so reports on the same file line up.
+            let suffix = if self.chat.len() == 1 {
+                String::new()
+            } else {
+                format!(" ({})", c.reference)
+            };
+            rows.push((
+                format!("chat answer ppl{suffix}"),
+                format!("{:.3}", c.score.answer_perplexity),
+            ));
+            rows.push((
+                format!("chat clean share{suffix}"),
+                format!("{:.1} %", 100.0 * c.score.clean_share),
+            ));
+        }
         rows
     }
 }
@@ -138,8 +158,9 @@ fn pct(value: f64, stderr: f64) -> String {
     format!("{:.2} ± {:.2}", 100.0 * value, 100.0 * stderr)
 }
 
-/// The report as Markdown: settings, a perplexity table with token and window counts, and
-/// a task table with acc / acc_norm and standard errors (in percent).
+/// The report as Markdown: settings, a perplexity table with token and window counts, a
+/// task table with acc / acc_norm and standard errors (in percent), and per chat reference
+/// its figures (the teacher's beside them when recorded) and the first answers.
 pub fn render_markdown(report: &EvalReport) -> String {
     let mut md = String::new();
     let r = &report.run;
@@ -208,7 +229,73 @@ pub fn render_markdown(report: &EvalReport) -> String {
             }
         }
     }
+    for c in &report.chat {
+        render_chat(&mut md, c);
+    }
     md
+}
+
+/// The chat table's rows: name and formatted figure.
+fn chat_figures(s: &ChatScore) -> [(&'static str, String); 5] {
+    [
+        ("answer ppl", format!("{:.3}", s.answer_perplexity)),
+        ("ended (%)", format!("{:.1}", 100.0 * s.ended_share)),
+        ("loops (%)", format!("{:.1}", 100.0 * s.loop_share)),
+        ("clean (%)", format!("{:.1}", 100.0 * s.clean_share)),
+        ("mean answer tokens", format!("{:.1}", s.mean_answer_tokens)),
+    ]
+}
+
+/// How many answers the Markdown shows under their prompts.
+const CHAT_ANSWERS_SHOWN: usize = 5;
+
+fn render_chat(md: &mut String, c: &ChatResult) {
+    if !md.ends_with("\n\n") {
+        md.push('\n');
+    }
+    let _ = writeln!(
+        md,
+        "### Chat: `{}` ({} prompts, greedy answers)\n",
+        c.reference, c.score.prompts
+    );
+    match &c.teacher {
+        Some(_) => md.push_str("| | this model | teacher |\n|---|---:|---:|\n"),
+        None => md.push_str("| | this model |\n|---|---:|\n"),
+    }
+    let teacher = c.teacher.as_ref().map(chat_figures);
+    for (row, (name, figure)) in chat_figures(&c.score).into_iter().enumerate() {
+        let _ = write!(md, "| {name} | {figure} |");
+        if let Some(t) = &teacher {
+            let _ = write!(md, " {} |", t[row].1);
+        }
+        md.push('\n');
+    }
+    md.push('\n');
+    for (i, answer) in c.score.answers.iter().take(CHAT_ANSWERS_SHOWN).enumerate() {
+        let prompt = c
+            .prompts
+            .get(i)
+            .map_or("(prompt not recorded)", String::as_str);
+        let _ = writeln!(md, "**{}**\n", prompt.trim());
+        quote(md, "this model", answer);
+        if let Some(t) = c.teacher.as_ref().and_then(|t| t.answers.get(i)) {
+            quote(md, "teacher", t);
+        }
+    }
+}
+
+/// `text` as a Markdown block quote headed by `who`, so line breaks and markup in an
+/// answer stay inside it.
+fn quote(md: &mut String, who: &str, text: &str) {
+    let _ = writeln!(md, "> *{who}:*");
+    let text = text.trim();
+    if text.is_empty() {
+        md.push_str("> (empty)\n");
+    }
+    for line in text.lines() {
+        let _ = writeln!(md, "> {line}");
+    }
+    md.push('\n');
 }
 
 /// Several reports side by side: one row per metric (union over the reports, panel order),
@@ -266,8 +353,12 @@ pub fn compare_files(paths: &[impl AsRef<Path>]) -> Result<String> {
     Ok(compare(&reports))
 }
 
-/// Perplexity rows first (wikitext2, c4, ptb, others), then tasks in panel order.
+/// Perplexity rows first (wikitext2, c4, ptb, others), then tasks in panel order, then
+/// chat rows.
 fn row_rank(key: &str) -> (usize, usize, String) {
+    if key.starts_with("chat ") {
+        return (2, 0, key.into());
+    }
     let order = ["wikitext2", "c4", "ptb", "ptb-valid"];
     if let Some(set) = key.strip_suffix(" ppl") {
         let i = order.iter().position(|o| *o == set).unwrap_or(order.len());

@@ -1,14 +1,16 @@
 //! The chat score: the repetition-loop rule against a brute-force reading of its
 //! definition, `score_chat` on the bigram model against a direct f64 computation, the
-//! shares on hand-made answers, and reference files (round trip and errors).
+//! shares on hand-made answers, reference files (round trip and errors), and the chat
+//! benchmark through `binllm eval`'s pipeline, report and comparison.
 
 use std::path::Path;
 
 use anyhow::{ensure, Result};
 use binllm_eval::testing::{char_tokenizer, BigramModel, EOS};
 use binllm_eval::{
-    has_repetition_loop, held_out_prompts, score_chat, ChatReference, ChatReferenceItem, ChatScore,
-    LanguageModel, ScoreRequest, TokenScore, CHAT_REFERENCE_FORMAT,
+    compare, has_repetition_loop, held_out_prompts, parse_benchmarks, render_markdown,
+    run_benchmarks, score_chat, Benchmark, ChatReference, ChatReferenceItem, ChatScore, EvalReport,
+    EvalSettings, LanguageModel, ScoreRequest, TokenScore, CHAT_REFERENCE_FORMAT,
 };
 use binllm_format::TextTokenizer;
 
@@ -483,4 +485,121 @@ fn bad_reference_files_fail_naming_the_file() {
         );
         assert!(message.contains(what), "expected {what:?} in {message:?}");
     }
+}
+
+#[test]
+fn chat_benchmarks_parse_and_stay_out_of_all() {
+    assert_eq!(
+        parse_benchmarks("piqa, chat:refs/smollm2.json").unwrap()[1],
+        Benchmark::Chat("refs/smollm2.json".into())
+    );
+    assert!(!parse_benchmarks("all")
+        .unwrap()
+        .iter()
+        .any(|b| matches!(b, Benchmark::Chat(_))));
+    let message = format!("{:#}", parse_benchmarks("chat:").unwrap_err());
+    assert!(message.contains("chat:PATH"), "{message}");
+}
+
+#[test]
+fn the_chat_benchmark_reaches_the_report_markdown_and_comparison() {
+    let tok = char_tokenizer();
+    let mut reference = reference(
+        &tok,
+        &[
+            ("First question?", "One.", true),
+            ("Second question?", "Two.", true),
+            ("Third?", "Three.", false),
+        ],
+        20,
+        vec![EOS],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.json");
+    reference.save(&plain).unwrap();
+    reference.teacher = Some(ChatScore {
+        prompts: 3,
+        answer_nll: 0.25,
+        answer_perplexity: 0.25f64.exp(),
+        ended_share: 2.0 / 3.0,
+        loop_share: 0.0,
+        clean_share: 2.0 / 3.0,
+        mean_answer_tokens: 5.5,
+        answers: vec!["One.".into(), "Two.".into(), "Three.".into()],
+    });
+    let with_teacher = dir.path().join("teacher.json");
+    reference.save(&with_teacher).unwrap();
+
+    let settings = EvalSettings {
+        data_dir: dir.path().into(),
+        model_label: "bigram".into(),
+        engine_label: "test".into(),
+        ctx: None,
+        stride: None,
+        limit: None,
+        show_progress: false,
+    };
+    let mut model = BigramModel::new(2, 128, 4);
+    let list = format!("chat:{}", with_teacher.display());
+    let report = run_benchmarks(&mut model, &parse_benchmarks(&list).unwrap(), &settings).unwrap();
+    assert_eq!(report.chat.len(), 1);
+    let chat = &report.chat[0];
+    assert_eq!(chat.reference, with_teacher.display().to_string());
+    assert_eq!(chat.teacher, reference.teacher);
+    assert_eq!(
+        chat.score,
+        score_chat(&mut model, &reference, false).unwrap()
+    );
+    assert_eq!(
+        chat.prompts,
+        ["First question?", "Second question?", "Third?"]
+    );
+
+    let md = render_markdown(&report);
+    assert!(md.contains("| | this model | teacher |"), "{md}");
+    let ppl_row = format!(
+        "| answer ppl | {:.3} | {:.3} |",
+        chat.score.answer_perplexity,
+        0.25f64.exp()
+    );
+    assert!(md.contains(&ppl_row), "{md}");
+    assert!(md.contains("| clean (%) |"), "{md}");
+    assert!(md.contains("| 66.7 |"), "the teacher's shares: {md}");
+    assert!(md.contains("**Second question?**"), "{md}");
+    assert!(md.contains("> *teacher:*\n> Two."), "{md}");
+
+    // Without a teacher in the file: one figure column.
+    let list = format!("chat:{}", plain.display());
+    let student = run_benchmarks(&mut model, &parse_benchmarks(&list).unwrap(), &settings).unwrap();
+    assert!(render_markdown(&student).contains("| | this model |\n"));
+
+    // Saved and loaded, the chat rows reach `binllm eval compare`.
+    let path = dir.path().join("report.json");
+    report.save(&path).unwrap();
+    let loaded = EvalReport::load(&path).unwrap();
+    assert_eq!(loaded.chat, report.chat);
+    let table = compare(&[loaded, student]);
+    let ppl = format!("| chat answer ppl | {:.3} |", chat.score.answer_perplexity);
+    assert!(table.contains(&ppl), "{table}");
+    let clean = format!(
+        "| chat clean share | {:.1} % |",
+        100.0 * chat.score.clean_share
+    );
+    assert!(table.contains(&clean), "{table}");
+}
+
+#[test]
+fn reports_without_chat_results_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = EvalReport::new(binllm_eval::RunInfo::new(
+        "m",
+        "e",
+        64,
+        None,
+        Path::new("data"),
+    ));
+    let mut value = serde_json::to_value(&report).unwrap();
+    value.as_object_mut().unwrap().remove("chat");
+    let path = write(dir.path(), "old.json", &value.to_string());
+    assert!(EvalReport::load(&path).unwrap().chat.is_empty());
 }
