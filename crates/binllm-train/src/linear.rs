@@ -27,15 +27,23 @@ pub fn sign_pm1(x: &Tensor) -> Tensor {
 }
 
 /// Forward sign(x), backward the clipped straight-through estimator (gradient 1 where
-/// |x| <= 1, else 0).
+/// |x| <= 1, else 0). Written as `sign + (c - c.detach())` rather than `c + (sign - c)
+/// .detach()`: the added term is exactly zero, so the forward value is exactly +-1 and a
+/// model trained in this form computes bit for bit what the sign form ships.
 pub fn ste_sign(x: &Tensor) -> Tensor {
     let clipped = x.clamp(-1.0, 1.0);
-    &clipped + (sign_pm1(x) - &clipped).detach()
+    sign_pm1(x) + (&clipped - clipped.detach())
 }
 
-/// Per-row mean of |W|: the analytical scale S_a.
+/// The smallest analytical scale: a row of zeros (pruned rows, or zero blocks of a
+/// quantized file) would otherwise divide 0 by 0 in `W / S_a`.
+const MIN_ROW_SCALE: f64 = 1e-12;
+
+/// Per-row mean of |W|: the analytical scale S_a (at least [`MIN_ROW_SCALE`]).
 pub fn row_abs_mean(w: &Tensor) -> Tensor {
-    w.abs().mean_dim(&[-1i64][..], true, w.kind())
+    w.abs()
+        .mean_dim(&[-1i64][..], true, w.kind())
+        .clamp_min(MIN_ROW_SCALE)
 }
 
 /// How a block linear turns its parameters into the weight it multiplies by.

@@ -153,3 +153,63 @@ fn stage1_scales_leave_the_full_precision_function_unchanged() {
     model.form = WeightForm::Sign;
     assert!(max_abs_diff(&reference, &prompt_logits(&model)) > 1e-2);
 }
+
+#[test]
+fn the_sign_stage_form_computes_exactly_what_ships() {
+    // --sign-fraction trains WeightForm::Ste: its forward must be the exported sign form
+    // bit for bit (with Stage-1 input scales and trained row scales in place), so the
+    // model that ships is the model that was trained last.
+    let mut model = Llama::from_pretrained(&stories260k(), Device::Cpu, Kind::Float).unwrap();
+    method::attach_input_scales(&mut model, true);
+    method::fold_input_scales_into_latent(&mut model);
+    method::attach_method_parameters(&mut model, Method::Binaryllm, ScaleMode::Dual, false);
+    tch::manual_seed(11);
+    tch::no_grad(|| {
+        for p in model.params() {
+            if p.name.ends_with(".row_scale") || p.name.ends_with(".input_scale") {
+                let mut t = p.tensor.shallow_clone();
+                t.copy_(&(Tensor::rand(t.size(), (Kind::Float, Device::Cpu)) + 0.5));
+            }
+        }
+    });
+    model.form = WeightForm::Sign;
+    let shipped = prompt_logits(&model);
+    model.form = WeightForm::Ste;
+    assert_eq!(prompt_logits(&model), shipped, "bit-identical logits");
+
+    // Its gradient is the clipped straight-through one: d/dW of sum(G * W_eff) is
+    // scale * G where |W / S_a| <= 1 and 0 beyond (S_a's own path detached here).
+    let linear = &model.layers[0].q;
+    let latent = linear.weight.tensor.detach().set_requires_grad(true);
+    let sa = binllm_train::linear::row_abs_mean(&latent).detach();
+    let unit = &latent / &sa;
+    let g = Tensor::randn(latent.size(), (Kind::Float, Device::Cpu));
+    (binllm_train::linear::ste_sign(&unit) * &g)
+        .sum(Kind::Float)
+        .backward();
+    let expected = unit.abs().le(1.0).to_kind(Kind::Float) * &g / &sa;
+    let err = (latent.grad() - expected).abs().max().double_value(&[]);
+    assert!(err < 1e-6, "STE gradient off by {err}");
+}
+
+#[test]
+fn a_row_of_zeros_stays_finite_in_every_binary_form() {
+    let mut model = stories_model(Method::Binaryllm);
+    tch::no_grad(|| {
+        let w = model.layers[1].gate.weight.tensor.shallow_clone();
+        let _ = w.get(3).fill_(0.0);
+    });
+    for form in [
+        WeightForm::Progressive { t: 0.5 },
+        WeightForm::Progressive { t: 100.0 },
+        WeightForm::Sign,
+        WeightForm::Ste,
+    ] {
+        model.form = form;
+        let logits = prompt_logits(&model);
+        assert!(
+            logits.iter().all(|x| x.is_finite()),
+            "{form:?} gave a non-finite logit"
+        );
+    }
+}
