@@ -61,3 +61,125 @@ pub fn generate(
     stats.prefill_seconds = prefill_seconds;
     Ok(stats)
 }
+
+/// How a batched generation picks each next token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pick {
+    /// The arg-max (ties to the lowest id).
+    Greedy,
+    /// Sampling from softmax(logits / temperature), restricted to the smallest set of
+    /// tokens whose probabilities reach `top_p` (nucleus sampling; 1 keeps every token).
+    Sample { temperature: f64, top_p: f64 },
+}
+
+/// One row's output of [`generate_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Continuation {
+    /// The new ids; when the row stopped, the stop id is the last one.
+    pub ids: Vec<u32>,
+    /// Whether the row produced a stop id within the limit.
+    pub ended: bool,
+}
+
+/// The next id of every row from last-position logits `[batch, vocab]`.
+fn pick_next(logits: &Tensor, pick: Pick) -> Tensor {
+    match pick {
+        Pick::Greedy => logits.argmax(-1, false),
+        Pick::Sample { temperature, top_p } => {
+            let probs =
+                (logits.to_kind(Kind::Float) / temperature.max(1e-6)).softmax(-1, Kind::Float);
+            let (sorted, order) = probs.sort(-1, true);
+            // Drop a token when the tokens ranked above it already reach top_p.
+            let above = sorted.cumsum(-1, Kind::Float) - &sorted;
+            let kept = sorted.masked_fill(&above.gt(top_p), 0.0);
+            let choice = kept.multinomial(1, false);
+            order.gather(-1, &choice, false).squeeze_dim(-1)
+        }
+    }
+}
+
+/// Continues every prompt at once, at most `max_new` ids each, through one KV cache: the
+/// prompts are left-padded to one length with `pad` and the padding is masked
+/// ([`KvCache::padded`]). A row stops after its first id in `stop`; the batch stops when
+/// every row has. Runs under no-grad on the model's device and dtype.
+pub fn generate_batch(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    pick: Pick,
+    stop: &[u32],
+    pad: u32,
+) -> Result<Vec<Continuation>> {
+    anyhow::ensure!(!prompts.is_empty(), "no prompts to continue");
+    anyhow::ensure!(
+        prompts.iter().all(|p| !p.is_empty()),
+        "a prompt has no tokens"
+    );
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let limit = model.config.max_position_embeddings;
+    anyhow::ensure!(
+        longest + max_new <= limit,
+        "prompts of {longest} tokens plus {max_new} new ones exceed the model's context of {limit}"
+    );
+    let _no_grad = tch::no_grad_guard();
+    let device = model.device();
+    let (rows, width) = (prompts.len(), longest);
+    let mut ids = vec![pad as i64; rows * width];
+    let mut valid = vec![false; rows * width];
+    for (r, prompt) in prompts.iter().enumerate() {
+        let offset = r * width + width - prompt.len();
+        for (j, &id) in prompt.iter().enumerate() {
+            ids[offset + j] = id as i64;
+            valid[offset + j] = true;
+        }
+    }
+    let shape = [rows as i64, width as i64];
+    let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
+    let valid = Tensor::from_slice(&valid).view(shape).to_device(device);
+    let stop_ids =
+        Tensor::from_slice(&stop.iter().map(|&s| s as i64).collect::<Vec<_>>()).to_device(device);
+
+    let mut cache = KvCache::padded(model.config.num_layers, valid);
+    let hidden = model.forward_hidden(&ids, Some(&mut cache));
+    let mut logits = model.logits(&hidden.narrow(1, -1, 1)).squeeze_dim(1);
+    let mut finished = Tensor::zeros([rows as i64], (Kind::Bool, device));
+    let mut columns = Vec::with_capacity(max_new);
+    for step in 0..max_new {
+        let next = pick_next(&logits, pick);
+        columns.push(next.shallow_clone());
+        if !stop.is_empty() {
+            finished = finished.logical_or(
+                &next
+                    .unsqueeze(1)
+                    .eq_tensor(&stop_ids.unsqueeze(0))
+                    .any_dim(1, false),
+            );
+        }
+        // Reading the flags back waits for the device: do it every few steps only.
+        let last = step + 1 == max_new;
+        if last || (step % 8 == 7 && bool::try_from(finished.all())?) {
+            break;
+        }
+        logits = model
+            .forward(&next.unsqueeze(1), Some(&mut cache))
+            .squeeze_dim(1);
+    }
+    let steps = columns.len();
+    let generated = Tensor::stack(&columns, 1).to_device(tch::Device::Cpu);
+    let generated = Vec::<i64>::try_from(generated.flatten(0, -1))?;
+    Ok(generated
+        .chunks(steps)
+        .map(|row| {
+            let mut ids = Vec::with_capacity(row.len());
+            let mut ended = false;
+            for &id in row {
+                ids.push(id as u32);
+                if stop.contains(&(id as u32)) {
+                    ended = true;
+                    break;
+                }
+            }
+            Continuation { ids, ended }
+        })
+        .collect())
+}

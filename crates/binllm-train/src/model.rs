@@ -56,12 +56,27 @@ impl Block {
 /// Keys and values of every layer for the positions seen so far.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `[batch, positions]` true where a cached position is a real token: set for a
+    /// left-padded batch ([`KvCache::padded`]), so no query attends to the padding.
+    key_valid: Option<Tensor>,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
+            key_valid: None,
+        }
+    }
+
+    /// A cache for a batch of prompts of different lengths, left-padded to one length:
+    /// `valid` (`[batch, len]`, bool) marks the real tokens of the prompts that will be fed
+    /// first. Positions fed later are all real. Since RoPE scores depend only on relative
+    /// positions, left padding changes nothing a real query sees.
+    pub fn padded(num_layers: usize, valid: Tensor) -> Self {
+        KvCache {
+            key_valid: Some(valid),
+            ..KvCache::new(num_layers)
         }
     }
 
@@ -73,6 +88,16 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Which keys each query may see, built once per forward pass for every layer.
+enum AttentionMask {
+    /// Plain causal attention over the new positions (no cache, or an empty one).
+    Causal,
+    /// Every key (one new query after cached keys).
+    All,
+    /// `[batch or 1, 1, queries, keys]`, true where attention is allowed.
+    Explicit(Tensor),
 }
 
 pub struct Llama {
@@ -204,6 +229,7 @@ impl Llama {
         block: &Block,
         x: &Tensor,
         rope: &(Tensor, Tensor),
+        mask: &AttentionMask,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
         let c = &self.config;
@@ -226,34 +252,27 @@ impl Llama {
         }
         let q = apply_rope(&q.transpose(1, 2), &rope.0, &rope.1);
         let k = apply_rope(&k.transpose(1, 2), &rope.0, &rope.1);
-        let (past, k, v) = match cache {
+        let (k, v) = match cache {
             Some(slot) => {
-                let past = slot.as_ref().map_or(0, |(pk, _)| pk.size()[2]);
                 let (k, v) = match slot.take() {
                     Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
                     None => (k, v),
                 };
                 *slot = Some((k.shallow_clone(), v.shallow_clone()));
-                (past, k, v)
+                (k, v)
             }
-            None => (0, k, v),
+            None => (k, v),
         };
-        // Causal attention. With cached keys, one new query sees everything; several new
-        // queries need an explicit mask (query i sees keys up to past + i).
-        let (mask, is_causal) = if past == 0 {
-            (None, t > 1)
-        } else if t == 1 {
-            (None, false)
-        } else {
-            let rows = Tensor::arange(t, (Kind::Int64, x.device())).unsqueeze(1) + past;
-            let cols = Tensor::arange(past + t, (Kind::Int64, x.device())).unsqueeze(0);
-            (Some(cols.le_tensor(&rows)), false)
+        let (explicit, is_causal) = match mask {
+            AttentionMask::Causal => (None, t > 1),
+            AttentionMask::All => (None, false),
+            AttentionMask::Explicit(m) => (Some(m.shallow_clone()), false),
         };
         let attn = Tensor::scaled_dot_product_attention(
             &q,
             &k,
             &v,
-            mask,
+            explicit,
             0.0,
             is_causal,
             None,
@@ -269,11 +288,51 @@ impl Llama {
         block.down.forward(&(gate * up), self.form)
     }
 
+    /// The keys each of `t` new queries may see after `past` cached positions. With cached
+    /// keys, one new query sees everything and several need an explicit causal mask (query
+    /// i sees keys up to past + i); a padded cache also hides its padding, while letting
+    /// every query see itself, so a padding row never has an empty softmax (no NaN).
+    fn attention_mask(&self, past: i64, t: i64, key_valid: Option<&Tensor>) -> AttentionMask {
+        let device = self.device();
+        let causal = || {
+            let rows = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1) + past;
+            let cols = Tensor::arange(past + t, (Kind::Int64, device)).unsqueeze(0);
+            (cols.le_tensor(&rows), cols.eq_tensor(&rows))
+        };
+        match key_valid {
+            Some(valid) => {
+                let (allowed, itself) = causal();
+                let batch = valid.size()[0];
+                let visible = valid.view([batch, 1, 1, past + t]);
+                AttentionMask::Explicit(
+                    allowed
+                        .view([1, 1, t, past + t])
+                        .logical_and(&visible)
+                        .logical_or(&itself.view([1, 1, t, past + t])),
+                )
+            }
+            None if past == 0 => AttentionMask::Causal,
+            None if t == 1 => AttentionMask::All,
+            None => AttentionMask::Explicit(causal().0.view([1, 1, t, past + t])),
+        }
+    }
+
     /// Hidden states after the final norm, `[batch, len, hidden]`. With a cache, `tokens`
     /// continue the cached positions and are appended to the cache.
     pub fn forward_hidden(&self, tokens: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
-        let t = tokens.size()[1];
+        let (batch, t) = (tokens.size()[0], tokens.size()[1]);
         let start = cache.as_ref().map_or(0, |c| c.len());
+        let key_valid = cache.as_mut().and_then(|c| {
+            let valid = c.key_valid.as_mut()?;
+            // Positions beyond the padded prompt are real tokens.
+            let missing = start + t - valid.size()[1];
+            if missing > 0 {
+                let real = Tensor::ones([batch, missing], (Kind::Bool, valid.device()));
+                *valid = Tensor::cat(&[valid.shallow_clone(), real], 1);
+            }
+            Some(valid.shallow_clone())
+        });
+        let mask = self.attention_mask(start, t, key_valid.as_ref());
         let mut h = Tensor::embedding(&self.embed.tensor, tokens, -1, false, false);
         let rope = self.rope_tables(start, t, h.kind());
         let eps = self.config.rms_norm_eps;
@@ -284,6 +343,7 @@ impl Llama {
                     block,
                     &rms_norm(&h, &block.attn_norm.tensor, eps),
                     &rope,
+                    &mask,
                     slot,
                 );
             h = &h + self.mlp(block, &rms_norm(&h, &block.mlp_norm.tensor, eps));
