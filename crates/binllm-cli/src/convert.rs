@@ -8,7 +8,7 @@ use binllm_train::data::parse_count;
 use binllm_train::linear::ScaleMode;
 use binllm_train::loss::Distill;
 use binllm_train::method::Method;
-use binllm_train::schedule::TSchedule;
+use binllm_train::schedule::{LrSchedule, TSchedule};
 
 #[derive(clap::Args)]
 #[command(after_long_help = "Examples:
@@ -35,10 +35,12 @@ pub struct Args {
     /// binaryllm (the paper), or a baseline on the same data and budget.
     #[arg(long, value_enum, default_value = "binaryllm")]
     pub method: Method,
-    /// Starting settings: `paper` (seq 2048, 128 x 2048 tokens a step, lr 1e-4 -> 2e-6) or
-    /// `smoke` (a few CPU minutes on a tiny model). Every option below overrides it.
-    #[arg(long, value_enum, default_value = "paper")]
-    pub preset: Preset,
+    /// Starting settings (every option below overrides them): `quality` (binllm's measured
+    /// one-GPU recipe: distillation, teacher chat data, 72M tokens; docs/RECIPE.md), `paper`
+    /// (seq 2048, 128 x 2048 tokens a step, lr 1e-4 -> 2e-6, cross-entropy) or `smoke` (a few
+    /// CPU minutes on a tiny model). Default: `quality` on CUDA, `paper` on the CPU.
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
     /// Stage-2 budget in tokens (2M, 500k, ...); default: the whole corpus once.
     #[arg(long, value_parser = parse_count, conflicts_with = "steps")]
     pub tokens: Option<usize>,
@@ -62,6 +64,13 @@ pub struct Args {
     /// Progressive temperature schedule across phases.
     #[arg(long, value_enum)]
     pub schedule: Option<TSchedule>,
+    /// The t of the last phase (the schedule is scaled to reach it; the paper's: 104.6).
+    #[arg(long)]
+    pub t_max: Option<f64>,
+    /// Share of Stage-2 steps, at the end, that train the sign form itself (exactly the
+    /// exported forward, straight-through backward), so the shipped form is trained last.
+    #[arg(long)]
+    pub sign_fraction: Option<f64>,
     /// Number of Stage-2 phases (the paper: 20).
     #[arg(long)]
     pub phases: Option<usize>,
@@ -87,9 +96,25 @@ pub struct Args {
     pub min_lr: Option<f64>,
     #[arg(long)]
     pub warmup_steps: Option<usize>,
+    /// Learning-rate shape after warm-up: cosine to --min-lr, or wsd (stable at the peak,
+    /// then linear to --min-lr over the last --decay-fraction of the steps).
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<LrSchedule>,
+    /// For --lr-schedule wsd: the share of steps over which the rate decays.
+    #[arg(long)]
+    pub decay_fraction: Option<f64>,
+    /// Learning-rate multiplier of the scale vectors (S_l, Stage-1 input scales).
+    #[arg(long)]
+    pub scale_lr_mult: Option<f64>,
+    /// Learning-rate multiplier of the embeddings, head, norms and biases.
+    #[arg(long)]
+    pub embed_lr_mult: Option<f64>,
     /// AdamW weight decay (matrices only).
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// No weight decay on the latent block weights (embeddings and head keep theirs).
+    #[arg(long)]
+    pub no_decay_latent: bool,
     /// Global gradient-norm clip (0 disables).
     #[arg(long)]
     pub grad_clip: Option<f64>,
@@ -101,6 +126,16 @@ pub struct Args {
     /// Weight of cross-entropy in `mix`.
     #[arg(long)]
     pub ce_weight: Option<f64>,
+    /// Tokens of chat transcripts to generate with the teacher before training (e.g. 4M;
+    /// 0: none): prompts drawn from the corpus, answered in the model's own chat template.
+    #[arg(long, value_parser = parse_count)]
+    pub chat_tokens: Option<usize>,
+    /// Share of training windows drawn from the chat transcripts (e.g. 0.2).
+    #[arg(long)]
+    pub chat_share: Option<f64>,
+    /// Prompts the teacher answers at once while generating chat data (memory knob).
+    #[arg(long)]
+    pub chat_batch: Option<usize>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long)]
     pub device: Option<String>,
@@ -128,7 +163,14 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let model = args.model.clone().unwrap_or_default();
-    let mut c = ConvertConfig::preset(args.preset, model, args.data.clone(), args.method);
+    let preset = match args.preset {
+        Some(p) => p,
+        None => {
+            let device = binllm_train::parse_device(args.device.as_deref().unwrap_or("auto"))?;
+            Preset::default_for(device.is_cuda())
+        }
+    };
+    let mut c = ConvertConfig::preset(preset, model, args.data.clone(), args.method);
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = args.$field.clone() { c.$field = v; } )* };
     }
@@ -137,6 +179,7 @@ pub fn run(args: Args) -> Result<()> {
         stage1_lr,
         stage1_surrogate,
         schedule,
+        sign_fraction,
         phases,
         scales,
         seq_len,
@@ -147,6 +190,10 @@ pub fn run(args: Args) -> Result<()> {
         lr,
         min_lr,
         warmup_steps,
+        lr_schedule,
+        decay_fraction,
+        scale_lr_mult,
+        embed_lr_mult,
         weight_decay,
         grad_clip,
         distill,
@@ -155,7 +202,20 @@ pub fn run(args: Args) -> Result<()> {
         device,
         seed
     );
-    set!(val_windows, checkpoint_every, keep_checkpoints);
+    set!(
+        val_windows,
+        checkpoint_every,
+        keep_checkpoints,
+        chat_tokens,
+        chat_share,
+        chat_batch
+    );
+    if args.t_max.is_some() {
+        c.t_max = args.t_max;
+    }
+    if args.no_decay_latent {
+        c.decay_latent = false;
+    }
     if args.tokens.is_some() || args.steps.is_some() {
         c.tokens = args.tokens;
         c.steps = args.steps;
@@ -176,6 +236,16 @@ pub fn run(args: Args) -> Result<()> {
         v.final_sign_form.exp(),
         v.sign_gap
     );
+    if let Some(chat) = &summary.chat {
+        println!(
+            "chat score ({} held-out prompts): answer ppl {:.2} (teacher {:.2}), clean answers {:.0}% (teacher {:.0}%)",
+            chat.student.prompts,
+            chat.student.answer_perplexity,
+            chat.teacher.answer_perplexity,
+            100.0 * chat.student.clean_share,
+            100.0 * chat.teacher.clean_share
+        );
+    }
     println!(
         "tokens trained {}, Stage-2 {:.0} tokens/s ({:.0} in training steps alone), wall-clock {:.1} s; run in {}",
         summary.tokens_trained,

@@ -432,3 +432,121 @@ fn non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     }
     assert!(!run.join("sign-model.safetensors").exists());
 }
+
+/// A small corpus of titled documents (Wikipedia's layout) whose title prompts fit the tiny
+/// chat model's 128-token context.
+fn titled_corpus(dir: &Path) -> PathBuf {
+    let path = dir.join("titled.txt");
+    let docs: Vec<String> = (0..60)
+        .map(|i| {
+            format!(
+                "Topic {i}\n\nTopic {i} is a subject with a long lead paragraph that says what it is about, {}.\n<|endoftext|>\n",
+                "and then some more words about it ".repeat(6)
+            )
+        })
+        .collect();
+    std::fs::write(&path, docs.concat()).unwrap();
+    path
+}
+
+#[test]
+fn recipe_switches_chat_data_and_the_sign_stage_run_end_to_end() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo().join("crates/binllm-format/tests/fixtures/gguf/tiny_llama.gguf");
+    let data = titled_corpus(dir.path());
+    let run = dir.path().join("recipe");
+    run_ok(&[
+        "convert",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--preset",
+        "smoke",
+        "--device",
+        "cpu",
+        "--seq-len",
+        "64",
+        "--batch-tokens",
+        "256",
+        "--micro-batch",
+        "4",
+        "--steps",
+        "40",
+        "--stage1-steps",
+        "2",
+        "--val-windows",
+        "2",
+        "--distill",
+        "kd",
+        "--chat-tokens",
+        "3k",
+        "--chat-share",
+        "0.25",
+        "--sign-fraction",
+        "0.1",
+        "--lr-schedule",
+        "wsd",
+        "--decay-fraction",
+        "0.5",
+        "--scale-lr-mult",
+        "2",
+        "--no-decay-latent",
+        "--t-max",
+        "50",
+    ]);
+    let config: toml::Value =
+        toml::from_str(&std::fs::read_to_string(run.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(config["chat_tokens"].as_integer(), Some(3000));
+    assert_eq!(config["chat_share"].as_float(), Some(0.25));
+    assert_eq!(config["sign_fraction"].as_float(), Some(0.1));
+    assert_eq!(config["lr_schedule"].as_str(), Some("wsd"));
+    assert_eq!(config["decay_latent"].as_bool(), Some(false));
+    assert_eq!(config["t_max"].as_float(), Some(50.0));
+    assert_eq!(config["scale_lr_mult"].as_float(), Some(2.0));
+
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["sign_steps"].as_u64(), Some(4));
+    assert!(plan["chat_windows"].as_u64().unwrap() > 0);
+
+    // The sign stage trains exactly the exported form: the last training form and the
+    // shipped form give the same held-out loss, bit for bit.
+    let s = summary(&run);
+    assert_eq!(s["validation"]["sign_gap"].as_f64(), Some(0.0));
+    assert!(s["chat_data"]["transcripts"].as_u64().unwrap() > 0);
+    for who in ["student", "teacher"] {
+        let score = &s["chat"][who];
+        assert!(score["answer_perplexity"].as_f64().unwrap() >= 1.0, "{who}");
+        assert_eq!(
+            score["prompts"].as_u64(),
+            Some(binllm_eval::chat::held_out_prompts().len() as u64),
+            "{who}"
+        );
+    }
+    assert!(run.join("chat-reference.json").exists());
+    assert!(run.join("teacher-chat.tok").exists());
+
+    // The learning rate follows warm-up-free WSD: the peak for the first half of the 40
+    // steps, then a linear decay to the floor; t ends at 50.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let stage2: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["stage"] == 2)
+        .collect();
+    assert_eq!(stage2.len(), 40);
+    let lr: Vec<f64> = stage2.iter().map(|v| v["lr"].as_f64().unwrap()).collect();
+    assert!(lr[..20].iter().all(|&x| x == lr[0]));
+    assert!(lr[20..].windows(2).all(|w| w[1] < w[0]));
+    assert!(
+        (lr[39] - 1e-4).abs() < 1e-12,
+        "the smoke preset's floor: {}",
+        lr[39]
+    );
+    let t_last = stage2[39]["t"].as_f64().unwrap();
+    assert!((t_last - 50.0).abs() < 1e-9, "t at the last step: {t_last}");
+}

@@ -243,15 +243,22 @@ fn write_cache(path: &Path, stream: &TokenStream) -> Result<()> {
 }
 
 /// The token stream cut into windows of `seq_len + 1` tokens (inputs and shifted targets),
-/// split into a held-out validation slice and a shuffled training order.
+/// split into a held-out validation slice and a shuffled training order; optionally a second
+/// pool of windows (the teacher's chat transcripts) mixed into training at a fixed share.
 #[derive(Debug, Clone)]
 pub struct Windows {
     pub stream: Vec<u32>,
     pub seq_len: usize,
     /// Start offsets of training windows, in training order.
     pub train: Vec<usize>,
-    /// Start offsets of the validation windows (the end of the stream, never trained on).
+    /// Start offsets of the validation windows (the end of the corpus, never trained on).
     pub validation: Vec<usize>,
+    /// Start offsets of chat windows (after the corpus in `stream`), in training order.
+    pub chat: Vec<usize>,
+    /// Share of training windows drawn from `chat` (0 when there is none).
+    pub chat_share: f64,
+    /// Tokens of the corpus at the head of `stream` (the chat tokens follow them).
+    pub corpus_tokens: usize,
 }
 
 impl Windows {
@@ -268,6 +275,7 @@ impl Windows {
             "the corpus has {} tokens: {count} windows of {seq_len}, not enough for {validation_windows} validation windows plus training",
             stream.len()
         );
+        let stream_len = stream.len();
         let starts: Vec<usize> = (0..count).map(|i| i * seq_len).collect();
         let (train, validation) = starts.split_at(count - validation_windows);
         let mut train = train.to_vec();
@@ -277,7 +285,65 @@ impl Windows {
             seq_len,
             train,
             validation: validation.to_vec(),
+            chat: Vec::new(),
+            chat_share: 0.0,
+            corpus_tokens: stream_len,
         })
+    }
+
+    /// Appends a second token stream (chat transcripts) as its own pool of windows, drawn
+    /// for `share` of all training windows.
+    pub fn add_chat(&mut self, tokens: &[u32], share: f64, seed: u64) -> Result<()> {
+        ensure!(
+            (0.0..1.0).contains(&share),
+            "the chat share must be in [0, 1), not {share}"
+        );
+        let base = self.stream.len();
+        let count = tokens.len().saturating_sub(1) / self.seq_len;
+        ensure!(
+            count > 0 || share == 0.0,
+            "the chat data has {} tokens, less than one window of {}",
+            tokens.len(),
+            self.seq_len
+        );
+        self.stream.extend_from_slice(tokens);
+        self.chat = (0..count).map(|i| base + i * self.seq_len).collect();
+        // A seed apart from the corpus order's, so the two pools are not shuffled alike.
+        SplitMix64::new(seed ^ 0x5eed_c4a7).shuffle(&mut self.chat);
+        self.chat_share = if count > 0 { share } else { 0.0 };
+        Ok(())
+    }
+
+    /// Start of training window `i` (counting every window of every step from 0). Chat
+    /// windows are spaced evenly: window i is a chat window when floor((i + 1) * share)
+    /// passes an integer, so every stretch of n windows holds n * share of them, +-1. Each
+    /// pool is gone through in its own shuffled order and repeats when exhausted.
+    pub fn training_window(&self, i: usize) -> usize {
+        if self.chat.is_empty() || self.chat_share <= 0.0 {
+            return self.train[i % self.train.len()];
+        }
+        let chat_before = (i as f64 * self.chat_share).floor() as usize;
+        let chat_through = ((i + 1) as f64 * self.chat_share).floor() as usize;
+        if chat_through > chat_before {
+            self.chat[chat_before % self.chat.len()]
+        } else {
+            self.train[(i - chat_before) % self.train.len()]
+        }
+    }
+
+    /// How many times the corpus and the chat pools are gone through by `windows` training
+    /// windows.
+    pub fn passes(&self, windows: usize) -> (f64, f64) {
+        let chat = (windows as f64 * self.chat_share).floor();
+        let corpus = windows as f64 - chat;
+        (
+            corpus / self.train.len().max(1) as f64,
+            if self.chat.is_empty() {
+                0.0
+            } else {
+                chat / self.chat.len() as f64
+            },
+        )
     }
 
     /// Tokens of one window: `seq_len + 1` ids.
@@ -345,6 +411,19 @@ pub fn parse_count(s: &str) -> Result<usize> {
     Ok((value * factor).round() as usize)
 }
 
+/// Token ids as little-endian u32 bytes (the run directory's `.tok` files).
+pub fn tokens_to_le_bytes(tokens: &[u32]) -> Vec<u8> {
+    tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+}
+
+/// The inverse of [`tokens_to_le_bytes`] (a trailing partial id is ignored).
+pub fn tokens_from_le_bytes(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 /// Writes a token stream as a text corpus for inspection (debug helper of `--data teacher:N`).
 pub fn dump_sample(tokenizer: &TextTokenizer, tokens: &[u32], path: &Path) -> Result<()> {
     let text = tokenizer.decode(tokens, false)?;
@@ -377,6 +456,42 @@ mod tests {
         assert_eq!(sorted, (0..8).map(|i| i * 10).collect::<Vec<_>>());
         assert_ne!(w.train, sorted, "the training order is shuffled");
         assert_eq!(w.window(90), &(90..101).collect::<Vec<u32>>()[..]);
+    }
+
+    #[test]
+    fn chat_windows_are_mixed_in_at_their_share_and_never_validated() {
+        let stream: Vec<u32> = (0..1001).collect();
+        let mut w = Windows::new(stream, 10, 5, 3).unwrap();
+        let chat: Vec<u32> = (5000..5201).collect();
+        w.add_chat(&chat, 0.25, 3).unwrap();
+        assert_eq!(w.chat.len(), 20);
+        assert!(w.chat.iter().all(|&s| s >= 1001 && w.window(s)[0] >= 5000));
+        assert!(w.validation.iter().all(|&s| w.window(s)[0] < 1000));
+        // Every run of 16 consecutive windows holds 4 chat windows (share 0.25), and each
+        // pool is used in its own order without repeats until it is exhausted.
+        let drawn: Vec<usize> = (0..400).map(|i| w.training_window(i)).collect();
+        for run in drawn.chunks(16) {
+            assert_eq!(run.iter().filter(|s| w.chat.contains(s)).count(), 4);
+        }
+        let chat_order: Vec<usize> = drawn
+            .iter()
+            .copied()
+            .filter(|s| w.chat.contains(s))
+            .collect();
+        assert_eq!(chat_order[..20], w.chat[..]);
+        assert_eq!(chat_order[20..40], w.chat[..]);
+        let corpus_order: Vec<usize> = drawn
+            .iter()
+            .copied()
+            .filter(|s| !w.chat.contains(s))
+            .collect();
+        assert_eq!(corpus_order[..w.train.len()], w.train[..]);
+        let (corpus_passes, chat_passes) = w.passes(400);
+        assert!((chat_passes - 5.0).abs() < 1e-9 && (corpus_passes - 300.0 / 95.0).abs() < 1e-9);
+        // Without chat data the order is the corpus order alone.
+        let plain = Windows::new((0..1001).collect(), 10, 5, 3).unwrap();
+        assert!((0..200).all(|i| plain.training_window(i) == plain.train[i % plain.train.len()]));
+        assert!(w.add_chat(&chat, 1.0, 3).is_err());
     }
 
     #[test]

@@ -157,6 +157,23 @@ pub fn stage1_trainable(name: &str) -> bool {
     name.ends_with(".input_scale")
 }
 
+/// Whether `name` is one of the vectors the binary forms add to a block linear (S_l, the
+/// Stage-1 input scale, OneBit's column vector).
+pub fn is_scale_vector(name: &str) -> bool {
+    [".row_scale", ".input_scale", ".column_scale"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
+}
+
+/// Whether `name` is the latent weight of a block linear (`...q_proj.weight` and kin).
+pub fn is_latent_weight(name: &str) -> bool {
+    name.strip_suffix(".weight").is_some_and(|module| {
+        Which::ALL
+            .iter()
+            .any(|which| module.ends_with(&format!(".{}", which.module())))
+    })
+}
+
 /// Parameters a given Stage-1 surrogate name stands for (`ste` or `progressive:T`).
 pub fn parse_stage1_surrogate(s: &str) -> anyhow::Result<Stage1Surrogate> {
     if s == "ste" {

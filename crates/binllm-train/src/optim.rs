@@ -16,16 +16,24 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+/// How one parameter is updated: its learning rate as a multiple of the step's, and
+/// whether weight decay applies to it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParamGroup {
+    pub lr_mult: f64,
+    pub decay: bool,
+}
+
 struct Slot {
     param: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: Tensor,
-    decay: bool,
+    group: ParamGroup,
 }
 
-/// AdamW with decoupled weight decay on matrices only (norms, biases and scale vectors are
-/// not decayed: pulling a scale towards zero would fight the method).
+/// AdamW with decoupled weight decay, by default on matrices only (norms, biases and scale
+/// vectors are not decayed: pulling a scale towards zero would fight the method).
 pub struct AdamW {
     config: AdamWConfig,
     slots: BTreeMap<String, Slot>,
@@ -33,6 +41,19 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: &[&Param], config: AdamWConfig) -> Self {
+        AdamW::with_groups(params, config, |_, t| ParamGroup {
+            lr_mult: 1.0,
+            // Matrices only: a `[out, 1]` row scale is a vector in disguise.
+            decay: t.dim() >= 2 && t.size().iter().all(|&d| d > 1),
+        })
+    }
+
+    /// AdamW whose parameters each get the group `group(name, tensor)` says.
+    pub fn with_groups(
+        params: &[&Param],
+        config: AdamWConfig,
+        group: impl Fn(&str, &Tensor) -> ParamGroup,
+    ) -> Self {
         let slots = params
             .iter()
             .map(|p| {
@@ -42,13 +63,17 @@ impl AdamW {
                     exp_avg: t.zeros_like().detach(),
                     exp_avg_sq: t.zeros_like().detach(),
                     step: Tensor::zeros([], (Kind::Float, t.device())),
-                    // Matrices only: a `[out, 1]` row scale is a vector in disguise.
-                    decay: t.dim() >= 2 && t.size().iter().all(|&d| d > 1),
+                    group: group(&p.name, t),
                 };
                 (p.name.clone(), slot)
             })
             .collect();
         AdamW { config, slots }
+    }
+
+    /// The group of the parameter named `name`, if this optimizer holds it.
+    pub fn group_of(&self, name: &str) -> Option<ParamGroup> {
+        self.slots.get(name).map(|s| s.group)
     }
 
     /// Global L2 norm of all gradients (parameters without a gradient count as zero).
@@ -80,13 +105,20 @@ impl AdamW {
         });
     }
 
-    /// One update at learning rate `lr`, then drops the gradients.
+    /// One update at learning rate `lr` (times each group's multiplier), then drops the
+    /// gradients. One fused call per distinct group.
     pub fn step(&mut self, lr: f64) -> Result<()> {
-        for decay in [true, false] {
+        let mut groups: Vec<ParamGroup> = Vec::new();
+        for s in self.slots.values() {
+            if !groups.contains(&s.group) {
+                groups.push(s.group);
+            }
+        }
+        for group in groups {
             let grads: Vec<(&Slot, Tensor)> = self
                 .slots
                 .values()
-                .filter(|s| s.decay == decay)
+                .filter(|s| s.group == group)
                 .filter_map(|s| {
                     let g = s.param.grad();
                     g.defined().then_some((s, g))
@@ -105,9 +137,14 @@ impl AdamW {
                     step: &s.step,
                 })
                 .collect();
-            let wd = if decay { self.config.weight_decay } else { 0.0 };
+            let wd = if group.decay {
+                self.config.weight_decay
+            } else {
+                0.0
+            };
+            let group_lr = lr * group.lr_mult;
             tch::no_grad(|| {
-                shim::fused_adamw(&states, lr, self.config.betas, wd, self.config.eps)
+                shim::fused_adamw(&states, group_lr, self.config.betas, wd, self.config.eps)
             })?;
         }
         let params: Vec<&Tensor> = self.slots.values().map(|s| &s.param).collect();
@@ -170,6 +207,71 @@ mod tests {
             let mh = m[i] / (1.0 - c.betas.0.powi(t));
             let vh = v[i] / (1.0 - c.betas.1.powi(t));
             p[i] -= lr * mh / (vh.sqrt() + c.eps);
+        }
+    }
+
+    #[test]
+    fn groups_take_their_own_rate_and_decay() {
+        let config = AdamWConfig {
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let init = [0.5f32, -1.25, 2.0, 0.75];
+        let a = Param::new(
+            "a".into(),
+            Tensor::from_slice(&init)
+                .view([2, 2])
+                .set_requires_grad(true),
+        );
+        let b = Param::new(
+            "b".into(),
+            Tensor::from_slice(&init)
+                .view([2, 2])
+                .set_requires_grad(true),
+        );
+        let mut opt = AdamW::with_groups(&[&a, &b], config, |name, _| ParamGroup {
+            lr_mult: if name == "a" { 1.0 } else { 3.0 },
+            decay: name == "a",
+        });
+        assert_eq!(
+            opt.group_of("b"),
+            Some(ParamGroup {
+                lr_mult: 3.0,
+                decay: false
+            })
+        );
+        let k = Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0]).view([2, 2]);
+        ((&a.tensor * &k).sum(Kind::Float) + (&b.tensor * &k).sum(Kind::Float)).backward();
+        let g: Vec<f64> = Vec::<f32>::try_from(k.flatten(0, -1))
+            .unwrap()
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        opt.step(1e-2).unwrap();
+        for (param, lr, wd) in [(&a, 1e-2, 0.1), (&b, 3e-2, 0.0)] {
+            let mut p: Vec<f64> = init.iter().map(|&x| x as f64).collect();
+            let (mut m, mut v) = (vec![0.0; 4], vec![0.0; 4]);
+            reference_adamw(
+                &mut p,
+                &g,
+                &mut m,
+                &mut v,
+                1,
+                lr,
+                AdamWConfig {
+                    weight_decay: wd,
+                    ..config
+                },
+            );
+            let ours = Vec::<f32>::try_from(param.tensor.detach().flatten(0, -1)).unwrap();
+            for (x, y) in ours.iter().zip(&p) {
+                assert!(
+                    (*x as f64 - y).abs() < 1e-6,
+                    "{}: {ours:?} vs {p:?}",
+                    param.name
+                );
+            }
         }
     }
 

@@ -1,5 +1,5 @@
 //! Schedules: the progressive temperature t per phase (the paper's exponential, and the
-//! ablation shapes), and the learning rate (warm-up then cosine).
+//! ablation shapes), and the learning rate (warm-up, then cosine or warm-up/stable/decay).
 
 use serde::{Deserialize, Serialize};
 
@@ -43,14 +43,49 @@ impl TSchedule {
     }
 }
 
-/// Learning rate at `step` of `total`: linear warm-up, then cosine from `peak` to `floor`.
-pub fn learning_rate(step: usize, total: usize, warmup: usize, peak: f64, floor: f64) -> f64 {
+/// The shape of the learning rate after warm-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// Cosine from the peak to the floor over every step after warm-up (the paper's).
+    #[default]
+    Cosine,
+    /// Warm-up, stable at the peak, then a linear decay to the floor over the last
+    /// `decay_fraction` of the steps.
+    Wsd,
+}
+
+/// Learning rate at `step` of `total`: linear warm-up over `warmup` steps, then `shape`
+/// from `peak` to `floor`.
+pub fn learning_rate(
+    shape: LrSchedule,
+    step: usize,
+    total: usize,
+    warmup: usize,
+    decay_fraction: f64,
+    peak: f64,
+    floor: f64,
+) -> f64 {
     if step < warmup {
         return peak * (step + 1) as f64 / warmup as f64;
     }
-    let span = total.saturating_sub(warmup).max(1) as f64;
-    let progress = ((step - warmup) as f64 / span).min(1.0);
-    floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    match shape {
+        LrSchedule::Cosine => {
+            let span = total.saturating_sub(warmup).max(1) as f64;
+            let progress = ((step - warmup) as f64 / span).min(1.0);
+            floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+        LrSchedule::Wsd => {
+            let decay_steps = ((total as f64 * decay_fraction).round() as usize).max(1);
+            let decay_start = total.saturating_sub(decay_steps).max(warmup);
+            if step < decay_start {
+                return peak;
+            }
+            let progress =
+                ((step - decay_start + 1) as f64 / (total - decay_start).max(1) as f64).min(1.0);
+            peak + (floor - peak) * progress
+        }
+    }
 }
 
 #[cfg(test)]
@@ -92,8 +127,25 @@ mod tests {
 
     #[test]
     fn learning_rate_warms_up_then_decays_to_the_floor() {
-        assert!((learning_rate(0, 100, 10, 1e-4, 2e-6) - 1e-5).abs() < 1e-12);
-        assert!((learning_rate(10, 100, 10, 1e-4, 2e-6) - 1e-4).abs() < 1e-12);
-        assert!((learning_rate(100, 100, 10, 1e-4, 2e-6) - 2e-6).abs() < 1e-12);
+        let cos = |s| learning_rate(LrSchedule::Cosine, s, 100, 10, 0.2, 1e-4, 2e-6);
+        assert!((cos(0) - 1e-5).abs() < 1e-12);
+        assert!((cos(10) - 1e-4).abs() < 1e-12);
+        assert!((cos(55) - (2e-6 + 0.5 * (1e-4 - 2e-6))).abs() < 1e-12);
+        assert!((cos(100) - 2e-6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn wsd_holds_the_peak_then_decays_linearly_over_its_fraction() {
+        let wsd = |s| learning_rate(LrSchedule::Wsd, s, 100, 10, 0.2, 1e-3, 1e-5);
+        assert!((wsd(4) - 5e-4).abs() < 1e-15);
+        for s in 10..80 {
+            assert_eq!(wsd(s), 1e-3, "stable at step {s}");
+        }
+        // Steps 80..99 decay linearly; the last one reaches the floor.
+        assert!((wsd(80) - (1e-3 + (1e-5 - 1e-3) / 20.0)).abs() < 1e-15);
+        assert!((wsd(89) - (1e-3 + (1e-5 - 1e-3) * 0.5)).abs() < 1e-15);
+        assert!((wsd(99) - 1e-5).abs() < 1e-15);
+        let steps: Vec<f64> = (80..100).map(wsd).collect();
+        assert!(steps.windows(2).all(|w| w[1] < w[0]));
     }
 }

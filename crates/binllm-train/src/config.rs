@@ -1,0 +1,300 @@
+//! Every setting of a conversion ([`ConvertConfig`], written to `RUN/config.toml` and read
+//! back by `--resume`), the presets the CLI starts from, and the checks on them.
+
+use std::path::PathBuf;
+
+use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::linear::ScaleMode;
+use crate::loss::{Distill, LossConfig};
+use crate::method::{self, Method};
+use crate::schedule::{LrSchedule, TSchedule};
+
+/// Every setting of a run. Written to `RUN/config.toml`; `--resume` reads it back. Fields
+/// added after the first release carry serde defaults, so older runs still resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConvertConfig {
+    pub model: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+    /// Corpus paths, or `teacher:N`.
+    pub data: Vec<String>,
+    pub method: Method,
+    pub scales: ScaleMode,
+    /// Stop gradients through S_a (METHOD.md leaves it open; ours: they flow).
+    pub detach_abs_mean: bool,
+    pub stage1_steps: usize,
+    pub stage1_lr: f64,
+    /// Tie s across q/k/v and gate/up (and o_proj's across each kv group) so export folds
+    /// them away exactly.
+    pub stage1_tie: bool,
+    /// `ste` (clipped straight-through) or `progressive:T`.
+    pub stage1_surrogate: String,
+    pub schedule: TSchedule,
+    /// The t of the last phase (the schedule is scaled to reach it); None: the paper's
+    /// t(20) = 104.6.
+    #[serde(default)]
+    pub t_max: Option<f64>,
+    /// Share of Stage-2 steps, at the end, that train the sign form itself (forward
+    /// exactly as exported, clipped straight-through backward), so the shipped form is
+    /// the one trained last.
+    #[serde(default)]
+    pub sign_fraction: f64,
+    pub phases: usize,
+    /// Stage-2 budget in tokens (rounded to whole steps per phase); `steps` wins if both.
+    pub tokens: Option<usize>,
+    pub steps: Option<usize>,
+    pub seq_len: usize,
+    /// Tokens per optimizer step (gradient accumulation reaches it).
+    pub batch_tokens: usize,
+    /// Sequences per forward pass.
+    pub micro_batch: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    /// Shape of the learning-rate decay after warm-up.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// For `wsd`: the share of steps, at the end, over which the rate decays.
+    #[serde(default = "default_decay_fraction")]
+    pub decay_fraction: f64,
+    /// Learning-rate multiplier of the scale vectors (S_l, Stage-1 s, OneBit's vectors).
+    #[serde(default = "one")]
+    pub scale_lr_mult: f64,
+    /// Learning-rate multiplier of the embeddings, the head, norms and biases.
+    #[serde(default = "one")]
+    pub embed_lr_mult: f64,
+    pub weight_decay: f64,
+    /// Whether weight decay applies to the latent block weights (it always applies to the
+    /// embedding and head matrices, never to vectors).
+    #[serde(default = "yes")]
+    pub decay_latent: bool,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub grad_clip: f64,
+    pub distill: Distill,
+    pub kd_temperature: f64,
+    /// Weight of cross-entropy in `mix`.
+    pub ce_weight: f64,
+    /// Tokens of teacher chat transcripts to generate (0: none).
+    #[serde(default)]
+    pub chat_tokens: usize,
+    /// Share of training windows drawn from the chat transcripts.
+    #[serde(default)]
+    pub chat_share: f64,
+    /// Prompts the teacher answers at once while generating chat data (a memory knob).
+    #[serde(default = "default_chat_batch")]
+    pub chat_batch: usize,
+    pub device: String,
+    /// bf16 autocast with fp32 master weights (CUDA only).
+    pub bf16: bool,
+    pub seed: u64,
+    pub val_windows: usize,
+    /// Also checkpoint every N Stage-2 steps (0: phase ends only).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept on disk (newest first).
+    pub keep_checkpoints: usize,
+    /// Token cache directory (default: $BINLLM_CACHE/tokens or ~/.cache/binllm/tokens).
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn default_decay_fraction() -> f64 {
+    0.2
+}
+
+fn default_chat_batch() -> usize {
+    1024
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// binllm's measured one-GPU recipe (docs/RECIPE.md): distillation from the FP teacher
+    /// at lr 2e-3, the teacher's chat transcripts mixed into the corpus, 72M Stage-2 tokens
+    /// (SmolLM2-135M: about 16 minutes on one H200), the last 4% of steps on the sign form.
+    Quality,
+    /// The paper's recipe: seq 2048, 128 sequences a step, lr 1e-4 -> 2e-6, AdamW 0.1.
+    Paper,
+    /// Minutes on a CPU with a tiny model (stories260K): seq 256, 8 windows a step, 20
+    /// phases x 20 steps, lr 2e-3.
+    Smoke,
+}
+
+impl Preset {
+    /// The preset used when none is named: `quality` on CUDA, `paper` elsewhere (the
+    /// quality recipe's teacher chat data and budget are out of a CPU's reach).
+    pub fn default_for(cuda: bool) -> Preset {
+        if cuda {
+            Preset::Quality
+        } else {
+            Preset::Paper
+        }
+    }
+}
+
+impl ConvertConfig {
+    pub fn preset(preset: Preset, model: PathBuf, data: Vec<String>, method: Method) -> Self {
+        let base = ConvertConfig {
+            model,
+            tokenizer: None,
+            data,
+            method,
+            scales: ScaleMode::Dual,
+            detach_abs_mean: false,
+            stage1_steps: method.default_stage1_steps(),
+            stage1_lr: 1e-3,
+            stage1_tie: true,
+            stage1_surrogate: "ste".into(),
+            schedule: TSchedule::Exp,
+            t_max: None,
+            sign_fraction: 0.0,
+            phases: 20,
+            tokens: None,
+            steps: None,
+            seq_len: 2048,
+            batch_tokens: 128 * 2048,
+            micro_batch: 16,
+            lr: 1e-4,
+            min_lr: 2e-6,
+            warmup_steps: 0,
+            lr_schedule: LrSchedule::Cosine,
+            decay_fraction: default_decay_fraction(),
+            scale_lr_mult: 1.0,
+            embed_lr_mult: 1.0,
+            weight_decay: 0.1,
+            decay_latent: true,
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: 1.0,
+            distill: Distill::Ce,
+            kd_temperature: 1.0,
+            ce_weight: 0.5,
+            chat_tokens: 0,
+            chat_share: 0.0,
+            chat_batch: default_chat_batch(),
+            device: "auto".into(),
+            bf16: true,
+            seed: 0,
+            val_windows: 32,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            cache_dir: None,
+        };
+        match preset {
+            Preset::Paper => base,
+            Preset::Quality => ConvertConfig {
+                batch_tokens: 16 * 2048,
+                tokens: Some(72_000_000),
+                lr: 2e-3,
+                distill: Distill::Kd,
+                chat_tokens: 4_000_000,
+                chat_share: 0.2,
+                sign_fraction: 0.04,
+                ..base
+            },
+            Preset::Smoke => ConvertConfig {
+                seq_len: 256,
+                batch_tokens: 8 * 256,
+                micro_batch: 8,
+                steps: Some(400),
+                lr: 2e-3,
+                min_lr: 1e-4,
+                stage1_lr: 1e-2,
+                val_windows: 32,
+                ..base
+            },
+        }
+    }
+
+    pub fn loss(&self) -> LossConfig {
+        LossConfig {
+            distill: self.distill,
+            temperature: self.kd_temperature,
+            ce_weight: self.ce_weight,
+        }
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(|| {
+            let base = std::env::var_os("BINLLM_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/binllm"))
+                })
+                .unwrap_or_else(|| PathBuf::from(".binllm-cache"));
+            base.join("tokens")
+        })
+    }
+
+    /// The t of the progressive form at `progress` in [0, 1) through Stage 2.
+    pub fn t_at(&self, progress: f64) -> f64 {
+        let t = self.schedule.t(progress, self.phases);
+        match self.t_max {
+            Some(max) => t * max / crate::schedule::exp_t(20.0),
+            None => t,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.phases >= 1, "--phases must be at least 1");
+        ensure!(self.seq_len >= 2, "--seq-len must be at least 2");
+        ensure!(
+            self.batch_tokens >= self.seq_len,
+            "--batch-tokens ({}) must hold at least one sequence of --seq-len ({})",
+            self.batch_tokens,
+            self.seq_len
+        );
+        ensure!(self.micro_batch >= 1, "--micro-batch must be at least 1");
+        ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "--lr must be positive"
+        );
+        ensure!(
+            !self.data.is_empty() || !self.method.trains(),
+            "--data is required for training methods"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.ce_weight),
+            "--ce-weight must be in [0, 1]"
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.chat_share),
+            "--chat-share must be in [0, 1)"
+        );
+        ensure!(
+            self.chat_share == 0.0 || self.chat_tokens > 0,
+            "--chat-share {} needs chat data: set --chat-tokens",
+            self.chat_share
+        );
+        ensure!(self.chat_batch >= 1, "--chat-batch must be at least 1");
+        ensure!(
+            (0.0..1.0).contains(&self.sign_fraction),
+            "--sign-fraction must be in [0, 1)"
+        );
+        ensure!(
+            self.sign_fraction == 0.0 || self.method == Method::Binaryllm,
+            "--sign-fraction applies to binaryllm (the baselines train their final form throughout)"
+        );
+        ensure!(
+            self.t_max.is_none_or(|t| t > 0.0 && t.is_finite()),
+            "--t-max must be positive"
+        );
+        ensure!(
+            self.decay_fraction > 0.0 && self.decay_fraction <= 1.0,
+            "--decay-fraction must be in (0, 1]"
+        );
+        ensure!(
+            self.scale_lr_mult > 0.0 && self.embed_lr_mult > 0.0,
+            "learning-rate multipliers must be positive"
+        );
+        method::parse_stage1_surrogate(&self.stage1_surrogate)?;
+        Ok(())
+    }
+}

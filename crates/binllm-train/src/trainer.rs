@@ -1,0 +1,433 @@
+//! The training loop of a conversion: one optimizer step over its micro-batches, Stage 1
+//! (the input scales alone), Stage 2 (every parameter through the phases), the metrics log
+//! and background checkpoints.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::ConvertConfig;
+use crate::data::Windows;
+use crate::linear::WeightForm;
+use crate::loss;
+use crate::method;
+use crate::model::Llama;
+use crate::optim::{AdamW, AdamWConfig, ParamGroup};
+use crate::plan::Plan;
+use crate::schedule::learning_rate;
+use crate::shim;
+use crate::summary::{PhaseReport, Stage1Report, Stage2Time};
+
+/// The model's loss on `starts` windows under `form`, mean nats per predicted token.
+pub fn validation_loss(
+    model: &mut Llama,
+    windows: &Windows,
+    starts: &[usize],
+    form: WeightForm,
+    micro_batch: usize,
+    bf16: bool,
+) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let saved = model.form;
+    model.form = form;
+    let mut total = 0.0;
+    for chunk in starts.chunks(micro_batch.max(1)) {
+        let (x, y) = windows.batch(chunk, model.device());
+        let loss =
+            shim::with_autocast_bf16(bf16, || loss::cross_entropy(&model.forward(&x, None), &y));
+        total += loss.double_value(&[]) * chunk.len() as f64;
+    }
+    model.form = saved;
+    Ok(total / starts.len().max(1) as f64)
+}
+
+/// Appends one JSON object per line to `RUN/metrics.jsonl`.
+pub(crate) struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    pub(crate) fn open(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join("metrics.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        Ok(MetricsLog { path, file })
+    }
+
+    pub(crate) fn write(&mut self, record: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{record}")
+            .with_context(|| format!("{}: write failed", self.path.display()))
+    }
+
+    /// Drops records past `step` (a resumed run writes them again).
+    pub(crate) fn truncate_after(&mut self, step: usize) -> Result<()> {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["global_step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        binllm_format::atomic::write_atomically(&self.path, kept.as_bytes())?;
+        *self = MetricsLog::open(self.path.parent().expect("metrics file has a directory"))?;
+        Ok(())
+    }
+}
+
+struct StepResult {
+    loss: f64,
+    grad_norm: f64,
+}
+
+pub(crate) struct Trainer<'a> {
+    pub config: &'a ConvertConfig,
+    pub plan: &'a Plan,
+    pub windows: &'a Windows,
+    pub run_dir: &'a Path,
+    pub bf16: bool,
+    pub teacher: Option<Llama>,
+    pub metrics: MetricsLog,
+    pub pending_checkpoint: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Trainer<'_> {
+    /// One optimizer step at global step `step`: forward/backward over the micro-batches,
+    /// a NaN/inf check, clipping, AdamW.
+    fn train_step(
+        &mut self,
+        model: &Llama,
+        optimizer: &mut AdamW,
+        step: usize,
+        lr: f64,
+    ) -> Result<StepResult> {
+        let loss_config = self.config.loss();
+        let mut total = Tensor::zeros([], (Kind::Float, model.device()));
+        for m in 0..self.plan.accumulation {
+            let starts = self.plan.micro_batch_windows(self.windows, step, m);
+            let (x, y) = self.windows.batch(&starts, model.device());
+            let loss = shim::with_autocast_bf16(self.bf16, || {
+                let teacher_logits = self
+                    .teacher
+                    .as_ref()
+                    .map(|t| tch::no_grad(|| t.forward(&x, None)));
+                let logits = model.forward(&x, None);
+                loss::training_loss(&loss_config, &logits, &y, teacher_logits.as_ref())
+            });
+            (&loss / self.plan.accumulation as f64).backward();
+            total += loss.detach();
+        }
+        let loss = total.double_value(&[]) / self.plan.accumulation as f64;
+        let grad_norm = optimizer.grad_norm().double_value(&[]);
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            self.finish_checkpoint()?;
+            let last = checkpoint::latest_checkpoint(self.run_dir)?;
+            bail!(
+                "non-finite training signal at step {} (loss {loss}, gradient norm {grad_norm}): stopping. {} Lower --lr and resume with --resume.",
+                step + 1,
+                match last {
+                    Some(p) => format!("The last good checkpoint is {}.", p.display()),
+                    None => "No checkpoint was written yet.".to_string(),
+                }
+            );
+        }
+        optimizer.clip_gradients(grad_norm, self.config.grad_clip);
+        optimizer.step(lr)?;
+        Ok(StepResult { loss, grad_norm })
+    }
+
+    pub(crate) fn stage1(
+        &mut self,
+        model: &mut Llama,
+        surrogate: crate::linear::Stage1Surrogate,
+    ) -> Result<Stage1Report> {
+        let steps = self.plan.stage1_steps;
+        let form = WeightForm::Stage1 { surrogate };
+        let micro = self.plan.micro_batch;
+        let val = self.windows.validation.clone();
+        let errors = |model: &Llama| -> Vec<f64> {
+            method::reconstruction_errors(model, surrogate)
+                .iter()
+                .map(|l| l.iter().sum::<f64>() / l.len() as f64)
+                .collect()
+        };
+        let reconstruction_error_before = errors(model);
+        let val_loss_before = validation_loss(model, self.windows, &val, form, micro, self.bf16)?;
+        method::set_trainable(model, method::stage1_trainable);
+        let trainable: Vec<_> = model
+            .params()
+            .into_iter()
+            .filter(|p| p.tensor.requires_grad())
+            .collect();
+        let mut optimizer = AdamW::new(
+            &trainable,
+            AdamWConfig {
+                betas: (self.config.beta1, self.config.beta2),
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+        );
+        let mut initial_loss = f64::NAN;
+        model.form = form;
+        let progress = crate::progress::bar(steps as u64, "Stage 1");
+        let mut last_loss = f64::NAN;
+        for step in 0..steps {
+            let result = self.train_step(model, &mut optimizer, step, self.config.stage1_lr)?;
+            if step == 0 {
+                initial_loss = result.loss;
+            }
+            last_loss = result.loss;
+            self.metrics.write(serde_json::json!({"stage": 1, "global_step": step + 1, "loss": result.loss, "grad_norm": result.grad_norm, "lr": self.config.stage1_lr}))?;
+            progress.set_message(format!("Stage 1 loss {:.4}", result.loss));
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+        let report = Stage1Report {
+            steps,
+            initial_loss,
+            final_loss: last_loss,
+            val_loss_before,
+            val_loss_after: validation_loss(model, self.windows, &val, form, micro, self.bf16)?,
+            reconstruction_error_before,
+            reconstruction_error_after: errors(model),
+        };
+        method::set_trainable(model, |_| false);
+        eprintln!(
+            "Stage 1: loss {:.4} -> {:.4}; held-out {:.4} -> {:.4}; mean reconstruction error {:.4} -> {:.4}",
+            report.initial_loss,
+            report.final_loss,
+            report.val_loss_before,
+            report.val_loss_after,
+            mean(&report.reconstruction_error_before),
+            mean(&report.reconstruction_error_after)
+        );
+        Ok(report)
+    }
+
+    pub(crate) fn stage2(
+        &mut self,
+        model: &mut Llama,
+        start: usize,
+        resume: Option<&Checkpoint>,
+        stage1: Option<&Stage1Report>,
+    ) -> Result<(Vec<PhaseReport>, Stage2Time)> {
+        let plan = self.plan;
+        let config = self.config;
+        method::set_trainable(model, |_| true);
+        let trainable: Vec<_> = model
+            .params()
+            .into_iter()
+            .filter(|p| p.tensor.requires_grad())
+            .collect();
+        let mut optimizer = AdamW::with_groups(
+            &trainable,
+            AdamWConfig {
+                betas: (config.beta1, config.beta2),
+                eps: 1e-8,
+                weight_decay: config.weight_decay,
+            },
+            |name, tensor| stage2_group(config, name, tensor),
+        );
+        if let Some(ckpt) = resume {
+            optimizer.load_state(&ckpt.tensors)?;
+        }
+        let mut phases: Vec<PhaseReport> = resume
+            .and_then(|c| c.meta.get("phases"))
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
+        if let Device::Cuda(i) = model.device() {
+            shim::cuda_reset_peak(i);
+        }
+        let progress = crate::progress::bar(plan.stage2_steps as u64, "Stage 2");
+        progress.set_position(start as u64);
+        let timer = Instant::now();
+        // Time in optimizer steps alone (the loss read back synchronises the device), apart
+        // from the phase-end validation and checkpoints that the wall-clock rate includes.
+        let mut step_seconds = 0.0;
+        // Losses of the phase in progress: a resumed run continues the same average.
+        let mut phase_losses: Vec<f64> = resume
+            .and_then(|c| c.meta.get("phase_losses"))
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
+        for k in start..plan.stage2_steps {
+            let phase = plan.phase_of(k);
+            let t = config.t_at(k as f64 / plan.stage2_steps as f64);
+            model.form = if plan.trains_sign_form(k) {
+                WeightForm::Ste
+            } else {
+                config.method.training_form(t)
+            };
+            let lr = learning_rate(
+                config.lr_schedule,
+                k,
+                plan.stage2_steps,
+                config.warmup_steps,
+                config.decay_fraction,
+                config.lr,
+                config.min_lr,
+            );
+            let global = plan.stage1_steps + k;
+            let step_started = Instant::now();
+            let result = self.train_step(model, &mut optimizer, global, lr)?;
+            step_seconds += step_started.elapsed().as_secs_f64();
+            phase_losses.push(result.loss);
+            let done = k + 1 - start;
+            let tokens_per_second =
+                (done * plan.tokens_per_step) as f64 / timer.elapsed().as_secs_f64().max(1e-9);
+            self.metrics.write(serde_json::json!({
+                "stage": 2, "global_step": global + 1, "step": k + 1, "phase": phase, "t": t, "lr": lr,
+                "loss": result.loss, "grad_norm": result.grad_norm, "tokens": (k + 1) * plan.tokens_per_step,
+                "tokens_per_second": tokens_per_second,
+            }))?;
+            progress.set_message(format!(
+                "phase {phase}/{} t={t:.2} loss {:.4} {:.1}k tok/s",
+                config.phases,
+                result.loss,
+                tokens_per_second / 1e3
+            ));
+            progress.inc(1);
+
+            let phase_end = (k + 1) % plan.steps_per_phase == 0;
+            if phase_end {
+                let micro = plan.micro_batch;
+                let val = &self.windows.validation;
+                let val_loss =
+                    validation_loss(model, self.windows, val, model.form, micro, self.bf16)?;
+                let val_loss_sign = if config.method.is_one_bit() {
+                    Some(validation_loss(
+                        model,
+                        self.windows,
+                        val,
+                        config.method.final_form(),
+                        micro,
+                        self.bf16,
+                    )?)
+                } else {
+                    None
+                };
+                let report = PhaseReport {
+                    phase,
+                    t,
+                    end_step: k + 1,
+                    train_loss: mean(&phase_losses),
+                    val_loss,
+                    val_loss_sign,
+                };
+                phase_losses.clear();
+                self.metrics.write(serde_json::json!({"event": "phase_end", "global_step": global + 1, "report": report}))?;
+                crate::progress::println(
+                    &progress,
+                    format!(
+                        "phase {phase:>2}/{}  t {t:>7.2}  train {:.4}  held-out {:.4}{}",
+                        config.phases,
+                        report.train_loss,
+                        val_loss,
+                        val_loss_sign.map_or(String::new(), |s| format!("  sign {s:.4}"))
+                    ),
+                );
+                phases.push(report);
+            }
+            if phase_end || (config.checkpoint_every > 0 && (k + 1) % config.checkpoint_every == 0)
+            {
+                self.checkpoint(
+                    model,
+                    Some(&optimizer),
+                    global + 1,
+                    &phases,
+                    &phase_losses,
+                    stage1,
+                )?;
+            }
+        }
+        progress.finish_and_clear();
+        Ok((
+            phases,
+            Stage2Time {
+                wall: timer.elapsed().as_secs_f64(),
+                steps: step_seconds,
+            },
+        ))
+    }
+
+    /// Starts writing a checkpoint in the background (tensors are copied to the CPU first,
+    /// so training continues while the file is written); at most one write is in flight.
+    /// Without an optimizer (the Stage-1 boundary) Stage 2 starts its optimizer afresh.
+    pub(crate) fn checkpoint(
+        &mut self,
+        model: &Llama,
+        optimizer: Option<&AdamW>,
+        step: usize,
+        phases: &[PhaseReport],
+        phase_losses: &[f64],
+        stage1: Option<&Stage1Report>,
+    ) -> Result<()> {
+        self.finish_checkpoint()?;
+        let mut tensors = optimizer.map(AdamW::state_tensors).unwrap_or_default();
+        for p in model.params() {
+            tensors.insert(p.name.clone(), p.tensor.detach());
+        }
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| (k, t.to_device(Device::Cpu).copy()))
+            .collect();
+        let ckpt = Checkpoint {
+            tensors,
+            meta: serde_json::json!({"step": step, "phases": phases, "phase_losses": phase_losses, "stage1": stage1}),
+        };
+        let path = checkpoint::checkpoint_path(self.run_dir, step);
+        let run_dir = self.run_dir.to_path_buf();
+        let keep = self.config.keep_checkpoints.max(1);
+        self.pending_checkpoint = Some(std::thread::spawn(move || {
+            ckpt.save(&path)?;
+            checkpoint::prune_checkpoints(&run_dir, keep, &[])
+        }));
+        Ok(())
+    }
+
+    pub(crate) fn finish_checkpoint(&mut self) -> Result<()> {
+        if let Some(handle) = self.pending_checkpoint.take() {
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("the checkpoint writer panicked"))??;
+        }
+        Ok(())
+    }
+}
+
+/// The Stage-2 optimizer group of a parameter: latent block weights at the base rate
+/// (decayed unless `decay_latent` is off), scale vectors at `scale_lr_mult`, everything else
+/// (embeddings, head, norms, biases) at `embed_lr_mult`, decayed when it is a matrix.
+pub(crate) fn stage2_group(config: &ConvertConfig, name: &str, tensor: &Tensor) -> ParamGroup {
+    let matrix = tensor.dim() >= 2 && tensor.size().iter().all(|&d| d > 1);
+    if method::is_scale_vector(name) {
+        ParamGroup {
+            lr_mult: config.scale_lr_mult,
+            decay: false,
+        }
+    } else if method::is_latent_weight(name) {
+        ParamGroup {
+            lr_mult: 1.0,
+            decay: config.decay_latent,
+        }
+    } else {
+        ParamGroup {
+            lr_mult: config.embed_lr_mult,
+            decay: matrix,
+        }
+    }
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}

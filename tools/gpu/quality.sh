@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# One device lease for the quality issue: the default GPU conversion (`binllm convert` with
+# no preset on CUDA = the `quality` recipe) of SmolLM2-135M-Instruct, its export, the eval
+# panel of the exported file, a chat transcript, and short comparison runs if time is left.
+#
+# Here (the build machine), once:   bash tools/gpu/quality.sh pack
+# Then `run` calls, back to back (the machine keeps /tmp while warm):
+#   bash tools/gpu/quality.sh a      binary + GGUF part 1
+#   bash tools/gpu/quality.sh b      GGUF part 2 (joined, sha256 checked) + eval data
+#   bash tools/gpu/quality.sh c      corpus; starts the pipeline in the background
+#   bash tools/gpu/quality.sh poll   waits (up to POLL_S seconds) and returns what is done
+#   bash tools/gpu/quality.sh collect   returns what is done now
+#
+# The pipeline (background, logs in /tmp/q/pipeline.log):
+#   1. binllm convert (defaults on CUDA) -> runs/quality, wall-clock timed
+#   2. export with q8_0 and f16 heads; eval --tasks all of the f16-head file on CUDA
+#   3. binllm run --chat on the q8_0-head file (packed engine, CPU) for five plain questions
+#   4. comparison runs at 12M tokens: plain-text distillation (no chat data), then the
+#      recipe itself; each with WikiText-2 of its sign model
+set -euo pipefail
+stage=${1:?stage}
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+pack="$repo/.gpu"
+work=/tmp/q
+
+if [[ $stage == pack ]]; then
+  rm -rf "$pack" && mkdir -p "$pack/a" "$pack/b" "$pack/c"
+  cargo build --release -p binllm-cli
+  strip -o "$pack/a/binllm" target/release/binllm
+  split -b 44M models/SmolLM2-135M-Instruct.Q4_1.gguf "$pack/gguf.part-"
+  mv "$pack/gguf.part-aa" "$pack/a/" && mv "$pack"/gguf.part-a[b-z] "$pack/b/"
+  sha256sum models/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > "$pack/b/gguf.sha256"
+  tar -C ../shared/data -czf "$pack/b/eval.tar.gz" eval
+  cp ../shared/data/corpus/wikipedia_en.txt.gz ../shared/data/corpus/gutenberg_en.slice.txt.gz "$pack/c/"
+  du -sh "$pack"/*
+  exit 0
+fi
+
+: "${OUT:?run on the device, where OUT is set}"
+export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
+mkdir -p "$work" "$OUT"
+bin="$work/binllm"
+model="$work/SmolLM2-135M-Instruct.Q4_1.gguf"
+say() { echo "== [$(date +%T)] $*"; }
+
+# Everything worth keeping, small enough to come back: run directories without checkpoints,
+# weights or token files, eval reports, logs, transcripts.
+collect() {
+  (cd "$work" && tar -czf "$OUT/results.tar.gz" --exclude checkpoints --exclude '*.safetensors' \
+    --exclude '*.tok' --exclude '*.b1' runs evals logs 2>/dev/null || true)
+  cp "$work/logs/pipeline.log" "$OUT/" 2>/dev/null || true
+  if [[ -f "$work/quality-q8.b1" && ! -f "$work/q8-returned" ]]; then
+    (cd "$work" && sha256sum quality-q8.b1 > "$OUT/quality-q8.b1.sha256" \
+      && split -b 15M quality-q8.b1 "$OUT/quality-q8.b1.part-") && touch "$work/q8-returned"
+  fi
+  ls -la "$OUT"
+  grep -E "^== |held-out loss after|chat score|tokens trained|teacher chat data|wikitext2|error" \
+    "$work/logs/pipeline.log" 2>/dev/null | tail -40 || true
+}
+
+case $stage in
+a)
+  cp "$pack/a/binllm" "$pack/a/gguf.part-aa" "$work/"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  "$bin" --version
+  ;;
+b)
+  cat "$work/gguf.part-aa" "$pack"/b/gguf.part-a[b-z] > "$model"
+  echo "$(cat "$pack/b/gguf.sha256")  $model" | sha256sum -c
+  tar -C "$work" -xzf "$pack/b/eval.tar.gz"
+  "$bin" inspect "$model" | head -12
+  ;;
+c)
+  cp "$pack/c/"*.gz "$work/"
+  mkdir -p "$work/logs"
+  setsid nohup bash "$repo/tools/gpu/quality.sh" pipeline > "$work/logs/pipeline.log" 2>&1 < /dev/null &
+  sleep 20
+  tail -5 "$work/logs/pipeline.log"
+  ;;
+pipeline)
+  cd "$work"
+  mkdir -p runs evals
+  data=(--data "$work/wikipedia_en.txt.gz" --data "$work/gutenberg_en.slice.txt.gz")
+  timed() { local t0=$SECONDS; "$@"; say "($(( SECONDS - t0 )) s) ${*:0:3}"; }
+  say "1. the default GPU conversion (no preset given: quality on CUDA)"
+  t0=$SECONDS
+  "$bin" convert --model "$model" "${data[@]}" --out runs/quality --device cuda --cache-dir "$work/cache"
+  say "convert wall-clock $(( SECONDS - t0 )) s"
+  say "2. export and the eval panel of the exported file"
+  timed "$bin" export runs/quality --head q8 --out quality-q8.b1
+  timed "$bin" export runs/quality --head f16 --out quality-f16.b1
+  "$bin" inspect quality-q8.b1 | head -20
+  timed "$bin" eval --engine torch --model quality-f16.b1 --tasks all --device cuda --data-dir "$work/eval" \
+    --out evals/quality-f16.json
+  say "3. run --chat on the packed q8_0-head file (CPU, 16 threads)"
+  for q in "What is the capital of France?" "Why is the sky blue?" "How many legs does a spider have?" \
+    "Give me three tips for sleeping better." "What is photosynthesis?"; do
+    echo ">>> $q"
+    "$bin" run --model quality-q8.b1 --chat --max-tokens 160 --threads 16 --prompt "$q" </dev/null || true
+  done 2>&1 | tee evals/chat-transcript.txt
+  say "4. comparison runs at 12M tokens"
+  for name in plain-kd recipe-12m; do
+    extra=()
+    [[ $name == plain-kd ]] && extra=(--chat-tokens 0 --chat-share 0)
+    mkdir -p "runs/$name"
+    # The same chat transcripts as the main run: no time spent generating them again.
+    [[ $name == recipe-12m ]] && cp runs/quality/teacher-chat.tok runs/quality/teacher-chat.json "runs/$name/"
+    t0=$SECONDS
+    "$bin" convert --model "$model" "${data[@]}" --out "runs/$name" --device cuda --cache-dir "$work/cache" \
+      --tokens 12M "${extra[@]}" || { say "$name failed"; continue; }
+    say "$name convert wall-clock $(( SECONDS - t0 )) s"
+    timed "$bin" eval --engine torch --model "runs/$name/sign-model.safetensors" --tasks wikitext2,c4,ptb \
+      --device cuda --data-dir "$work/eval" --out "evals/$name.json"
+  done
+  say "pipeline done"
+  ;;
+poll)
+  deadline=$(( SECONDS + ${POLL_S:-540} ))
+  while (( SECONDS < deadline )) && ! grep -q "pipeline done" "$work/logs/pipeline.log"; do
+    sleep 15
+  done
+  collect
+  ;;
+collect)
+  collect
+  ;;
+esac
