@@ -75,7 +75,7 @@ impl Default for ChatSampling {
             temperature: 0.7,
             top_p: 0.9,
             max_answer_tokens: 256,
-            batch: 1024,
+            batch: 2048,
         }
     }
 }
@@ -333,6 +333,15 @@ pub fn generate_chat_data(
             }
         }
         progress.set_position(stream.len().min(tokens) as u64);
+        if progress.is_hidden() {
+            // A log file gets one line a round instead of a bar.
+            eprintln!(
+                "teacher chat data: {} of {tokens} tokens, {} transcripts, {:.0} s",
+                stream.len(),
+                report.transcripts,
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     progress.finish_and_clear();
     report.tokens = stream.len();

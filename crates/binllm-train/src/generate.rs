@@ -81,14 +81,23 @@ pub struct Continuation {
     pub ended: bool,
 }
 
+/// How many of the most likely tokens nucleus sampling considers.
+const NUCLEUS_CANDIDATES: i64 = 1024;
+
 /// The next id of every row from last-position logits `[batch, vocab]`.
 fn pick_next(logits: &Tensor, pick: Pick) -> Tensor {
     match pick {
         Pick::Greedy => logits.argmax(-1, false),
         Pick::Sample { temperature, top_p } => {
-            let probs =
-                (logits.to_kind(Kind::Float) / temperature.max(1e-6)).softmax(-1, Kind::Float);
-            let (sorted, order) = probs.sort(-1, true);
+            // The nucleus is drawn from the most likely candidates only: a top-k selection
+            // is far cheaper than sorting the whole vocabulary for every row, and at the
+            // temperatures used here the nucleus never reaches that far down. Their
+            // probabilities are exact (normalised over the whole vocabulary).
+            let scaled = logits.to_kind(Kind::Float) / temperature.max(1e-6);
+            let log_total = scaled.logsumexp(&[-1i64][..], true);
+            let candidates = scaled.size()[1].min(NUCLEUS_CANDIDATES);
+            let (top, order) = scaled.topk(candidates, -1, true, true);
+            let sorted = (top - log_total).exp();
             // Drop a token when the tokens ranked above it already reach top_p.
             let above = sorted.cumsum(-1, Kind::Float) - &sorted;
             let kept = sorted.masked_fill(&above.gt(top_p), 0.0);

@@ -300,6 +300,10 @@ impl Llama {
             (cols.le_tensor(&rows), cols.eq_tensor(&rows))
         };
         match key_valid {
+            // One new (real) query after the cache sees every real key: no causal part.
+            Some(valid) if t == 1 => {
+                AttentionMask::Explicit(valid.view([valid.size()[0], 1, 1, past + t]))
+            }
             Some(valid) => {
                 let (allowed, itself) = causal();
                 let batch = valid.size()[0];
