@@ -4,10 +4,13 @@
 # and benchmark it.
 #
 # On a machine whose Python has a CUDA build of torch, the conversion runs on that GPU with
-# the paper's recipe over the whole corpus once (16.4M Stage-2 tokens: about 3 minutes on one
-# H100). Otherwise it runs on the CPU with a small budget (STEPS, default 20 Stage-2 steps of
-# 2048 tokens, one a phase, after 5 Stage-1 steps) that shows every step but not the method's
-# quality. Run it again to resume an interrupted conversion; delete RUN to start over.
+# binllm's `quality` recipe (docs/RECIPE.md): the teacher first writes 3M tokens of chat
+# transcripts, then 40M Stage-2 tokens of distillation on the corpus and those transcripts
+# (10.5 minutes on one H200; WikiText-2 58.6 against the teacher's 21.6). Otherwise it runs
+# on the CPU with the paper's settings and a small budget (STEPS, default 20 Stage-2 steps
+# of 2048 tokens, one a phase, after 5 Stage-1 steps) that shows every step but not the
+# method's quality. Run it again to resume an interrupted conversion; delete RUN to start
+# over.
 #
 # Environment: DATA (corpus files or folders, space-separated; default ../shared/data/corpus's
 # Wikipedia and Gutenberg), RUN (default runs/smollm2-binaryllm), STEPS (CPU Stage-2 steps, a
@@ -35,14 +38,13 @@ PY
 if [[ -n "$cuda_lib" ]]; then
   say "CUDA: using libtorch from $cuda_lib"
   export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  # The corpus once (16.4M Stage-2 tokens), 500 steps of 32k tokens: the H100 run in
-  # docs/results/2026-11-23-h100.
-  budget=(--device cuda --preset paper --batch-tokens 32768 --micro-batch 16 --val-windows 32)
-  scoring=(--tasks all --device cuda)
+  # No preset: on CUDA that is the quality recipe, with its chat score at the end.
+  budget=(--device cuda)
+  scoring=(--tasks "all,chat:$run/chat-reference.json" --device cuda)
 else
   say "no CUDA torch found: converting on the CPU with a small budget (STEPS=${STEPS:-20} Stage-2 steps)"
   budget=(--device cpu --preset paper --seq-len 256 --batch-tokens 2048 --stage1-steps 5
-    --val-windows 8 --steps "${STEPS:-20}")
+    --val-windows 8 --steps "${STEPS:-20}" --chat-eval-prompts 0)
   scoring=(--tasks arc_easy,piqa --limit 100)
 fi
 

@@ -73,7 +73,8 @@ b)
 c)
   cp "$pack/c/"*.gz "$work/"
   mkdir -p "$work/logs"
-  setsid nohup bash "$repo/tools/gpu/quality.sh" pipeline > "$work/logs/pipeline.log" 2>&1 < /dev/null &
+  setsid nohup env QUALITY_ARGS="${QUALITY_ARGS:-}" SKIP_COMPARISONS="${SKIP_COMPARISONS:-}" \
+    bash "$repo/tools/gpu/quality.sh" pipeline > "$work/logs/pipeline.log" 2>&1 < /dev/null &
   sleep 20
   tail -5 "$work/logs/pipeline.log"
   ;;
@@ -84,7 +85,8 @@ pipeline)
   timed() { local t0=$SECONDS; "$@"; say "($(( SECONDS - t0 )) s) ${*:0:3}"; }
   say "1. the default GPU conversion (no preset given: quality on CUDA)"
   t0=$SECONDS
-  "$bin" convert --model "$model" "${data[@]}" --out runs/quality --device cuda --cache-dir "$work/cache"
+  "$bin" convert --model "$model" "${data[@]}" --out runs/quality --device cuda --cache-dir "$work/cache" \
+    ${QUALITY_ARGS:-}
   say "convert wall-clock $(( SECONDS - t0 )) s"
   say "2. export and the eval panel of the exported file"
   timed "$bin" export runs/quality --head q8 --out quality-q8.b1
@@ -98,6 +100,7 @@ pipeline)
     echo ">>> $q"
     "$bin" run --model quality-q8.b1 --chat --max-tokens 160 --threads 16 --prompt "$q" </dev/null || true
   done 2>&1 | tee evals/chat-transcript.txt
+  [[ -n "${SKIP_COMPARISONS:-}" ]] && { say "pipeline done"; exit 0; }
   say "4. comparison runs at 12M tokens"
   for name in plain-kd recipe-12m; do
     extra=()

@@ -36,7 +36,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "binaryllm")]
     pub method: Method,
     /// Starting settings (every option below overrides them): `quality` (binllm's measured
-    /// one-GPU recipe: distillation, teacher chat data, 72M tokens; docs/RECIPE.md), `paper`
+    /// one-GPU recipe: distillation, teacher chat data, 40M tokens; docs/RECIPE.md), `paper`
     /// (seq 2048, 128 x 2048 tokens a step, lr 1e-4 -> 2e-6, cross-entropy) or `smoke` (a few
     /// CPU minutes on a tiny model). Default: `quality` on CUDA, `paper` on the CPU.
     #[arg(long, value_enum)]
@@ -136,6 +136,9 @@ pub struct Args {
     /// Prompts the teacher answers at once while generating chat data (memory knob).
     #[arg(long)]
     pub chat_batch: Option<usize>,
+    /// Held-out prompts (of 48) for the chat score taken at the end of the run; 0 skips it.
+    #[arg(long)]
+    pub chat_eval_prompts: Option<usize>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long)]
     pub device: Option<String>,
@@ -208,7 +211,8 @@ pub fn run(args: Args) -> Result<()> {
         keep_checkpoints,
         chat_tokens,
         chat_share,
-        chat_batch
+        chat_batch,
+        chat_eval_prompts
     );
     if args.t_max.is_some() {
         c.t_max = args.t_max;

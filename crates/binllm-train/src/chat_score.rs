@@ -27,14 +27,16 @@ pub const MAX_ANSWER_TOKENS: usize = 192;
 /// Sequences per forward pass when scoring answers (bounds the `[n, len, vocab]` logits).
 const SCORE_BATCH: usize = 8;
 
-/// The held-out prompts answered greedily by `teacher`.
+/// The first `count` held-out prompts answered greedily by `teacher`.
 pub fn build_reference(
     teacher: &Llama,
     pretrained: &PretrainedModel,
     source_model: &str,
+    count: usize,
 ) -> Result<ChatReference> {
     let tokenizer = pretrained.tokenizer()?;
-    let prompts = held_out_prompts();
+    let mut prompts = held_out_prompts();
+    prompts.truncate(count.max(1));
     let prompt_ids = prompts
         .iter()
         .map(|p| render_prompt(pretrained, tokenizer, p))

@@ -206,7 +206,7 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         (None, None)
     };
 
-    let chat = if config.method.trains() {
+    let chat = if config.method.trains() && config.chat_eval_prompts > 0 {
         shipped_chat_score(
             &config,
             &pretrained,
@@ -350,8 +350,12 @@ fn shipped_chat_score(
         }
     };
     let started = Instant::now();
-    let reference =
-        chat_score::build_reference(teacher, pretrained, &config.model.display().to_string())?;
+    let reference = chat_score::build_reference(
+        teacher,
+        pretrained,
+        &config.model.display().to_string(),
+        config.chat_eval_prompts,
+    )?;
     let teacher_score = chat_score::score(teacher, &reference, pretrained.tokenizer()?)?;
     let saved = model.form;
     model.form = shipped;
