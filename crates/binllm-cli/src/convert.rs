@@ -126,6 +126,10 @@ pub struct Args {
     /// Weight of cross-entropy in `mix`.
     #[arg(long)]
     pub ce_weight: Option<f64>,
+    /// Apply the LM head and the loss this many tokens at a time (e.g. 4096), so the
+    /// `[tokens, vocab]` logits never exist at once; 0 keeps whole logits.
+    #[arg(long, value_parser = parse_count)]
+    pub loss_chunk_tokens: Option<usize>,
     /// Tokens of chat transcripts to generate with the teacher before training (e.g. 4M;
     /// 0: none): prompts drawn from the corpus, answered in the model's own chat template.
     #[arg(long, value_parser = parse_count)]
@@ -156,6 +160,11 @@ pub struct Args {
     /// How many checkpoints to keep on disk.
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
+    /// Time N Stage-2 steps (after two warm-up steps) section by section (embedding,
+    /// binarised weights, attention, MLP, head, loss, backward, optimizer) and write the
+    /// breakdown to the log, metrics.jsonl and summary.md.
+    #[arg(long, value_name = "N")]
+    pub profile: Option<usize>,
     /// Where tokenized corpora are cached.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -202,6 +211,7 @@ pub fn run(args: Args) -> Result<()> {
         distill,
         kd_temperature,
         ce_weight,
+        loss_chunk_tokens,
         device,
         seed
     );
@@ -216,6 +226,9 @@ pub fn run(args: Args) -> Result<()> {
     );
     if args.t_max.is_some() {
         c.t_max = args.t_max;
+    }
+    if let Some(n) = args.profile {
+        c.profile_steps = n;
     }
     if args.no_decay_latent {
         c.decay_latent = false;

@@ -76,6 +76,9 @@ pub struct ConvertConfig {
     pub kd_temperature: f64,
     /// Weight of cross-entropy in `mix`.
     pub ce_weight: f64,
+    /// Tokens per chunk of the LM head and loss (0: the whole micro-batch's logits at once).
+    #[serde(default)]
+    pub loss_chunk_tokens: usize,
     /// Tokens of teacher chat transcripts to generate (0: none).
     #[serde(default)]
     pub chat_tokens: usize,
@@ -99,6 +102,9 @@ pub struct ConvertConfig {
     pub keep_checkpoints: usize,
     /// Token cache directory (default: $BINLLM_CACHE/tokens or ~/.cache/binllm/tokens).
     pub cache_dir: Option<PathBuf>,
+    /// Stage-2 steps timed section by section (`--profile`; 0: none).
+    #[serde(default)]
+    pub profile_steps: usize,
 }
 
 fn default_decay_fraction() -> f64 {
@@ -184,6 +190,7 @@ impl ConvertConfig {
             distill: Distill::Ce,
             kd_temperature: 1.0,
             ce_weight: 0.5,
+            loss_chunk_tokens: 0,
             chat_tokens: 0,
             chat_share: 0.0,
             chat_batch: default_chat_batch(),
@@ -195,6 +202,7 @@ impl ConvertConfig {
             checkpoint_every: 0,
             keep_checkpoints: 2,
             cache_dir: None,
+            profile_steps: 0,
         };
         match preset {
             Preset::Paper => base,

@@ -100,6 +100,7 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         teacher,
         metrics: MetricsLog::open(run_dir)?,
         pending_checkpoint: None,
+        profile: None,
     };
     let latest = if resume {
         checkpoint::latest_checkpoint(run_dir)?
@@ -246,6 +247,7 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         bits_per_weight: bits,
         chat_data,
         chat,
+        profile: trainer.profile.clone(),
     };
     summary::write_summary(run_dir, &summary)?;
     if let Err(err) = summary::write_plot(run_dir, &summary) {

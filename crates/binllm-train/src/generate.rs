@@ -148,7 +148,7 @@ pub fn generate_batch(
     let stop_ids =
         Tensor::from_slice(&stop.iter().map(|&s| s as i64).collect::<Vec<_>>()).to_device(device);
 
-    let mut cache = KvCache::padded(model.config.num_layers, valid);
+    let mut cache = KvCache::padded(model.config.num_layers, valid, (width + max_new) as i64);
     let hidden = model.forward_hidden(&ids, Some(&mut cache));
     let mut logits = model.logits(&hidden.narrow(1, -1, 1)).squeeze_dim(1);
     let mut finished = Tensor::zeros([rows as i64], (Kind::Bool, device));

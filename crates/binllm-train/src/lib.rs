@@ -23,6 +23,7 @@ pub mod method;
 pub mod optim;
 pub mod plan;
 pub mod plot;
+pub mod profile;
 pub mod progress;
 pub mod schedule;
 pub mod scorer;

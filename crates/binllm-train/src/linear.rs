@@ -245,8 +245,12 @@ impl BlockLinear {
     }
 
     pub fn forward(&self, x: &Tensor, form: WeightForm) -> Tensor {
-        let w = self.effective_weight(form);
-        x.linear(&w, self.bias.as_ref().map(|b| &b.tensor))
+        self.apply(x, &self.effective_weight(form))
+    }
+
+    /// `x @ weight^T (+ bias)` with an effective weight already built.
+    pub fn apply(&self, x: &Tensor, weight: &Tensor) -> Tensor {
+        x.linear(weight, self.bias.as_ref().map(|b| &b.tensor))
     }
 
     /// Relative Frobenius error of the Stage-1 binarized weight against the full one.

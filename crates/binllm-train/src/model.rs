@@ -12,6 +12,7 @@ use binllm_format::{HostTensor, ModelConfig, PretrainedModel, TensorData};
 use tch::{Device, Kind, Tensor};
 
 use crate::linear::{BlockLinear, Param, WeightForm};
+use crate::profile::SectionTimer;
 
 pub struct Block {
     pub attn_norm: Param,
@@ -54,10 +55,19 @@ impl Block {
 }
 
 /// Keys and values of every layer for the positions seen so far.
+///
+/// A plain cache grows by concatenation, which copies it at every step; a cache made with a
+/// capacity ([`KvCache::padded`]) writes new positions into buffers allocated once, which is
+/// what batched generation of long answers needs.
 pub struct KvCache {
+    /// Per layer: keys and values `[batch, kv_heads, positions or capacity, head_dim]`.
     layers: Vec<Option<(Tensor, Tensor)>>,
-    /// `[batch, positions]` true where a cached position is a real token: set for a
-    /// left-padded batch ([`KvCache::padded`]), so no query attends to the padding.
+    /// Positions cached.
+    len: i64,
+    /// Positions the buffers hold, when allocated once.
+    capacity: Option<i64>,
+    /// `[batch, positions or capacity]` true where a position is a real token: set for a
+    /// left-padded batch, so no query attends to the padding.
     key_valid: Option<Tensor>,
 }
 
@@ -65,28 +75,66 @@ impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+            capacity: None,
             key_valid: None,
         }
     }
 
-    /// A cache for a batch of prompts of different lengths, left-padded to one length:
-    /// `valid` (`[batch, len]`, bool) marks the real tokens of the prompts that will be fed
-    /// first. Positions fed later are all real. Since RoPE scores depend only on relative
-    /// positions, left padding changes nothing a real query sees.
-    pub fn padded(num_layers: usize, valid: Tensor) -> Self {
+    /// A cache for a batch of prompts of different lengths, left-padded to one length, that
+    /// will hold at most `capacity` positions: `valid` (`[batch, len]`, bool) marks the real
+    /// tokens of the prompts that will be fed first; positions fed later are all real. Since
+    /// RoPE scores depend only on relative positions, left padding changes nothing a real
+    /// query sees.
+    pub fn padded(num_layers: usize, valid: Tensor, capacity: i64) -> Self {
+        let (batch, prompt) = (valid.size()[0], valid.size()[1]);
+        assert!(capacity >= prompt, "the cache must hold the prompts");
+        let later = Tensor::ones([batch, capacity - prompt], (Kind::Bool, valid.device()));
         KvCache {
-            key_valid: Some(valid),
+            key_valid: Some(Tensor::cat(&[valid, later], 1)),
+            capacity: Some(capacity),
             ..KvCache::new(num_layers)
         }
     }
 
     /// Number of positions cached.
     pub fn len(&self) -> i64 {
-        self.layers[0].as_ref().map_or(0, |(k, _)| k.size()[2])
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
+    }
+
+    /// Stores the keys and values of positions `past..past + t` of one layer; returns every
+    /// cached key and value so far (views of the buffers when allocated once).
+    fn store(&mut self, layer: usize, past: i64, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        let t = k.size()[2];
+        let slot = &mut self.layers[layer];
+        match self.capacity {
+            Some(capacity) => {
+                assert!(past + t <= capacity, "the KV cache is full");
+                let (kb, vb) = slot.get_or_insert_with(|| {
+                    let mut shape = k.size();
+                    shape[2] = capacity;
+                    (
+                        Tensor::zeros(&shape[..], (k.kind(), k.device())),
+                        Tensor::zeros(&shape[..], (v.kind(), v.device())),
+                    )
+                });
+                kb.narrow(2, past, t).copy_(&k);
+                vb.narrow(2, past, t).copy_(&v);
+                (kb.narrow(2, 0, past + t), vb.narrow(2, 0, past + t))
+            }
+            None => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some((k.shallow_clone(), v.shallow_clone()));
+                (k, v)
+            }
+        }
     }
 }
 
@@ -109,7 +157,35 @@ pub struct Llama {
     pub lm_head: Option<Param>,
     /// The weight form every block linear uses in the forward pass.
     pub form: WeightForm,
+    /// When set, the forward pass marks its sections (`--profile`).
+    pub timer: Option<std::rc::Rc<SectionTimer>>,
     inv_freq: Tensor,
+}
+
+/// One block's seven effective weights under a form, built before its products (so that a
+/// profile can tell the binarised-weight transform from the matrix products).
+struct BlockWeights {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+impl BlockWeights {
+    fn of(block: &Block, form: WeightForm) -> Self {
+        BlockWeights {
+            q: block.q.effective_weight(form),
+            k: block.k.effective_weight(form),
+            v: block.v.effective_weight(form),
+            o: block.o.effective_weight(form),
+            gate: block.gate.effective_weight(form),
+            up: block.up.effective_weight(form),
+            down: block.down.effective_weight(form),
+        }
+    }
 }
 
 /// `x / sqrt(mean(x^2) + eps) * weight`, computed in f32 as transformers does.
@@ -202,6 +278,7 @@ impl Llama {
             lm_head,
             layers,
             form: WeightForm::Full,
+            timer: None,
             inv_freq: Tensor::from_slice(&inv_freq).to_device(device),
             config,
         })
@@ -227,23 +304,24 @@ impl Llama {
     fn attention(
         &self,
         block: &Block,
+        weights: &BlockWeights,
         x: &Tensor,
         rope: &(Tensor, Tensor),
         mask: &AttentionMask,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut KvCache, usize, i64)>,
     ) -> Tensor {
         let c = &self.config;
         let (b, t) = (x.size()[0], x.size()[1]);
         let (heads, kv_heads, head_dim) =
             (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
-        let mut q = block.q.forward(x, self.form).view([b, t, heads, head_dim]);
+        let mut q = block.q.apply(x, &weights.q).view([b, t, heads, head_dim]);
         let mut k = block
             .k
-            .forward(x, self.form)
+            .apply(x, &weights.k)
             .view([b, t, kv_heads, head_dim]);
         let v = block
             .v
-            .forward(x, self.form)
+            .apply(x, &weights.v)
             .view([b, t, kv_heads, head_dim])
             .transpose(1, 2);
         if let (Some(qn), Some(kn)) = (&block.q_norm, &block.k_norm) {
@@ -253,14 +331,7 @@ impl Llama {
         let q = apply_rope(&q.transpose(1, 2), &rope.0, &rope.1);
         let k = apply_rope(&k.transpose(1, 2), &rope.0, &rope.1);
         let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
-                    None => (k, v),
-                };
-                *slot = Some((k.shallow_clone(), v.shallow_clone()));
-                (k, v)
-            }
+            Some((cache, layer, past)) => cache.store(layer, past, k, v),
             None => (k, v),
         };
         let (explicit, is_causal) = match mask {
@@ -279,13 +350,20 @@ impl Llama {
             kv_heads != heads,
         );
         let attn = attn.transpose(1, 2).reshape([b, t, heads * head_dim]);
-        block.o.forward(&attn, self.form)
+        block.o.apply(&attn, &weights.o)
     }
 
-    fn mlp(&self, block: &Block, x: &Tensor) -> Tensor {
-        let gate = block.gate.forward(x, self.form).silu();
-        let up = block.up.forward(x, self.form);
-        block.down.forward(&(gate * up), self.form)
+    fn mlp(&self, block: &Block, weights: &BlockWeights, x: &Tensor) -> Tensor {
+        let gate = block.gate.apply(x, &weights.gate).silu();
+        let up = block.up.apply(x, &weights.up);
+        block.down.apply(&(gate * up), &weights.down)
+    }
+
+    /// Ends a profiled section (nothing unless `--profile` set a timer).
+    fn mark(&self, section: &'static str) {
+        if let Some(timer) = &self.timer {
+            timer.mark(section);
+        }
     }
 
     /// The keys each of `t` new queries may see after `past` cached positions. With cached
@@ -324,46 +402,56 @@ impl Llama {
     /// Hidden states after the final norm, `[batch, len, hidden]`. With a cache, `tokens`
     /// continue the cached positions and are appended to the cache.
     pub fn forward_hidden(&self, tokens: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
-        let (batch, t) = (tokens.size()[0], tokens.size()[1]);
+        let t = tokens.size()[1];
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let key_valid = cache.as_mut().and_then(|c| {
-            let valid = c.key_valid.as_mut()?;
-            // Positions beyond the padded prompt are real tokens.
-            let missing = start + t - valid.size()[1];
-            if missing > 0 {
-                let real = Tensor::ones([batch, missing], (Kind::Bool, valid.device()));
-                *valid = Tensor::cat(&[valid.shallow_clone(), real], 1);
-            }
-            Some(valid.shallow_clone())
-        });
+        let key_valid = cache
+            .as_ref()
+            .and_then(|c| c.key_valid.as_ref())
+            .map(|valid| valid.narrow(1, 0, start + t));
         let mask = self.attention_mask(start, t, key_valid.as_ref());
         let mut h = Tensor::embedding(&self.embed.tensor, tokens, -1, false, false);
         let rope = self.rope_tables(start, t, h.kind());
         let eps = self.config.rms_norm_eps;
+        self.mark("embedding");
         for (i, block) in self.layers.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| (c, i, start));
+            let weights = BlockWeights::of(block, self.form);
+            self.mark("binarised weights");
             h = &h
                 + self.attention(
                     block,
+                    &weights,
                     &rms_norm(&h, &block.attn_norm.tensor, eps),
                     &rope,
                     &mask,
                     slot,
                 );
-            h = &h + self.mlp(block, &rms_norm(&h, &block.mlp_norm.tensor, eps));
+            self.mark("attention");
+            h = &h + self.mlp(block, &weights, &rms_norm(&h, &block.mlp_norm.tensor, eps));
+            self.mark("mlp");
+        }
+        if let Some(c) = cache {
+            c.len += t;
         }
         rms_norm(&h, &self.final_norm.tensor, eps)
     }
 
+    /// The LM head's weight `[vocab, hidden]` (the embedding when tied).
+    pub fn head(&self) -> &Tensor {
+        &self.lm_head.as_ref().unwrap_or(&self.embed).tensor
+    }
+
     /// LM head: `[.., hidden]` -> `[.., vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        hidden.linear::<Tensor>(&head.tensor, None)
+        hidden.linear::<Tensor>(self.head(), None)
     }
 
     /// Logits for every position, `[batch, len, vocab]`.
     pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
-        self.logits(&self.forward_hidden(tokens, cache))
+        let hidden = self.forward_hidden(tokens, cache);
+        let logits = self.logits(&hidden);
+        self.mark("head");
+        logits
     }
 
     /// Every parameter once, in a fixed order (shared tensors by their first name).

@@ -42,6 +42,9 @@ pub struct Summary {
     /// The chat score of the shipped model and of its teacher on the held-out prompts.
     #[serde(default)]
     pub chat: Option<ChatComparison>,
+    /// `--profile`: milliseconds per Stage-2 step of each section.
+    #[serde(default)]
+    pub profile: Option<Vec<(String, f64)>>,
 }
 
 /// The shipped model's chat score beside its teacher's (`RUN/chat-reference.json` holds
@@ -168,6 +171,12 @@ pub fn write_summary(run_dir: &Path, summary: &Summary) -> Result<()> {
                 s.mean_answer_tokens
             );
         }
+    }
+    if let Some(profile) = &summary.profile {
+        md += &format!(
+            "\n## Where a Stage-2 step's time goes (`--profile`)\n\n{}",
+            crate::profile::render(profile)
+        );
     }
     binllm_format::atomic::write_atomically(&run_dir.join("summary.md"), md.as_bytes())
 }

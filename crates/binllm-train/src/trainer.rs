@@ -18,6 +18,7 @@ use crate::method;
 use crate::model::Llama;
 use crate::optim::{AdamW, AdamWConfig, ParamGroup};
 use crate::plan::Plan;
+use crate::profile::SectionTimer;
 use crate::schedule::learning_rate;
 use crate::shim;
 use crate::summary::{PhaseReport, Stage1Report, Stage2Time};
@@ -100,6 +101,8 @@ pub(crate) struct Trainer<'a> {
     pub teacher: Option<Llama>,
     pub metrics: MetricsLog,
     pub pending_checkpoint: Option<std::thread::JoinHandle<Result<()>>>,
+    /// Milliseconds per step of each section, from `--profile`.
+    pub profile: Option<Vec<(String, f64)>>,
 }
 
 impl Trainer<'_> {
@@ -117,15 +120,55 @@ impl Trainer<'_> {
         for m in 0..self.plan.accumulation {
             let starts = self.plan.micro_batch_windows(self.windows, step, m);
             let (x, y) = self.windows.batch(&starts, model.device());
+            if let Some(timer) = &model.timer {
+                timer.mark("batch to device");
+            }
+            let scale = 1.0 / self.plan.accumulation as f64;
+            let chunk = self.config.loss_chunk_tokens as i64;
+            let mark = |section| {
+                if let Some(timer) = &model.timer {
+                    timer.mark(section);
+                }
+            };
             let loss = shim::with_autocast_bf16(self.bf16, || {
+                if chunk > 0 {
+                    let teacher_hidden = self
+                        .teacher
+                        .as_ref()
+                        .map(|t| (tch::no_grad(|| t.forward_hidden(&x, None)), t.head()));
+                    if teacher_hidden.is_some() {
+                        mark("teacher forward");
+                    }
+                    let hidden = model.forward_hidden(&x, None);
+                    let teacher = teacher_hidden.as_ref().map(|(h, w)| (h, *w));
+                    let (loss, hidden_grad) = loss::head_and_loss_backward(
+                        &loss_config,
+                        &hidden,
+                        model.head(),
+                        &y,
+                        teacher,
+                        chunk,
+                        scale,
+                    );
+                    mark("head + loss, forward and backward (chunked)");
+                    loss::backward_from(&hidden, &hidden_grad);
+                    mark("backward");
+                    return loss;
+                }
                 let teacher_logits = self
                     .teacher
                     .as_ref()
                     .map(|t| tch::no_grad(|| t.forward(&x, None)));
+                if teacher_logits.is_some() {
+                    mark("teacher forward");
+                }
                 let logits = model.forward(&x, None);
-                loss::training_loss(&loss_config, &logits, &y, teacher_logits.as_ref())
+                let loss = loss::training_loss(&loss_config, &logits, &y, teacher_logits.as_ref());
+                mark("loss");
+                (&loss * scale).backward();
+                mark("backward");
+                loss
             });
-            (&loss / self.plan.accumulation as f64).backward();
             total += loss.detach();
         }
         let loss = total.double_value(&[]) / self.plan.accumulation as f64;
@@ -144,6 +187,9 @@ impl Trainer<'_> {
         }
         optimizer.clip_gradients(grad_norm, self.config.grad_clip);
         optimizer.step(lr)?;
+        if let Some(timer) = &model.timer {
+            timer.mark("gradient norm, clipping, AdamW");
+        }
         Ok(StepResult { loss, grad_norm })
     }
 
@@ -278,9 +324,35 @@ impl Trainer<'_> {
                 config.min_lr,
             );
             let global = plan.stage1_steps + k;
+            // Profiled steps come after two warm-up steps (allocator, kernel selection).
+            let profiled = (start + 2..start + 2 + config.profile_steps).contains(&k);
+            if profiled {
+                let device = model.device();
+                let timer = model
+                    .timer
+                    .get_or_insert_with(|| std::rc::Rc::new(SectionTimer::new(device)));
+                timer.start_step();
+            }
             let step_started = Instant::now();
             let result = self.train_step(model, &mut optimizer, global, lr)?;
             step_seconds += step_started.elapsed().as_secs_f64();
+            if profiled && k + 1 == start + 2 + config.profile_steps {
+                let timer = model.timer.take().expect("set for the profiled steps");
+                let sections = timer.milliseconds_per_step();
+                self.metrics.write(serde_json::json!({
+                    "event": "profile", "global_step": global + 1, "steps": config.profile_steps,
+                    "ms_per_step": sections.iter().map(|(name, ms)| (name.clone(), serde_json::json!(ms))).collect::<serde_json::Map<String, serde_json::Value>>(),
+                }))?;
+                crate::progress::println(
+                    &progress,
+                    format!(
+                        "profile of {} Stage-2 steps (device synchronised at each boundary):\n{}",
+                        config.profile_steps,
+                        crate::profile::render(&sections)
+                    ),
+                );
+                self.profile = Some(sections);
+            }
             phase_losses.push(result.loss);
             let done = k + 1 - start;
             let tokens_per_second =

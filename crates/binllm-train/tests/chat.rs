@@ -75,6 +75,7 @@ fn left_padded_batches_generate_what_each_prompt_generates_alone() {
     let mut cache = binllm_train::KvCache::padded(
         model.config.num_layers,
         Tensor::from_slice(&valid).view([3, width as i64]),
+        width as i64,
     );
     let hidden = model.forward_hidden(
         &Tensor::from_slice(&ids).view([3, width as i64]),
