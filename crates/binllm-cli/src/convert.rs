@@ -157,9 +157,13 @@ pub struct Args {
     /// Also checkpoint every N Stage-2 steps (phase ends always checkpoint).
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
-    /// How many checkpoints to keep on disk.
+    /// How many checkpoints to keep on disk while the run goes (default 1).
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
+    /// Keep the checkpoints after the run has finished (by default they are deleted; the
+    /// sign model and summary hold the result).
+    #[arg(long)]
+    pub keep_final_checkpoints: bool,
     /// Time N Stage-2 steps (after two warm-up steps) section by section (embedding,
     /// binarised weights, attention, MLP, head, loss, backward, optimizer) and write the
     /// breakdown to the log, metrics.jsonl and summary.md.
@@ -229,6 +233,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     if let Some(n) = args.profile {
         c.profile_steps = n;
+    }
+    if args.keep_final_checkpoints {
+        c.keep_final_checkpoints = true;
     }
     if args.no_decay_latent {
         c.decay_latent = false;

@@ -230,8 +230,17 @@ fn small_run_args<'a>(
             None => options.push((key, value)),
         }
     }
+    // An empty value stands for a flag without one.
     std::iter::once("convert")
-        .chain(options.into_iter().flat_map(|(k, v)| [k, v]))
+        .chain(options.into_iter().flat_map(
+            |(k, v)| {
+                if v.is_empty() {
+                    vec![k]
+                } else {
+                    vec![k, v]
+                }
+            },
+        ))
         .collect()
 }
 
@@ -382,7 +391,11 @@ fn bad_input_gives_clear_errors() {
     run_ok(&small_run_args(
         run.to_str().unwrap(),
         data.to_str().unwrap(),
-        &[("--steps", "20"), ("--phases", "2")],
+        &[
+            ("--steps", "20"),
+            ("--phases", "2"),
+            ("--keep-final-checkpoints", ""),
+        ],
     ));
     let ckpts: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
@@ -549,6 +562,63 @@ fn recipe_switches_chat_data_and_the_sign_stage_run_end_to_end() {
     );
     let t_last = stage2[39]["t"].as_f64().unwrap();
     assert!((t_last - 50.0).abs() < 1e-9, "t at the last step: {t_last}");
+
+    // Transcripts left in a run directory are reused only for the same request.
+    let chat_run = |name: &str, tokens: &str| {
+        let other = dir.path().join(name);
+        std::fs::create_dir_all(&other).unwrap();
+        for file in ["teacher-chat.tok", "teacher-chat.json"] {
+            std::fs::copy(run.join(file), other.join(file)).unwrap();
+        }
+        let out = run_ok(&[
+            "convert",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            other.to_str().unwrap(),
+            "--preset",
+            "smoke",
+            "--device",
+            "cpu",
+            "--seq-len",
+            "64",
+            "--batch-tokens",
+            "256",
+            "--micro-batch",
+            "4",
+            "--steps",
+            "20",
+            "--stage1-steps",
+            "0",
+            "--val-windows",
+            "2",
+            "--chat-eval-prompts",
+            "0",
+            "--chat-tokens",
+            tokens,
+            "--chat-share",
+            "0.25",
+        ]);
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(other.join("teacher-chat.json")).unwrap(),
+        )
+        .unwrap();
+        (String::from_utf8_lossy(&out.stderr).to_string(), report)
+    };
+    let (log, report) = chat_run("same-request", "3k");
+    assert!(
+        log.contains("teacher chat data: ") && log.contains(" tokens from "),
+        "{log}"
+    );
+    assert_eq!(report["requested_tokens"].as_u64(), Some(3000));
+    let (log, report) = chat_run("other-request", "2k");
+    assert!(
+        !log.contains(" tokens from "),
+        "a different request regenerates: {log}"
+    );
+    assert_eq!(report["requested_tokens"].as_u64(), Some(2000));
 }
 
 /// The Stage-2 losses of a run, step by step.
@@ -628,4 +698,39 @@ fn chunked_loss_trains_like_whole_logits() {
         let (a, b) = (held_out(&runs[0]), held_out(&runs[1]));
         assert!((a - b).abs() < 0.02, "{distill}: held-out {a} vs {b}");
     }
+}
+
+#[test]
+fn an_impossible_budget_fails_at_once_and_leaves_nothing_to_resume() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = shared("data/corpus/tinystories/tinystories.txt.gz");
+    let run = dir.path().join("budget");
+    let (out, data) = (run.to_str().unwrap(), data.to_str().unwrap());
+    let started = std::time::Instant::now();
+    let err = run_err(&small_run_args(out, data, &[("--steps", "5")]));
+    assert!(
+        err.contains("--steps 5") && err.contains("use --steps 20"),
+        "{err}"
+    );
+    let mut by_tokens = small_run_args(out, data, &[("--tokens", "1000")]);
+    let at = by_tokens.iter().position(|a| *a == "--steps").unwrap();
+    by_tokens.drain(at..at + 2);
+    let err = run_err(&by_tokens);
+    assert!(
+        err.contains("--tokens 1000") && err.contains("use --tokens 5120"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed().as_secs_f64() < 10.0,
+        "refused before any work"
+    );
+    assert!(!run.join("config.toml").exists(), "nothing to resume");
+    // The next run in the same directory starts afresh, finishes, and keeps no checkpoint.
+    run_ok(&small_run_args(out, data, &[("--steps", "20")]));
+    assert!(run.join("sign-model.safetensors").exists());
+    assert!(
+        !run.join("checkpoints").exists(),
+        "a finished run deletes its checkpoints"
+    );
 }

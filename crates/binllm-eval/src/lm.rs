@@ -2,7 +2,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use binllm_format::TextTokenizer;
-use indicatif::{ProgressBar, ProgressStyle};
+use binllm_progress::Progress;
 
 /// One sequence to score: the log-probability of `tokens[i]` given `tokens[..i]` for every
 /// `i` in `score_from..tokens.len()`.
@@ -65,7 +65,7 @@ pub trait LanguageModel {
 pub fn score_all(
     model: &mut dyn LanguageModel,
     requests: &[ScoreRequest],
-    progress: &ProgressBar,
+    progress: &Progress,
 ) -> Result<Vec<Vec<TokenScore>>> {
     let max_len = model.max_context() + 1;
     for (i, r) in requests.iter().enumerate() {
@@ -129,18 +129,12 @@ pub fn score_all(
         .collect())
 }
 
-/// A progress bar, or a hidden one (tests, `--quiet`).
-pub fn progress_bar(len: usize, message: &str, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
+/// Progress of `len` units of work (a bar, or log lines when stderr is not a terminal), or
+/// none (tests, `--quiet`).
+pub fn progress_bar(len: usize, message: &str, show: bool) -> Progress {
+    if show {
+        Progress::new(len as u64, message)
+    } else {
+        Progress::hidden()
     }
-    let bar = ProgressBar::new(len as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg:>14} [{elapsed_precise}] {bar:40} {pos}/{len} ({eta} left)",
-        )
-        .expect("valid progress template"),
-    );
-    bar.set_message(message.to_string());
-    bar
 }

@@ -97,7 +97,7 @@ fn requests_go_longest_first_and_come_back_in_order() {
             score_from: 1,
         })
         .collect();
-    let scores = score_all(&mut model, &requests, &indicatif::ProgressBar::hidden()).unwrap();
+    let scores = score_all(&mut model, &requests, &binllm_progress::Progress::hidden()).unwrap();
     assert_eq!(
         scores.iter().map(Vec::len).collect::<Vec<_>>(),
         [2, 8, 4, 6, 3]

@@ -83,6 +83,14 @@ impl Default for ChatSampling {
 /// What a chat-data generation produced (`RUN/teacher-chat.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChatDataReport {
+    /// What was asked for: a run reuses the transcripts in its directory only when the
+    /// request is the same.
+    #[serde(default)]
+    pub requested_tokens: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub teacher: String,
     pub tokens: usize,
     pub transcripts: usize,
     pub prompts_tried: usize,
@@ -262,9 +270,12 @@ pub fn generate_chat_data(
         !prompts.is_empty(),
         "the corpus gave no prompts for chat data (documents need a title line or paragraphs of 150+ characters)"
     );
-    let progress = crate::progress::bar(tokens as u64, "teacher chat data");
+    let progress = binllm_progress::Progress::new(tokens as u64, "teacher chat data");
     let mut stream = Vec::with_capacity(tokens + 4096);
     let mut report = ChatDataReport {
+        requested_tokens: tokens,
+        seed,
+        teacher: pretrained.path.display().to_string(),
         tokens: 0,
         transcripts: 0,
         prompts_tried: 0,
@@ -333,15 +344,6 @@ pub fn generate_chat_data(
             }
         }
         progress.set_position(stream.len().min(tokens) as u64);
-        if progress.is_hidden() {
-            // A log file gets one line a round instead of a bar.
-            eprintln!(
-                "teacher chat data: {} of {tokens} tokens, {} transcripts, {:.0} s",
-                stream.len(),
-                report.transcripts,
-                started.elapsed().as_secs_f64()
-            );
-        }
     }
     progress.finish_and_clear();
     report.tokens = stream.len();

@@ -98,8 +98,13 @@ pub struct ConvertConfig {
     pub val_windows: usize,
     /// Also checkpoint every N Stage-2 steps (0: phase ends only).
     pub checkpoint_every: usize,
-    /// Checkpoints kept on disk (newest first).
+    /// Checkpoints kept on disk while the run goes (newest first).
     pub keep_checkpoints: usize,
+    /// Keep the checkpoints once the run has finished (by default they are deleted: the
+    /// sign model and the summary hold the result, and each checkpoint of a 135M model
+    /// takes 1.6 GB).
+    #[serde(default)]
+    pub keep_final_checkpoints: bool,
     /// Token cache directory (default: $BINLLM_CACHE/tokens or ~/.cache/binllm/tokens).
     pub cache_dir: Option<PathBuf>,
     /// Stage-2 steps timed section by section (`--profile`; 0: none).
@@ -200,7 +205,8 @@ impl ConvertConfig {
             seed: 0,
             val_windows: 32,
             checkpoint_every: 0,
-            keep_checkpoints: 2,
+            keep_checkpoints: 1,
+            keep_final_checkpoints: false,
             cache_dir: None,
             profile_steps: 0,
         };
@@ -312,6 +318,37 @@ impl ConvertConfig {
             "learning-rate multipliers must be positive"
         );
         method::parse_stage1_surrogate(&self.stage1_surrogate)?;
+        self.check_budget()
+    }
+
+    /// Tokens in one optimizer step, as the plan will round them (whole micro-batches).
+    pub fn tokens_per_step(&self) -> usize {
+        let mut windows = (self.batch_tokens / self.seq_len).max(1);
+        windows -= windows % self.micro_batch.min(windows).max(1);
+        windows * self.seq_len
+    }
+
+    /// A Stage-2 budget too small for one step per phase fails before any work, in the
+    /// user's own option names and with the smallest value that works.
+    fn check_budget(&self) -> Result<()> {
+        if !self.method.trains() {
+            return Ok(());
+        }
+        let phases = self.phases;
+        if let Some(steps) = self.steps {
+            ensure!(
+                steps >= phases,
+                "--steps {steps} is fewer than the {phases} phases (each phase needs a step): use --steps {phases} or more, a multiple of {phases}"
+            );
+        } else if let Some(tokens) = self.tokens {
+            let per_step = self.tokens_per_step();
+            ensure!(
+                tokens / per_step >= phases,
+                "--tokens {tokens} gives {} Stage-2 steps of {per_step} tokens, fewer than the {phases} phases: use --tokens {} or more, or a smaller --batch-tokens",
+                tokens / per_step,
+                phases * per_step
+            );
+        }
         Ok(())
     }
 }

@@ -85,6 +85,9 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         run_dir.join("plan.json"),
         serde_json::to_string_pretty(&plan)?,
     )?;
+    if !resume {
+        start_run(&config, run_dir)?;
+    }
     let val = windows.validation.clone();
     let micro = plan.micro_batch;
     let fp_val = validation_loss(&mut model, &windows, &val, WeightForm::Full, micro, bf16)?;
@@ -250,6 +253,17 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         profile: trainer.profile.clone(),
     };
     summary::write_summary(run_dir, &summary)?;
+    if !config.keep_final_checkpoints {
+        let checkpoints = run_dir.join("checkpoints");
+        if checkpoints.exists() {
+            std::fs::remove_dir_all(&checkpoints).with_context(|| {
+                format!(
+                    "{}: cannot delete the finished run's checkpoints",
+                    checkpoints.display()
+                )
+            })?;
+        }
+    }
     if let Err(err) = summary::write_plot(run_dir, &summary) {
         eprintln!("warning: could not draw training.png: {err:#}");
     }
@@ -272,7 +286,10 @@ fn chat_transcripts(
         std::fs::read_to_string(&report_path),
     ) {
         if let Ok(report) = serde_json::from_str::<ChatDataReport>(&text) {
-            if bytes.len() == 4 * report.tokens {
+            let same_request = report.requested_tokens == config.chat_tokens
+                && report.seed == config.seed
+                && report.teacher == pretrained.path.display().to_string();
+            if same_request && bytes.len() == 4 * report.tokens {
                 eprintln!(
                     "teacher chat data: {} tokens from {}",
                     report.tokens,
@@ -412,15 +429,26 @@ fn prepare_run_dir(config: ConvertConfig, run_dir: &Path, resume: bool) -> Resul
     if checkpoint::latest_checkpoint(run_dir)?.is_some() {
         bail!("{}: holds an earlier run's checkpoints; pass --resume to continue it or choose another --out", run_dir.display());
     }
+    config.validate()?;
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
-    binllm_format::atomic::write_atomically(
-        &config_path,
-        toml::to_string_pretty(&config)?.as_bytes(),
-    )?;
-    // A fresh run starts a fresh metrics log.
+    // config.toml, which makes the directory resumable, is written once training starts
+    // ([`start_run`]): a run that fails before that leaves nothing to resume.
+    std::fs::remove_file(&config_path).ok();
     std::fs::remove_file(run_dir.join("metrics.jsonl")).ok();
+    let probe = run_dir.join(".binllm-write-test");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{}: the run directory is not writable", run_dir.display()))?;
+    std::fs::remove_file(&probe).ok();
     Ok(config)
+}
+
+/// Marks the run as started: its settings go to `config.toml` (what `--resume` reads).
+fn start_run(config: &ConvertConfig, run_dir: &Path) -> Result<()> {
+    binllm_format::atomic::write_atomically(
+        &run_dir.join("config.toml"),
+        toml::to_string_pretty(config)?.as_bytes(),
+    )
 }
 
 fn load_windows(

@@ -156,8 +156,10 @@ pub fn tokenize_corpus(
     let mut documents = 0;
     for path in paths {
         let docs = read_documents(path)?;
-        let progress =
-            crate::progress::bar(docs.len() as u64, &format!("tokenizing {}", path.display()));
+        let progress = binllm_progress::Progress::new(
+            docs.len() as u64,
+            &format!("tokenizing {}", path.display()),
+        );
         let encoded: Vec<Vec<u32>> = docs
             .par_iter()
             .map(|doc| {

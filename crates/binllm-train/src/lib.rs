@@ -24,7 +24,6 @@ pub mod optim;
 pub mod plan;
 pub mod plot;
 pub mod profile;
-pub mod progress;
 pub mod schedule;
 pub mod scorer;
 pub mod sign_model;

@@ -20,7 +20,8 @@ pub fn sample_tokens(
     tch::manual_seed(seed);
     let vocab = model.config.vocab_size as i64;
     let rounds = tokens.div_ceil(seq_len * batch).max(1);
-    let progress = crate::progress::bar((rounds * seq_len) as u64, "sampling teacher data");
+    let progress =
+        binllm_progress::Progress::new((rounds * seq_len) as u64, "sampling teacher data");
     let mut out = Vec::with_capacity(rounds * batch * (seq_len + 1));
     for _ in 0..rounds {
         let mut cache = KvCache::new(model.config.num_layers);

@@ -226,7 +226,7 @@ impl Trainer<'_> {
         );
         let mut initial_loss = f64::NAN;
         model.form = form;
-        let progress = crate::progress::bar(steps as u64, "Stage 1");
+        let progress = binllm_progress::Progress::new(steps as u64, "Stage 1");
         let mut last_loss = f64::NAN;
         for step in 0..steps {
             let result = self.train_step(model, &mut optimizer, step, self.config.stage1_lr)?;
@@ -295,7 +295,7 @@ impl Trainer<'_> {
         if let Device::Cuda(i) = model.device() {
             shim::cuda_reset_peak(i);
         }
-        let progress = crate::progress::bar(plan.stage2_steps as u64, "Stage 2");
+        let progress = binllm_progress::Progress::new(plan.stage2_steps as u64, "Stage 2");
         progress.set_position(start as u64);
         let timer = Instant::now();
         // Time in optimizer steps alone (the loss read back synchronises the device), apart
@@ -343,14 +343,11 @@ impl Trainer<'_> {
                     "event": "profile", "global_step": global + 1, "steps": config.profile_steps,
                     "ms_per_step": sections.iter().map(|(name, ms)| (name.clone(), serde_json::json!(ms))).collect::<serde_json::Map<String, serde_json::Value>>(),
                 }))?;
-                crate::progress::println(
-                    &progress,
-                    format!(
-                        "profile of {} Stage-2 steps (device synchronised at each boundary):\n{}",
-                        config.profile_steps,
-                        crate::profile::render(&sections)
-                    ),
-                );
+                progress.println(format!(
+                    "profile of {} Stage-2 steps (device synchronised at each boundary):\n{}",
+                    config.profile_steps,
+                    crate::profile::render(&sections)
+                ));
                 self.profile = Some(sections);
             }
             phase_losses.push(result.loss);
@@ -398,16 +395,13 @@ impl Trainer<'_> {
                 };
                 phase_losses.clear();
                 self.metrics.write(serde_json::json!({"event": "phase_end", "global_step": global + 1, "report": report}))?;
-                crate::progress::println(
-                    &progress,
-                    format!(
-                        "phase {phase:>2}/{}  t {t:>7.2}  train {:.4}  held-out {:.4}{}",
-                        config.phases,
-                        report.train_loss,
-                        val_loss,
-                        val_loss_sign.map_or(String::new(), |s| format!("  sign {s:.4}"))
-                    ),
-                );
+                progress.println(format!(
+                    "phase {phase:>2}/{}  t {t:>7.2}  train {:.4}  held-out {:.4}{}",
+                    config.phases,
+                    report.train_loss,
+                    val_loss,
+                    val_loss_sign.map_or(String::new(), |s| format!("  sign {s:.4}"))
+                ));
                 phases.push(report);
             }
             if phase_end || (config.checkpoint_every > 0 && (k + 1) % config.checkpoint_every == 0)
