@@ -1,7 +1,7 @@
 //! `binllm run --model model.b1 (--prompt TEXT | --chat)`: the pure-Rust packed runtime,
 //! streaming tokens; `--chat` keeps a conversation going over stdin lines.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -143,13 +143,17 @@ pub fn run(args: Args) -> Result<()> {
     }
     let mut pending = args.prompt.clone();
     let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
     let mut lines = stdin.lock().lines();
     loop {
         let user = match pending.take() {
             Some(text) => text,
             None => {
-                eprint!("> ");
-                std::io::stderr().flush()?;
+                // A prompt is for a person at a terminal; piped input gets answers only.
+                if interactive {
+                    eprint!("> ");
+                    std::io::stderr().flush()?;
+                }
                 match lines.next() {
                     Some(line) => line.context("reading stdin")?,
                     None => break,
