@@ -19,6 +19,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '\033[1m[quickstart]\033[0m %s\n' "$*" >&2; }
 
+# The CPU budget is checked before anything else runs: the conversion has 20 phases, and
+# each needs at least one step.
+if [[ -n "${STEPS:-}" ]] && ! [[ "$STEPS" =~ ^[0-9]+$ && $STEPS -ge 20 && $((STEPS % 20)) -eq 0 ]]; then
+  say "STEPS=$STEPS: the CPU conversion has 20 phases of at least one step each; use STEPS=20, 40, 60, ..."
+  exit 2
+fi
+
 bash scripts/setup.sh
 cargo build --release -p binllm-cli
 binllm=./target/release/binllm
