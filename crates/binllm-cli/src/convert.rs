@@ -126,6 +126,10 @@ pub struct Args {
     /// Weight of cross-entropy in `mix`.
     #[arg(long)]
     pub ce_weight: Option<f64>,
+    /// Add the mean squared difference of the student's and the teacher's final hidden
+    /// states, times this weight, to the loss (0: none).
+    #[arg(long)]
+    pub kd_hidden_weight: Option<f64>,
     /// Apply the LM head and the loss this many tokens at a time (e.g. 4096), so the
     /// `[tokens, vocab]` logits never exist at once; 0 keeps whole logits.
     #[arg(long, value_parser = parse_count)]
@@ -216,6 +220,7 @@ pub fn run(args: Args) -> Result<()> {
         kd_temperature,
         ce_weight,
         loss_chunk_tokens,
+        kd_hidden_weight,
         device,
         seed
     );

@@ -76,6 +76,9 @@ pub struct ConvertConfig {
     pub kd_temperature: f64,
     /// Weight of cross-entropy in `mix`.
     pub ce_weight: f64,
+    /// Weight of the hidden-state distillation term (0: none).
+    #[serde(default)]
+    pub kd_hidden_weight: f64,
     /// Tokens per chunk of the LM head and loss (0: the whole micro-batch's logits at once).
     #[serde(default)]
     pub loss_chunk_tokens: usize,
@@ -196,6 +199,7 @@ impl ConvertConfig {
             kd_temperature: 1.0,
             ce_weight: 0.5,
             loss_chunk_tokens: 0,
+            kd_hidden_weight: 0.0,
             chat_tokens: 0,
             chat_share: 0.0,
             chat_batch: default_chat_batch(),
@@ -241,6 +245,7 @@ impl ConvertConfig {
             distill: self.distill,
             temperature: self.kd_temperature,
             ce_weight: self.ce_weight,
+            hidden_weight: self.kd_hidden_weight,
         }
     }
 

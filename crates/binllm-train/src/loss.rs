@@ -22,12 +22,21 @@ pub struct LossConfig {
     pub distill: Distill,
     pub temperature: f64,
     pub ce_weight: f64,
+    /// Weight of the hidden-state term: the mean squared difference between the student's
+    /// and the teacher's final (normalised) hidden states, added to the loss.
+    pub hidden_weight: f64,
 }
 
 impl LossConfig {
     pub fn needs_teacher(&self) -> bool {
-        self.distill != Distill::Ce
+        self.distill != Distill::Ce || self.hidden_weight > 0.0
     }
+}
+
+/// `mean((student - teacher)^2)` over every token and dimension of the final hidden states.
+pub fn hidden_state_loss(student: &Tensor, teacher: &Tensor) -> Tensor {
+    let diff = at_least_f32(student) - at_least_f32(teacher);
+    (&diff * &diff).mean(diff.kind())
 }
 
 /// `t` in f32, or f64 when it already is (so the f64 tests measure the formulas, not f32).
@@ -120,7 +129,7 @@ pub fn backward_chunked(
 ) -> Tensor {
     let (loss, hidden_grad) =
         head_and_loss_backward(config, hidden, head, targets, teacher, chunk, scale);
-    backward_from(hidden, &hidden_grad);
+    backward_from(hidden, &hidden_grad, None);
     loss
 }
 
@@ -168,15 +177,28 @@ pub fn head_and_loss_backward(
     )
 }
 
-/// The model's backward pass from the gradient of its final hidden states:
+/// The model's backward pass from the gradient of its final hidden states, plus that of
+/// `extra` (a loss term on the hidden states themselves, already scaled):
 /// d/dθ sum(hidden * g) = g^T dhidden/dθ.
-pub fn backward_from(hidden: &Tensor, hidden_grad: &Tensor) {
-    (hidden * hidden_grad).sum(hidden.kind()).backward();
+pub fn backward_from(hidden: &Tensor, hidden_grad: &Tensor, extra: Option<&Tensor>) {
+    let through_head = (hidden * hidden_grad).sum(hidden.kind());
+    match extra {
+        Some(term) => (through_head + term).backward(),
+        None => through_head.backward(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hidden_state_loss_is_the_mean_squared_difference() {
+        let a = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0]).view([1, 2, 2]);
+        let b = Tensor::from_slice(&[1.0f64, 0.0, 3.0, 7.0]).view([1, 2, 2]);
+        // (0 + 4 + 0 + 9) / 4
+        assert!((hidden_state_loss(&a, &b).double_value(&[]) - 3.25).abs() < 1e-15);
+    }
 
     #[test]
     fn distillation_is_zero_for_identical_logits_and_matches_a_direct_kl() {
@@ -212,11 +234,17 @@ mod tests {
         let y = Tensor::randint(v, [b, t], (Kind::Int64, tch::Device::Cpu));
         let teacher_hidden = Tensor::randn([b, t, d], opts);
         let teacher_head = Tensor::randn([v, d], opts);
-        for distill in [Distill::Ce, Distill::Kd, Distill::Mix] {
+        for (distill, hidden_weight) in [
+            (Distill::Ce, 0.0),
+            (Distill::Kd, 0.0),
+            (Distill::Mix, 0.0),
+            (Distill::Kd, 0.7),
+        ] {
             let config = LossConfig {
                 distill,
                 temperature: 2.0,
                 ce_weight: 0.3,
+                hidden_weight,
             };
             // Each run draws the same parameters: the caller reseeds before it.
             let run = |chunk: Option<i64>| {
@@ -224,16 +252,27 @@ mod tests {
                 let head = Tensor::randn([v, d], opts).set_requires_grad(true);
                 let hidden = x.matmul(&a).tanh();
                 let teacher = (distill != Distill::Ce).then_some((&teacher_hidden, &teacher_head));
+                let hidden_term = (hidden_weight > 0.0)
+                    .then(|| hidden_state_loss(&hidden, &teacher_hidden) * hidden_weight);
                 let value = match chunk {
                     None => {
                         let logits = hidden.linear::<Tensor>(&head, None);
                         let t_logits = teacher.map(|(h, w)| h.linear::<Tensor>(w, None));
                         let loss = training_loss(&config, &logits, &y, t_logits.as_ref());
+                        let loss = match &hidden_term {
+                            Some(term) => loss + term,
+                            None => loss,
+                        };
                         (&loss * 0.5).backward();
                         loss.double_value(&[])
                     }
-                    Some(c) => backward_chunked(&config, &hidden, &head, &y, teacher, c, 0.5)
-                        .double_value(&[]),
+                    Some(c) => {
+                        let (loss, grad) =
+                            head_and_loss_backward(&config, &hidden, &head, &y, teacher, c, 0.5);
+                        let extra = hidden_term.as_ref().map(|t| t * 0.5);
+                        backward_from(&hidden, &grad, extra.as_ref());
+                        loss.double_value(&[]) + hidden_term.map_or(0.0, |t| t.double_value(&[]))
+                    }
                 };
                 (value, a.grad(), head.grad())
             };

@@ -131,16 +131,22 @@ impl Trainer<'_> {
                 }
             };
             let loss = shim::with_autocast_bf16(self.bf16, || {
+                let teacher_hidden = self
+                    .teacher
+                    .as_ref()
+                    .map(|t| (tch::no_grad(|| t.forward_hidden(&x, None)), t));
+                if teacher_hidden.is_some() {
+                    mark("teacher forward");
+                }
+                let hidden = model.forward_hidden(&x, None);
+                let hidden_term = teacher_hidden
+                    .as_ref()
+                    .filter(|_| loss_config.hidden_weight > 0.0)
+                    .map(|(th, _)| {
+                        loss::hidden_state_loss(&hidden, th) * loss_config.hidden_weight
+                    });
                 if chunk > 0 {
-                    let teacher_hidden = self
-                        .teacher
-                        .as_ref()
-                        .map(|t| (tch::no_grad(|| t.forward_hidden(&x, None)), t.head()));
-                    if teacher_hidden.is_some() {
-                        mark("teacher forward");
-                    }
-                    let hidden = model.forward_hidden(&x, None);
-                    let teacher = teacher_hidden.as_ref().map(|(h, w)| (h, *w));
+                    let teacher = teacher_hidden.as_ref().map(|(h, t)| (h, t.head()));
                     let (loss, hidden_grad) = loss::head_and_loss_backward(
                         &loss_config,
                         &hidden,
@@ -151,19 +157,24 @@ impl Trainer<'_> {
                         scale,
                     );
                     mark("head + loss, forward and backward (chunked)");
-                    loss::backward_from(&hidden, &hidden_grad);
+                    let extra = hidden_term.as_ref().map(|term| term * scale);
+                    loss::backward_from(&hidden, &hidden_grad, extra.as_ref());
                     mark("backward");
-                    return loss;
+                    return match hidden_term {
+                        Some(term) => loss + term.detach(),
+                        None => loss,
+                    };
                 }
-                let teacher_logits = self
-                    .teacher
+                let logits = model.logits(&hidden);
+                let teacher_logits = teacher_hidden
                     .as_ref()
-                    .map(|t| tch::no_grad(|| t.forward(&x, None)));
-                if teacher_logits.is_some() {
-                    mark("teacher forward");
-                }
-                let logits = model.forward(&x, None);
+                    .map(|(h, t)| tch::no_grad(|| t.logits(h)));
+                mark("head");
                 let loss = loss::training_loss(&loss_config, &logits, &y, teacher_logits.as_ref());
+                let loss = match hidden_term {
+                    Some(term) => loss + term,
+                    None => loss,
+                };
                 mark("loss");
                 (&loss * scale).backward();
                 mark("backward");
