@@ -11,7 +11,7 @@ mod inspect;
 mod run;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +42,53 @@ enum Command {
     Run(run::Args),
     /// Measure a packed model's prompt and decode tokens/s and the memory bandwidth.
     Bench(bench::Args),
+    /// (needs the libtorch build)
+    #[cfg(not(feature = "torch"))]
+    #[command(hide = true)]
+    Convert(MissingCommand),
+    /// (needs the libtorch build)
+    #[cfg(not(feature = "torch"))]
+    #[command(hide = true)]
+    Generate(MissingCommand),
+}
+
+/// A command this build lacks: its arguments are taken whole, to say which build has it.
+#[cfg(not(feature = "torch"))]
+#[derive(clap::Args)]
+struct MissingCommand {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _rest: Vec<String>,
+}
+
+/// What this binary was built with and what the CPU it runs on offers (`--version`).
+fn build_info() -> String {
+    let engines = if cfg!(feature = "torch") {
+        "libtorch engine (convert, generate, eval --engine torch; CUDA when libtorch_cuda.so is found) and the pure-Rust packed engine"
+    } else {
+        "the pure-Rust packed engine only (no convert or generate: build without --no-default-features for those)"
+    };
+    let mut simd = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            simd.push("avx2");
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            simd.push("avx512f");
+        }
+        if std::is_x86_feature_detected!("avx512vnni") {
+            simd.push("avx512-vnni");
+        }
+    }
+    let simd = if simd.is_empty() {
+        "none (portable kernels)".to_string()
+    } else {
+        simd.join(", ")
+    };
+    format!(
+        "{}\nbuild: {engines}\nthis CPU: {simd}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 fn main() {
@@ -49,7 +96,10 @@ fn main() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     #[cfg(feature = "torch")]
     binllm_train::load_cuda_backend();
-    let cli = Cli::parse();
+    // clap keeps a version text for the whole run: leaking the one string is what that costs.
+    let version: &'static str = Box::leak(build_info().into_boxed_str());
+    let matches = Cli::command().long_version(version).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result: Result<()> = match cli.command {
         #[cfg(feature = "torch")]
         Command::Convert(args) => convert::run(*args),
@@ -60,6 +110,11 @@ fn main() {
         Command::Export(args) => export::run(args),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
+        #[cfg(not(feature = "torch"))]
+        Command::Convert(_) | Command::Generate(_) => Err(anyhow::anyhow!(
+            "this binllm is the pure-Rust build, without the libtorch engine that converts and generates; \
+             build the default one: cargo build --release -p binllm-cli (see README)"
+        )),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -375,3 +375,26 @@ fn export_of_a_run_dir_folds_and_reports_what_it_kept() {
         assert_eq!(vectors, if kept == 0 { 0 } else { 5 * 6 }, "{report}");
     }
 }
+
+#[test]
+fn version_says_what_the_build_has_and_a_missing_command_says_where_it_is() {
+    let out = binllm(&["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("binllm ") && text.contains("\nbuild: ") && text.contains("\nthis CPU: "),
+        "{text}"
+    );
+    if cfg!(feature = "torch") {
+        assert!(text.contains("libtorch engine"), "{text}");
+    } else {
+        assert!(text.contains("pure-Rust packed engine only"), "{text}");
+        let out = binllm(&["convert", "--model", "m.gguf", "--out", "runs/x"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("pure-Rust build") && err.contains("cargo build --release -p binllm-cli"),
+            "{err}"
+        );
+    }
+}
