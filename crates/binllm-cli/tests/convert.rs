@@ -295,6 +295,7 @@ fn kill_minus_nine_then_resume_reproduces_the_uninterrupted_run() {
     child.wait().unwrap();
     assert!(!killed.join("summary.json").exists());
 
+    let resume_started = std::time::Instant::now();
     let resumed = run_ok(&[
         "convert",
         "--out",
@@ -303,8 +304,15 @@ fn kill_minus_nine_then_resume_reproduces_the_uninterrupted_run() {
         "--device",
         "cpu",
     ]);
+    let resume_seconds = resume_started.elapsed().as_secs_f64();
     let log = String::from_utf8_lossy(&resumed.stderr);
     assert!(log.contains("resuming from step"), "{log}");
+    // The summary's wall-clock sums both segments: more than the resumed one alone.
+    let wall = summary(&killed)["wall_seconds"].as_f64().unwrap();
+    assert!(
+        wall > resume_seconds,
+        "wall_seconds {wall} counts only the last segment ({resume_seconds} s)"
+    );
     let (a, b) = (summary(&straight), summary(&killed));
     println!(
         "final training loss: uninterrupted {} / resumed {}; held-out sign form {} / {}",
@@ -732,5 +740,50 @@ fn an_impossible_budget_fails_at_once_and_leaves_nothing_to_resume() {
     assert!(
         !run.join("checkpoints").exists(),
         "a finished run deletes its checkpoints"
+    );
+}
+
+#[test]
+fn resuming_before_the_first_checkpoint_says_so_and_logs_each_step_once() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = shared("data/corpus/tinystories/tinystories.txt.gz");
+    let run = dir.path().join("early");
+    let args = small_run_args(
+        run.to_str().unwrap(),
+        data.to_str().unwrap(),
+        &[("--steps", "20"), ("--keep-final-checkpoints", "")],
+    );
+    run_ok(&args);
+    // As if killed during Stage 1: settings and log lines exist, no checkpoint yet.
+    std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    std::fs::remove_file(run.join("summary.json")).unwrap();
+    let out = run_ok(&[
+        "convert",
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+        "--device",
+        "cpu",
+    ]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("no checkpoint yet") && log.contains("starting again from step 1"),
+        "{log}"
+    );
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["global_step"].as_u64())
+        .collect();
+    let stage_lines = metrics.lines().filter(|l| l.contains("\"stage\"")).count();
+    assert_eq!(
+        stage_lines,
+        4 + 20,
+        "4 Stage-1 and 20 Stage-2 steps, each logged once"
+    );
+    assert!(
+        steps.windows(2).all(|w| w[0] <= w[1]),
+        "the log runs forward: {steps:?}"
     );
 }

@@ -104,6 +104,8 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         metrics: MetricsLog::open(run_dir)?,
         pending_checkpoint: None,
         profile: None,
+        wall_before: 0.0,
+        started,
     };
     let latest = if resume {
         checkpoint::latest_checkpoint(run_dir)?
@@ -116,12 +118,22 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
     let resume_step = resume_state
         .as_ref()
         .map(|(_, c)| c.meta["step"].as_u64().unwrap_or(0) as usize);
-    if let Some(step) = resume_step {
-        trainer.metrics.truncate_after(step)?;
-        eprintln!(
-            "resuming from step {step} ({})",
-            resume_state.as_ref().unwrap().0.display()
-        );
+    match (&resume_state, resume_step) {
+        (Some((path, ckpt)), Some(step)) => {
+            trainer.metrics.truncate_after(step)?;
+            trainer.wall_before = ckpt.meta["wall_seconds"].as_f64().unwrap_or(0.0);
+            eprintln!("resuming from step {step} ({})", path.display());
+        }
+        _ if resume => {
+            // Stopped before the first checkpoint (the end of Stage 1): start over, and
+            // drop the log lines of the stopped attempt so none appears twice.
+            trainer.metrics.truncate_after(0)?;
+            eprintln!(
+                "{}: no checkpoint yet (the run stopped before the end of Stage 1): starting again from step 1",
+                run_dir.display()
+            );
+        }
+        _ => {}
     }
 
     let surrogate = method::parse_stage1_surrogate(&config.stage1_surrogate)?;
@@ -211,13 +223,7 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
     };
 
     let chat = if config.method.trains() && config.chat_eval_prompts > 0 {
-        shipped_chat_score(
-            &config,
-            &pretrained,
-            &mut model,
-            final_form,
-            run_dir,
-        )?
+        shipped_chat_score(&config, &pretrained, &mut model, final_form, run_dir)?
     } else {
         None
     };
@@ -240,7 +246,7 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         },
         stage2_tokens_per_second: stage2_tokens / stage2_time.wall.max(1e-9),
         stage2_step_tokens_per_second: stage2_tokens / stage2_time.steps.max(1e-9),
-        wall_seconds: started.elapsed().as_secs_f64(),
+        wall_seconds: trainer.wall_seconds(),
         peak_gpu_memory_bytes: match device {
             Device::Cuda(i) => shim::cuda_peak_bytes(i),
             _ => None,

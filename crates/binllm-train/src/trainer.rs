@@ -103,6 +103,17 @@ pub(crate) struct Trainer<'a> {
     pub pending_checkpoint: Option<std::thread::JoinHandle<Result<()>>>,
     /// Milliseconds per step of each section, from `--profile`.
     pub profile: Option<Vec<(String, f64)>>,
+    /// Wall-clock seconds of the run's earlier segments (a resumed run continues the sum).
+    pub wall_before: f64,
+    /// When this segment started.
+    pub started: Instant,
+}
+
+impl Trainer<'_> {
+    /// Wall-clock seconds of the whole run so far, every resumed segment included.
+    pub(crate) fn wall_seconds(&self) -> f64 {
+        self.wall_before + self.started.elapsed().as_secs_f64()
+    }
 }
 
 impl Trainer<'_> {
@@ -460,7 +471,7 @@ impl Trainer<'_> {
             .collect();
         let ckpt = Checkpoint {
             tensors,
-            meta: serde_json::json!({"step": step, "phases": phases, "phase_losses": phase_losses, "stage1": stage1}),
+            meta: serde_json::json!({"step": step, "phases": phases, "phase_losses": phase_losses, "stage1": stage1, "wall_seconds": self.wall_seconds()}),
         };
         let path = checkpoint::checkpoint_path(self.run_dir, step);
         let run_dir = self.run_dir.to_path_buf();
