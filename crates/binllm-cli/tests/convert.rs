@@ -729,6 +729,29 @@ fn an_impossible_budget_fails_at_once_and_leaves_nothing_to_resume() {
         err.contains("--tokens 1000") && err.contains("use --tokens 5120"),
         "{err}"
     );
+    let err = run_err(&small_run_args(
+        out,
+        data,
+        &[("--steps", "99999999999999999999")],
+    ));
+    assert!(err.contains("--steps"), "{err}");
+    let mut huge = small_run_args(out, data, &[("--tokens", "99999999999999999999")]);
+    let at = huge.iter().position(|a| *a == "--steps").unwrap();
+    huge.drain(at..at + 2);
+    let err = run_err(&huge);
+    assert!(err.contains("too large"), "{err}");
+    let unusable = dir.path().join("a-file");
+    std::fs::write(&unusable, b"").unwrap();
+    let cache = unusable.join("cache");
+    let err = run_err(&small_run_args(
+        out,
+        data,
+        &[("--cache-dir", cache.to_str().unwrap())],
+    ));
+    assert!(
+        err.contains("a-file/cache") && err.contains("token cache"),
+        "{err}"
+    );
     assert!(
         started.elapsed().as_secs_f64() < 10.0,
         "refused before any work"

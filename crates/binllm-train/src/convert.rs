@@ -435,11 +435,27 @@ fn prepare_run_dir(config: ConvertConfig, run_dir: &Path, resume: bool) -> Resul
     // ([`start_run`]): a run that fails before that leaves nothing to resume.
     std::fs::remove_file(&config_path).ok();
     std::fs::remove_file(run_dir.join("metrics.jsonl")).ok();
-    let probe = run_dir.join(".binllm-write-test");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("{}: the run directory is not writable", run_dir.display()))?;
-    std::fs::remove_file(&probe).ok();
+    check_writable(run_dir, "the run directory")?;
+    let cache = config.cache_dir();
+    std::fs::create_dir_all(&cache)
+        .map_err(anyhow::Error::from)
+        .and_then(|_| check_writable(&cache, "the token cache directory"))
+        .with_context(|| {
+            format!(
+                "{}: cannot use as the token cache (set --cache-dir)",
+                cache.display()
+            )
+        })?;
     Ok(config)
+}
+
+/// Fails, naming `dir`, unless a file can be created in it.
+fn check_writable(dir: &Path, what: &str) -> Result<()> {
+    let probe = dir.join(".binllm-write-test");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{}: {what} is not writable", dir.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
 }
 
 /// Marks the run as started: its settings go to `config.toml` (what `--resume` reads).

@@ -395,6 +395,8 @@ impl std::str::FromStr for DataSpec {
     }
 }
 
+const MAX_COUNT: f64 = 1e15;
+
 /// `2000`, `500k`, `2M`, `1.5G` -> a count.
 pub fn parse_count(s: &str) -> Result<usize> {
     let s = s.trim();
@@ -410,7 +412,13 @@ pub fn parse_count(s: &str) -> Result<usize> {
     if !(value >= 0.0 && value.is_finite()) {
         bail!("'{s}' is not a non-negative count");
     }
-    Ok((value * factor).round() as usize)
+    let count = value * factor;
+    // A quadrillion tokens is far past any budget; beyond it a typo is likelier than intent,
+    // and f64 stops counting whole numbers exactly soon after.
+    if count > MAX_COUNT {
+        bail!("'{s}' is too large: counts go up to 1e15 (1000000G)");
+    }
+    Ok(count.round() as usize)
 }
 
 /// Token ids as little-endian u32 bytes (the run directory's `.tok` files).
@@ -445,6 +453,9 @@ mod tests {
         assert_eq!(parse_count("500k").unwrap(), 500_000);
         assert_eq!(parse_count("1.5M").unwrap(), 1_500_000);
         assert!(parse_count("lots").is_err());
+        assert!(parse_count("99999999999999999999").is_err());
+        assert!(parse_count("-5").is_err());
+        assert_eq!(parse_count("1000000G").unwrap(), 1_000_000_000_000_000);
     }
 
     #[test]
