@@ -159,16 +159,16 @@ impl Linear {
             let range = output.ranges[member].clone();
             // SAFETY: member parts are disjoint row ranges.
             let y = unsafe { ys.slice(range.start, range.len()) };
-            matrix.gemv(xs, y, 1);
+            matrix.gemv(xs, y);
             add_bias(y, output, range);
             return;
         }
         let member_rows = matrix.rows();
         let mut local = vec![0f32; n * member_rows];
         if n == 1 {
-            matrix.gemv(xs, &mut local, 1);
+            matrix.gemv(xs, &mut local);
         } else {
-            matrix.gemm(xs, n, &mut local, 1);
+            matrix.gemm(xs, n, &mut local);
         }
         for (t, local) in local.chunks_exact_mut(member_rows).enumerate() {
             let mut first = 0;
@@ -355,7 +355,6 @@ impl DenseMatrix {
                 cols,
                 xs,
                 &mut part,
-                1,
             ),
             DenseData::F16(w) => binllm_kernels::gemm_dense_with(
                 self.kernel,
@@ -363,13 +362,12 @@ impl DenseMatrix {
                 cols,
                 xs,
                 &mut part,
-                1,
             ),
             DenseData::Q8(parts) => {
-                binllm_kernels::gemm_q8_with(self.kernel, &parts[member], xs, n, &mut part, 1)
+                binllm_kernels::gemm_q8_with(self.kernel, &parts[member], xs, n, &mut part)
             }
             DenseData::Q4(parts) => {
-                binllm_kernels::gemm_q4_with(self.kernel, &parts[member], xs, n, &mut part, 1)
+                binllm_kernels::gemm_q4_with(self.kernel, &parts[member], xs, n, &mut part)
             }
         }
         for (t, values) in part.chunks_exact(rows).enumerate() {
@@ -394,7 +392,6 @@ impl DenseMatrix {
                 cols,
                 x,
                 out,
-                1,
             ),
             DenseData::F16(w) => binllm_kernels::gemv_f16_with(
                 self.kernel,
@@ -403,13 +400,12 @@ impl DenseMatrix {
                 cols,
                 x,
                 out,
-                1,
             ),
             DenseData::Q8(parts) => {
-                binllm_kernels::gemv_q8_with(self.kernel, &parts[member], x, out, 1)
+                binllm_kernels::gemv_q8_with(self.kernel, &parts[member], x, out)
             }
             DenseData::Q4(parts) => {
-                binllm_kernels::gemv_q4_with(self.kernel, &parts[member], x, out, 1)
+                binllm_kernels::gemv_q4_with(self.kernel, &parts[member], x, out)
             }
         }
     }

@@ -75,6 +75,17 @@ impl PackedMatrix {
         }
     }
 
+    /// Rows `range` as a matrix of their own: what one thread of the runtime holds of a layer.
+    pub fn rows_slice(&self, range: std::ops::Range<usize>) -> PackedMatrix {
+        let wpr = self.words_per_row;
+        PackedMatrix::from_parts(
+            range.len(),
+            self.cols,
+            self.bits[range.start * wpr..range.end * wpr].to_vec(),
+            self.scales[range].to_vec(),
+        )
+    }
+
     /// Packs signs and attaches the given per-row scales.
     pub fn from_signs_and_scales(
         values: &[f32],

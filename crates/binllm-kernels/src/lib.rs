@@ -2,10 +2,9 @@
 //!
 //! This crate owns the packed sign-bit matrix layout and every product the runtime needs on it:
 //! 1-bit GEMV (decode) and GEMM (prompt processing) with a scalar reference, SIMD mask paths
-//! (AVX2, AVX-512, NEON), lookup-table paths (f32, and an optional int8-activation variant), and
-//! threading across output rows; plus dense GEMV for the layers that stay in floating point
-//! (f32, f16, and a q8_0-style int8 variant for the tied LM head). It is pure Rust (std, rayon,
-//! half).
+//! (AVX2, AVX-512, NEON) and lookup-table paths (f32, and an optional int8-activation variant);
+//! plus dense GEMV for the layers that stay in floating point (f32, f16, and q8_0 / q4_0 for
+//! the LM head). It is pure Rust (std, half).
 //!
 //! # Packed layout (quoted by `docs/FORMAT.md`)
 //!
@@ -51,11 +50,11 @@
 //!
 //! # Threads
 //!
-//! `threads` is the number of contiguous row ranges a product is split into, run on the current
-//! rayon pool (so a caller can pick a pool with `pool.install`); `threads <= 1` stays on the
-//! calling thread and never touches rayon. Every row is computed by the same code whatever the
-//! split, so results are identical for every thread count. Waking a pool thread costs a few
-//! microseconds, as much as a whole 576x576 GEMV: use one thread for small layers.
+//! None here: every product runs on the calling thread over the rows it is given. The runtime
+//! (binllm-infer's thread team) splits each matrix by rows once, at load time, and has each
+//! member run the product of its own rows. Every row is computed by the same code whatever the
+//! split, so results do not depend on how many threads the runtime uses (the tests split
+//! matrices and compare).
 //!
 //! # Dense products ([`dense`], [`q8`], [`q4`])
 //!
@@ -79,7 +78,7 @@
 //! let layer = PreparedMatrix::new(packed, Kernel::best());
 //! let x = [1.0, 2.0, 3.0, 4.0, 5.0];
 //! let mut y = [0.0; 3];
-//! layer.gemv(&x, &mut y, 1);
+//! layer.gemv(&x, &mut y);
 //! assert_eq!(y, [0.5 * (-1.0 + 2.0 + 3.0 - 4.0 + 5.0), 1.0 * (1.0 - 2.0 + 3.0 + 4.0 - 5.0), 2.0 * (1.0 + 2.0 - 3.0 + 4.0 + 5.0)]);
 //! ```
 
@@ -93,7 +92,6 @@ pub mod lut3;
 pub mod lut_i8;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
-mod parallel;
 pub mod q4;
 pub mod q8;
 pub mod scalar;
@@ -136,9 +134,8 @@ pub use layout::{pack_signs, words_per_row, PackedMatrix};
 pub use lut::LutMatrix;
 pub use lut3::Lut3Matrix;
 pub use lut_i8::LutI8Matrix;
-pub use parallel::SharedOut;
-pub use q4::{gemm_q4_with, gemv_q4_with, Q4Matrix};
-pub use q8::{gemm_q8_with, gemv_q8, gemv_q8_with, Q8Matrix};
+pub use q4::{gemm_q4_rows, gemm_q4_with, gemv_q4_with, Q4Matrix};
+pub use q8::{gemm_q8_rows, gemm_q8_with, gemv_q8, gemv_q8_with, Q8Matrix};
 
 fn check_gemv_shapes(rows: usize, cols: usize, x: &[f32], y: &[f32]) {
     assert_eq!(x.len(), cols, "gemv: x.len() != cols");
@@ -152,50 +149,43 @@ fn check_gemm_shapes(rows: usize, cols: usize, xs: &[f32], n: usize, ys: &[f32])
 
 /// `y = W x` with the fastest kernel that works on the canonical layout.
 /// For repeated products prefer [`PreparedMatrix`] with [`Kernel::best`].
-pub fn gemv(m: &PackedMatrix, x: &[f32], y: &mut [f32], threads: usize) {
-    gemv_with(Kernel::best_row_major(), m, x, y, threads)
+pub fn gemv(m: &PackedMatrix, x: &[f32], y: &mut [f32]) {
+    gemv_with(Kernel::best_row_major(), m, x, y)
 }
 
 /// `ys[v] = W xs[v]` for `n` input vectors (`xs`: `n x cols`, `ys`: `n x rows`, row-major).
-pub fn gemm(m: &PackedMatrix, xs: &[f32], n: usize, ys: &mut [f32], threads: usize) {
-    gemm_with(Kernel::best_row_major(), m, xs, n, ys, threads)
+pub fn gemm(m: &PackedMatrix, xs: &[f32], n: usize, ys: &mut [f32]) {
+    gemm_with(Kernel::best_row_major(), m, xs, n, ys)
 }
 
 /// [`gemv`] with a forced kernel; a LUT kernel re-tiles `m` on every call (tests, benchmarks).
 /// Panics if the kernel is not available on this CPU.
-pub fn gemv_with(kernel: Kernel, m: &PackedMatrix, x: &[f32], y: &mut [f32], threads: usize) {
+pub fn gemv_with(kernel: Kernel, m: &PackedMatrix, x: &[f32], y: &mut [f32]) {
     check_gemv_shapes(m.rows, m.cols, x, y);
     kernel.assert_available();
     if kernel.uses_lut_layout() {
-        gemm::gemv_lut(kernel, &LutMatrix::from_packed(m), x, y, threads)
+        gemm::gemv_lut(kernel, &LutMatrix::from_packed(m), x, y)
     } else if kernel.uses_lut3_layout() {
-        gemm::gemm_lut3(kernel, &Lut3Matrix::from_packed(m), x, 1, y, threads)
+        gemm::gemm_lut3(kernel, &Lut3Matrix::from_packed(m), x, 1, y)
     } else if kernel.uses_i8_layout() {
-        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), x, 1, y, threads)
+        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), x, 1, y)
     } else {
-        gemm::gemv_row_major(kernel, m, x, y, threads)
+        gemm::gemv_row_major(kernel, m, x, y)
     }
 }
 
 /// [`gemm`] with a forced kernel; a LUT kernel re-tiles `m` on every call.
-pub fn gemm_with(
-    kernel: Kernel,
-    m: &PackedMatrix,
-    xs: &[f32],
-    n: usize,
-    ys: &mut [f32],
-    threads: usize,
-) {
+pub fn gemm_with(kernel: Kernel, m: &PackedMatrix, xs: &[f32], n: usize, ys: &mut [f32]) {
     check_gemm_shapes(m.rows, m.cols, xs, n, ys);
     kernel.assert_available();
     if kernel.uses_lut_layout() {
-        gemm::gemm_lut(kernel, &LutMatrix::from_packed(m), xs, n, ys, threads)
+        gemm::gemm_lut(kernel, &LutMatrix::from_packed(m), xs, n, ys)
     } else if kernel.uses_lut3_layout() {
-        gemm::gemm_lut3(kernel, &Lut3Matrix::from_packed(m), xs, n, ys, threads)
+        gemm::gemm_lut3(kernel, &Lut3Matrix::from_packed(m), xs, n, ys)
     } else if kernel.uses_i8_layout() {
-        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), xs, n, ys, threads)
+        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), xs, n, ys)
     } else {
-        gemm::gemm_row_major(kernel, m, xs, n, ys, threads)
+        gemm::gemm_row_major(kernel, m, xs, n, ys)
     }
 }
 
@@ -269,24 +259,24 @@ impl PreparedMatrix {
     }
 
     /// `y = W x`; `x` has `cols` floats, `y` has `rows`.
-    pub fn gemv(&self, x: &[f32], y: &mut [f32], threads: usize) {
+    pub fn gemv(&self, x: &[f32], y: &mut [f32]) {
         check_gemv_shapes(self.rows(), self.cols(), x, y);
         match &self.weights {
-            Weights::RowMajor(m) => gemm::gemv_row_major(self.kernel, m, x, y, threads),
-            Weights::Lut(m) => gemm::gemv_lut(self.kernel, m, x, y, threads),
-            Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, x, 1, y, threads),
-            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, x, 1, y, threads),
+            Weights::RowMajor(m) => gemm::gemv_row_major(self.kernel, m, x, y),
+            Weights::Lut(m) => gemm::gemv_lut(self.kernel, m, x, y),
+            Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, x, 1, y),
+            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, x, 1, y),
         }
     }
 
     /// `ys[v] = W xs[v]` for `n` vectors (`xs`: `n x cols`, `ys`: `n x rows`, row-major).
-    pub fn gemm(&self, xs: &[f32], n: usize, ys: &mut [f32], threads: usize) {
+    pub fn gemm(&self, xs: &[f32], n: usize, ys: &mut [f32]) {
         check_gemm_shapes(self.rows(), self.cols(), xs, n, ys);
         match &self.weights {
-            Weights::RowMajor(m) => gemm::gemm_row_major(self.kernel, m, xs, n, ys, threads),
-            Weights::Lut(m) => gemm::gemm_lut(self.kernel, m, xs, n, ys, threads),
-            Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, xs, n, ys, threads),
-            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, xs, n, ys, threads),
+            Weights::RowMajor(m) => gemm::gemm_row_major(self.kernel, m, xs, n, ys),
+            Weights::Lut(m) => gemm::gemm_lut(self.kernel, m, xs, n, ys),
+            Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, xs, n, ys),
+            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, xs, n, ys),
         }
     }
 }

@@ -14,7 +14,6 @@
 //! tested against an f64 product of the dequantized weights. AVX-512 CPUs run the AVX2 path.
 
 use crate::dense::DenseKernel;
-use crate::parallel::{for_each_range, SharedOut};
 use half::f16;
 
 /// Weights per block (one scale each).
@@ -133,8 +132,8 @@ impl Q4Matrix {
 
 /// `y = W x` with a chosen kernel: `Avx2` and `Avx512` run the AVX2 path, `Scalar` and
 /// `Portable` the reference (panics if the kernel is unavailable).
-pub fn gemv_q4_with(kernel: DenseKernel, m: &Q4Matrix, x: &[f32], y: &mut [f32], threads: usize) {
-    gemm_q4_with(kernel, m, x, 1, y, threads)
+pub fn gemv_q4_with(kernel: DenseKernel, m: &Q4Matrix, x: &[f32], y: &mut [f32]) {
+    gemm_q4_with(kernel, m, x, 1, y)
 }
 
 /// Rows per tile of the multi-vector product (a tile of the SmolLM2 head is 64 x 576 weights,
@@ -143,16 +142,22 @@ const GEMM_ROW_TILE: usize = 64;
 
 /// `ys[t * rows + r] = (W xs[t])[r]` for `n` vectors (row-major `n x cols`): the same numbers
 /// as `n` calls of [`gemv_q4_with`], each weight read once per tile.
-pub fn gemm_q4_with(
+pub fn gemm_q4_with(kernel: DenseKernel, m: &Q4Matrix, xs: &[f32], n: usize, ys: &mut [f32]) {
+    gemm_q4_rows(kernel, m, 0..m.rows, xs, n, ys)
+}
+
+/// [`gemm_q4_with`] for the rows `rows` of `m` only: `ys` is `n x rows.len()`.
+pub fn gemm_q4_rows(
     kernel: DenseKernel,
     m: &Q4Matrix,
+    rows: std::ops::Range<usize>,
     xs: &[f32],
     n: usize,
     ys: &mut [f32],
-    threads: usize,
 ) {
     assert_eq!(xs.len(), n * m.cols, "gemm_q4: xs.len() != n * cols");
-    assert_eq!(ys.len(), n * m.rows, "gemm_q4: ys.len() != n * rows");
+    assert!(rows.end <= m.rows, "gemm_q4: rows past the matrix");
+    assert_eq!(ys.len(), n * rows.len(), "gemm_q4: ys.len() != n * rows");
     assert!(
         kernel.is_available(),
         "dense kernel {} is not available on this CPU",
@@ -168,36 +173,34 @@ pub fn gemm_q4_with(
         m.blocks_per_row,
         crate::head_i8::HeadFormat::Q4_0,
     );
-    let out = SharedOut::new(ys);
-    for_each_range(m.rows, threads, |rows| {
-        for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
-            let tile = tile_start..(tile_start + GEMM_ROW_TILE).min(rows.end);
-            for t in 0..n {
-                // SAFETY: row ranges from `for_each_range` are disjoint, so (t, tile) slices are.
-                let out = unsafe { out.slice(t * m.rows + tile.start, tile.len()) };
-                match &activations {
-                    crate::q8::Activations::Int8(x) => {
-                        crate::head_i8::rows_q4(kernel, m, tile.clone(), &x[t], out)
-                    }
-                    crate::q8::Activations::Int16 { quants, scales } => {
-                        let per = m.blocks_per_row;
-                        let x_q16 = &quants[t * row_len..(t + 1) * row_len];
-                        for (out, r) in out.iter_mut().zip(tile.clone()) {
-                            let codes =
-                                &m.codes[r * per * Q4_BLOCK_BYTES..(r + 1) * per * Q4_BLOCK_BYTES];
-                            let w_scales = &m.scales[r * per..(r + 1) * per];
-                            let sum = if simd {
-                                dot_q4_simd(codes, w_scales, x_q16)
-                            } else {
-                                dot_q4_reference(codes, w_scales, x_q16)
-                            };
-                            *out = sum * scales[t];
-                        }
+    let width = rows.len();
+    for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
+        let tile = tile_start..(tile_start + GEMM_ROW_TILE).min(rows.end);
+        let at = tile.start - rows.start;
+        for t in 0..n {
+            let out = &mut ys[t * width + at..t * width + at + tile.len()];
+            match &activations {
+                crate::q8::Activations::Int8(x) => {
+                    crate::head_i8::rows_q4(kernel, m, tile.clone(), &x[t], out)
+                }
+                crate::q8::Activations::Int16 { quants, scales } => {
+                    let per = m.blocks_per_row;
+                    let x_q16 = &quants[t * row_len..(t + 1) * row_len];
+                    for (out, r) in out.iter_mut().zip(tile.clone()) {
+                        let codes =
+                            &m.codes[r * per * Q4_BLOCK_BYTES..(r + 1) * per * Q4_BLOCK_BYTES];
+                        let w_scales = &m.scales[r * per..(r + 1) * per];
+                        let sum = if simd {
+                            dot_q4_simd(codes, w_scales, x_q16)
+                        } else {
+                            dot_q4_reference(codes, w_scales, x_q16)
+                        };
+                        *out = sum * scales[t];
                     }
                 }
             }
         }
-    });
+    }
 }
 
 #[inline(always)]

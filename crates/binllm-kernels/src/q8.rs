@@ -13,7 +13,6 @@
 
 use crate::dense::DenseKernel;
 use crate::head_i8::HeadFormat;
-use crate::parallel::{for_each_range, SharedOut};
 
 /// Weights per block (one scale each).
 pub const Q8_BLOCK: usize = 32;
@@ -86,15 +85,15 @@ impl Q8Matrix {
 }
 
 /// `y = W x` with the fastest available kernel.
-pub fn gemv_q8(m: &Q8Matrix, x: &[f32], y: &mut [f32], threads: usize) {
-    gemv_q8_with(DenseKernel::best(), m, x, y, threads)
+pub fn gemv_q8(m: &Q8Matrix, x: &[f32], y: &mut [f32]) {
+    gemv_q8_with(DenseKernel::best(), m, x, y)
 }
 
 /// `y = W x` with a chosen kernel (panics if it is unavailable).
-pub fn gemv_q8_with(kernel: DenseKernel, m: &Q8Matrix, x: &[f32], y: &mut [f32], threads: usize) {
+pub fn gemv_q8_with(kernel: DenseKernel, m: &Q8Matrix, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), m.cols, "gemv_q8: x.len() != cols");
     assert_eq!(y.len(), m.rows, "gemv_q8: y.len() != rows");
-    gemm_q8_with(kernel, m, x, 1, y, threads)
+    gemm_q8_with(kernel, m, x, 1, y)
 }
 
 /// Rows per tile of the multi-vector product: a tile of a q8 head row block (64 x 576 weights,
@@ -104,16 +103,23 @@ const GEMM_ROW_TILE: usize = 64;
 
 /// `ys[t * rows + r] = (W xs[t])[r]` for `n` vectors `xs` (row-major `n x cols`): the same
 /// numbers as `n` calls of [`gemv_q8_with`], computed tile by tile so each weight is read once.
-pub fn gemm_q8_with(
+pub fn gemm_q8_with(kernel: DenseKernel, m: &Q8Matrix, xs: &[f32], n: usize, ys: &mut [f32]) {
+    gemm_q8_rows(kernel, m, 0..m.rows, xs, n, ys)
+}
+
+/// [`gemm_q8_with`] for the rows `rows` of `m` only: `ys` is `n x rows.len()`. A thread that
+/// owns some rows of the head computes them with this.
+pub fn gemm_q8_rows(
     kernel: DenseKernel,
     m: &Q8Matrix,
+    rows: std::ops::Range<usize>,
     xs: &[f32],
     n: usize,
     ys: &mut [f32],
-    threads: usize,
 ) {
     assert_eq!(xs.len(), n * m.cols, "gemm_q8: xs.len() != n * cols");
-    assert_eq!(ys.len(), n * m.rows, "gemm_q8: ys.len() != n * rows");
+    assert!(rows.end <= m.rows, "gemm_q8: rows past the matrix");
+    assert_eq!(ys.len(), n * rows.len(), "gemm_q8: ys.len() != n * rows");
     assert!(
         kernel.is_available(),
         "dense kernel {} is not available on this CPU",
@@ -121,33 +127,31 @@ pub fn gemm_q8_with(
     );
     let row_len = m.blocks_per_row * Q8_BLOCK;
     let activations = Activations::new(kernel, xs, n, m.cols, m.blocks_per_row, HeadFormat::Q8_0);
-    let out = SharedOut::new(ys);
-    for_each_range(m.rows, threads, |rows| {
-        for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
-            let tile = tile_start..(tile_start + GEMM_ROW_TILE).min(rows.end);
-            for t in 0..n {
-                // SAFETY: row ranges from `for_each_range` are disjoint, so (t, tile) slices are.
-                let out = unsafe { out.slice(t * m.rows + tile.start, tile.len()) };
-                match &activations {
-                    Activations::Int8(x) => {
-                        crate::head_i8::rows_q8(kernel, m, tile.clone(), &x[t], out)
-                    }
-                    Activations::Int16 { quants, scales } => {
-                        for (out, r) in out.iter_mut().zip(tile.clone()) {
-                            *out = dot_q8(
-                                kernel,
-                                &m.quants[r * row_len..(r + 1) * row_len],
-                                &m.scales[r * m.blocks_per_row..(r + 1) * m.blocks_per_row],
-                                &xs[t * m.cols..(t + 1) * m.cols],
-                                &quants[t * row_len..(t + 1) * row_len],
-                                scales[t],
-                            );
-                        }
+    let width = rows.len();
+    for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
+        let tile = tile_start..(tile_start + GEMM_ROW_TILE).min(rows.end);
+        let at = tile.start - rows.start;
+        for t in 0..n {
+            let out = &mut ys[t * width + at..t * width + at + tile.len()];
+            match &activations {
+                Activations::Int8(x) => {
+                    crate::head_i8::rows_q8(kernel, m, tile.clone(), &x[t], out)
+                }
+                Activations::Int16 { quants, scales } => {
+                    for (out, r) in out.iter_mut().zip(tile.clone()) {
+                        *out = dot_q8(
+                            kernel,
+                            &m.quants[r * row_len..(r + 1) * row_len],
+                            &m.scales[r * m.blocks_per_row..(r + 1) * m.blocks_per_row],
+                            &xs[t * m.cols..(t + 1) * m.cols],
+                            &quants[t * row_len..(t + 1) * row_len],
+                            scales[t],
+                        );
                     }
                 }
             }
         }
-    });
+    }
 }
 
 /// The input vectors as a kernel reads them, quantized once per product and shared by every
