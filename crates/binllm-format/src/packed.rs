@@ -47,8 +47,7 @@ pub const Q4_SCALE_SUFFIX: &str = ".q4_scale";
 /// `stored_as` of a dense [`HostTensor`] that is q4_0 in its file (its data is dequantized).
 pub const Q4_STORED_AS: &str = "Q4_0";
 pub use binllm_kernels::q4::{Q4_BLOCK, Q4_BLOCK_BYTES};
-/// A q4_0 matrix as stored: the kernels' [`binllm_kernels::Q4Matrix`] (codes and f16 scales).
-pub type Q4Tensor = binllm_kernels::Q4Matrix;
+pub use binllm_kernels::{Q4Matrix, Q8Matrix};
 
 pub use binllm_kernels::layout::words_per_row;
 
@@ -159,7 +158,7 @@ impl PackedModel {
             (0f64, 0f64, 0f64, 0f64);
         for (name, t) in &self.dense {
             let bits = if t.stored_as == Q8_STORED_AS && t.shape.len() == 2 {
-                Q8Tensor::bits_per_weight(t.shape[0], t.shape[1])
+                q8_bits_per_weight(t.shape[0], t.shape[1])
             } else if t.stored_as == Q4_STORED_AS && t.shape.len() == 2 {
                 q4_bits_per_weight(t.shape[0], t.shape[1])
             } else {
@@ -246,7 +245,7 @@ impl PackedModel {
 
     /// Writes the model; dense tensors marked `stored_as == "Q8_0"` or `"Q4_0"` (read from a
     /// quantized file) are quantized again, which gives back the stored tensors (see
-    /// [`Q8Tensor::quantize`], [`binllm_kernels::Q4Matrix::quantize`]).
+    /// [`Q8Matrix::quantize`], [`Q4Matrix::quantize`]).
     pub fn write(&self, path: &Path) -> Result<()> {
         let quantized: QuantTensors = self
             .dense
@@ -256,10 +255,10 @@ impl PackedModel {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 let quantized = match t.stored_as.as_str() {
                     Q8_STORED_AS => {
-                        QuantTensor::Q8(Q8Tensor::quantize(&t.to_f32_vec(), rows, cols))
+                        QuantTensor::Q8(Q8Matrix::quantize(&t.to_f32_vec(), rows, cols))
                     }
                     Q4_STORED_AS => {
-                        QuantTensor::Q4(Q4Tensor::quantize(&t.to_f32_vec(), rows, cols))
+                        QuantTensor::Q4(Q4Matrix::quantize(&t.to_f32_vec(), rows, cols))
                     }
                     _ => return None,
                 };
@@ -287,8 +286,9 @@ impl PackedModel {
             );
             let consistent = match t {
                 QuantTensor::Q8(t) => {
-                    t.quants.len() == t.rows * t.blocks_per_row() * Q8_BLOCK
-                        && t.scales.len() == t.rows * t.blocks_per_row()
+                    t.blocks_per_row == t.cols.div_ceil(Q8_BLOCK)
+                        && t.quants.len() == t.rows * t.blocks_per_row * Q8_BLOCK
+                        && t.scales.len() == t.rows * t.blocks_per_row
                 }
                 QuantTensor::Q4(t) => {
                     t.blocks_per_row == t.cols.div_ceil(Q4_BLOCK)
@@ -300,6 +300,15 @@ impl PackedModel {
                 consistent,
                 "quantized tensor '{name}' has inconsistent lengths"
             );
+            if let QuantTensor::Q8(t) = t {
+                // The file holds f16 scales: a scale that is not an f16 value would change.
+                ensure!(
+                    t.scales
+                        .iter()
+                        .all(|&s| s.is_nan() || f16::from_f32(s).to_f32() == s),
+                    "quantized tensor '{name}' has q8_0 scales that f16 cannot hold exactly"
+                );
+            }
         }
         let mut blobs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let vector = |values: &[f32]| -> (safetensors::Dtype, Vec<u8>) {
@@ -340,7 +349,7 @@ impl PackedModel {
         for (name, t) in quantized {
             match t {
                 QuantTensor::Q8(t) => {
-                    let blocks = t.blocks_per_row();
+                    let blocks = t.blocks_per_row;
                     blobs.push((
                         format!("{name}{Q8_SUFFIX}"),
                         safetensors::Dtype::I8,
@@ -351,7 +360,10 @@ impl PackedModel {
                         format!("{name}{Q8_SCALE_SUFFIX}"),
                         safetensors::Dtype::F16,
                         vec![t.rows, blocks],
-                        t.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+                        t.scales
+                            .iter()
+                            .flat_map(|&s| f16::from_f32(s).to_le_bytes())
+                            .collect(),
                     ));
                 }
                 QuantTensor::Q4(t) => {
@@ -689,25 +701,33 @@ fn read_blocked<'a>(
     })
 }
 
-fn read_q8(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Q8Tensor> {
+fn read_q8(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Q8Matrix> {
     let t = read_blocked(st, name, shape, &Q8_FORMAT)?;
-    Ok(Q8Tensor {
+    Ok(Q8Matrix {
         rows: t.rows,
         cols: t.cols,
+        blocks_per_row: t.blocks_per_row,
         quants: t.payload.iter().map(|&b| b as i8).collect(),
-        scales: t.scales,
+        scales: t.scales.iter().map(|s| s.to_f32()).collect(),
     })
 }
 
-fn read_q4(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Q4Tensor> {
+fn read_q4(st: &safetensors::SafeTensors, name: &str, shape: &[usize]) -> Result<Q4Matrix> {
     let t = read_blocked(st, name, shape, &Q4_FORMAT)?;
-    Ok(Q4Tensor {
+    Ok(Q4Matrix {
         rows: t.rows,
         cols: t.cols,
         blocks_per_row: t.blocks_per_row,
         codes: t.payload.to_vec(),
         scales: t.scales,
     })
+}
+
+/// Bits per weight of a q8_0 matrix as stored (block padding and f16 scales included): 8.5
+/// when `cols` is a multiple of 32.
+pub fn q8_bits_per_weight(rows: usize, cols: usize) -> f64 {
+    let blocks = cols.div_ceil(Q8_BLOCK) as f64;
+    (rows as f64 * blocks * (Q8_BLOCK as f64 * 8.0 + 16.0)) / (rows * cols).max(1) as f64
 }
 
 /// Bits per weight of a q4_0 matrix as stored (block padding and f16 scales included): 4.5
@@ -720,8 +740,8 @@ pub fn q4_bits_per_weight(rows: usize, cols: usize) -> f64 {
 /// A dense matrix stored quantized: q8_0 or (version 3) q4_0.
 #[derive(Debug, Clone, PartialEq)]
 pub enum QuantTensor {
-    Q8(Q8Tensor),
-    Q4(Q4Tensor),
+    Q8(Q8Matrix),
+    Q4(Q4Matrix),
 }
 
 impl QuantTensor {
@@ -744,7 +764,7 @@ impl QuantTensor {
     pub fn bits_per_weight(&self) -> f64 {
         let (rows, cols) = self.shape();
         match self {
-            QuantTensor::Q8(_) => Q8Tensor::bits_per_weight(rows, cols),
+            QuantTensor::Q8(_) => q8_bits_per_weight(rows, cols),
             QuantTensor::Q4(_) => q4_bits_per_weight(rows, cols),
         }
     }
@@ -759,96 +779,6 @@ impl QuantTensor {
 
 /// Dense tensors stored quantized (q8_0 or q4_0), by canonical name.
 pub type QuantTensors = BTreeMap<String, QuantTensor>;
-
-/// A row-major `rows x cols` matrix in q8_0 (GGML's block format): each row split into blocks
-/// of 32 weights, `w = scale * q` with one f16 scale per block and `q` in -127..=127; a row's
-/// last block is padded with `q = 0`. 8.5 bits per weight.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Q8Tensor {
-    pub rows: usize,
-    pub cols: usize,
-    /// `rows * blocks_per_row * 32`; weight `(r, c)` is `quants[r * 32 * blocks_per_row + c]`.
-    pub quants: Vec<i8>,
-    /// `rows * blocks_per_row`; block `b` of row `r` is `scales[r * blocks_per_row + b]`.
-    pub scales: Vec<f16>,
-}
-
-impl Q8Tensor {
-    /// `scale = max|w| / 127` rounded to f16, `q = round(w / scale)`: dividing by the stored
-    /// (rounded) scale makes `dequantize` then `quantize` give back the same tensor whenever
-    /// the scales are normal f16 numbers.
-    pub fn quantize(values: &[f32], rows: usize, cols: usize) -> Self {
-        assert_eq!(
-            values.len(),
-            rows * cols,
-            "Q8Tensor::quantize: values.len() != rows * cols"
-        );
-        let blocks = cols.div_ceil(Q8_BLOCK);
-        let mut quants = vec![0i8; rows * blocks * Q8_BLOCK];
-        let mut scales = vec![f16::ZERO; rows * blocks];
-        for r in 0..rows {
-            for b in 0..blocks {
-                let (start, end) = (b * Q8_BLOCK, ((b + 1) * Q8_BLOCK).min(cols));
-                let block = &values[r * cols + start..r * cols + end];
-                let max_abs = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let scale = f16::from_f32(max_abs / 127.0);
-                scales[r * blocks + b] = scale;
-                let scale = scale.to_f32();
-                if scale == 0.0 {
-                    continue;
-                }
-                let out = &mut quants[(r * blocks + b) * Q8_BLOCK..];
-                for (q, v) in out.iter_mut().zip(block) {
-                    *q = (v / scale).round().clamp(-127.0, 127.0) as i8;
-                }
-            }
-        }
-        Q8Tensor {
-            rows,
-            cols,
-            quants,
-            scales,
-        }
-    }
-
-    pub fn blocks_per_row(&self) -> usize {
-        self.cols.div_ceil(Q8_BLOCK)
-    }
-
-    /// Row `r`, dequantized into `out` (`cols` floats): the embedding lookup of a q8 table.
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let blocks = self.blocks_per_row();
-        let quants = &self.quants[r * blocks * Q8_BLOCK..];
-        for (c, o) in out[..self.cols].iter_mut().enumerate() {
-            *o = self.scales[r * blocks + c / Q8_BLOCK].to_f32() * f32::from(quants[c]);
-        }
-    }
-
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.rows * self.cols];
-        for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
-            self.dequantize_row(r, row);
-        }
-        out
-    }
-
-    /// The kernels' q8 matrix (same quants; scales widened to f32, exactly).
-    pub fn to_kernel_matrix(&self) -> binllm_kernels::Q8Matrix {
-        binllm_kernels::Q8Matrix {
-            rows: self.rows,
-            cols: self.cols,
-            blocks_per_row: self.blocks_per_row(),
-            quants: self.quants.clone(),
-            scales: self.scales.iter().map(|s| s.to_f32()).collect(),
-        }
-    }
-
-    /// Bits per weight as stored, block padding and scales included.
-    pub fn bits_per_weight(rows: usize, cols: usize) -> f64 {
-        let blocks = cols.div_ceil(Q8_BLOCK) as f64;
-        (rows as f64 * blocks * (Q8_BLOCK as f64 * 8.0 + 16.0)) / (rows * cols).max(1) as f64
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -881,9 +811,9 @@ mod tests {
 #[serde(rename_all = "lowercase")]
 pub enum HeadFormat {
     F16,
-    /// q8_0 ([`Q8Tensor`]): 8.5 bits per weight.
+    /// q8_0 ([`Q8Matrix`]): 8.5 bits per weight.
     Q8,
-    /// q4_0 ([`Q4Tensor`], format version 3): 4.5 bits per weight.
+    /// q4_0 ([`Q4Matrix`], format version 3): 4.5 bits per weight.
     Q4,
 }
 
@@ -1094,9 +1024,9 @@ pub fn export(sign_model: &PackedModel, options: &ExportOptions) -> Result<Expor
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let values = t.to_f32_vec();
         let quantized = if options.head == HeadFormat::Q8 {
-            QuantTensor::Q8(Q8Tensor::quantize(&values, rows, cols))
+            QuantTensor::Q8(Q8Matrix::quantize(&values, rows, cols))
         } else {
-            QuantTensor::Q4(Q4Tensor::quantize(&values, rows, cols))
+            QuantTensor::Q4(Q4Matrix::quantize(&values, rows, cols))
         };
         *t = HostTensor {
             shape: t.shape.clone(),

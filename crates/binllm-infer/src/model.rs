@@ -213,10 +213,8 @@ pub struct DenseMatrix {
 enum DenseData {
     F32(Vec<f32>),
     F16(Vec<f16>),
-    /// One q8 matrix per part.
-    Q8(Vec<Q8Matrix>),
-    /// One q4 matrix per part.
-    Q4(Vec<Q4Matrix>),
+    Q8(Q8Matrix),
+    Q4(Q4Matrix),
 }
 
 impl DenseMatrix {
@@ -234,28 +232,11 @@ impl DenseMatrix {
         ensure!(t.shape.len() == 2, "'{name}' is not a matrix");
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let parts = split_rows(rows, parts, ROW_ALIGN);
-        let data = if let Some(QuantTensor::Q4(q)) = quantized.get(name) {
-            DenseData::Q4(parts.iter().map(|r| q.rows_slice(r.clone())).collect())
-        } else if let Some(QuantTensor::Q8(q)) = quantized.get(name) {
-            let m = q.to_kernel_matrix();
-            let per_row = m.blocks_per_row;
-            DenseData::Q8(
-                parts
-                    .iter()
-                    .map(|r| Q8Matrix {
-                        rows: r.len(),
-                        cols,
-                        blocks_per_row: per_row,
-                        quants: m.quants[r.start * per_row * 32..r.end * per_row * 32].to_vec(),
-                        scales: m.scales[r.start * per_row..r.end * per_row].to_vec(),
-                    })
-                    .collect(),
-            )
-        } else {
-            match &t.data {
-                TensorData::F16(w) => DenseData::F16(w.clone()),
-                _ => DenseData::F32(t.to_f32_vec()),
-            }
+        let data = match (quantized.get(name), &t.data) {
+            (Some(QuantTensor::Q4(q)), _) => DenseData::Q4(q.clone()),
+            (Some(QuantTensor::Q8(q)), _) => DenseData::Q8(q.clone()),
+            (None, TensorData::F16(w)) => DenseData::F16(w.clone()),
+            (None, _) => DenseData::F32(t.to_f32_vec()),
         };
         // By default f16 and f32 take the widest vectors, the quantized formats their own pick.
         let kernel = kernel.unwrap_or_else(|| match data {
@@ -299,8 +280,8 @@ impl DenseMatrix {
         match &self.data {
             DenseData::F32(w) => 4 * w.len(),
             DenseData::F16(w) => 2 * w.len(),
-            DenseData::Q8(parts) => parts.iter().map(|m| m.bytes()).sum(),
-            DenseData::Q4(parts) => parts.iter().map(|m| m.bytes()).sum(),
+            DenseData::Q8(m) => m.bytes(),
+            DenseData::Q4(m) => m.bytes(),
         }
     }
 
@@ -314,26 +295,8 @@ impl DenseMatrix {
                     *o = v.to_f32();
                 }
             }
-            DenseData::Q8(parts) => {
-                let p = self
-                    .parts
-                    .iter()
-                    .position(|range| range.contains(&r))
-                    .expect("row in range");
-                let (m, r) = (&parts[p], r - self.parts[p].start);
-                let quants = &m.quants[r * m.blocks_per_row * 32..];
-                for (c, o) in out.iter_mut().enumerate() {
-                    *o = m.scales[r * m.blocks_per_row + c / 32] * f32::from(quants[c]);
-                }
-            }
-            DenseData::Q4(parts) => {
-                let p = self
-                    .parts
-                    .iter()
-                    .position(|range| range.contains(&r))
-                    .expect("row in range");
-                parts[p].dequantize_row(r - self.parts[p].start, out);
-            }
+            DenseData::Q8(m) => m.dequantize_row(r, out),
+            DenseData::Q4(m) => m.dequantize_row(r, out),
         }
     }
 
@@ -363,11 +326,11 @@ impl DenseMatrix {
                 xs,
                 &mut part,
             ),
-            DenseData::Q8(parts) => {
-                binllm_kernels::gemm_q8_with(self.kernel, &parts[member], xs, n, &mut part)
+            DenseData::Q8(m) => {
+                binllm_kernels::gemm_q8_rows(self.kernel, m, range.clone(), xs, n, &mut part)
             }
-            DenseData::Q4(parts) => {
-                binllm_kernels::gemm_q4_with(self.kernel, &parts[member], xs, n, &mut part)
+            DenseData::Q4(m) => {
+                binllm_kernels::gemm_q4_rows(self.kernel, m, range.clone(), xs, n, &mut part)
             }
         }
         for (t, values) in part.chunks_exact(rows).enumerate() {
@@ -401,11 +364,11 @@ impl DenseMatrix {
                 x,
                 out,
             ),
-            DenseData::Q8(parts) => {
-                binllm_kernels::gemv_q8_with(self.kernel, &parts[member], x, out)
+            DenseData::Q8(m) => {
+                binllm_kernels::gemm_q8_rows(self.kernel, m, range.clone(), x, 1, out)
             }
-            DenseData::Q4(parts) => {
-                binllm_kernels::gemv_q4_with(self.kernel, &parts[member], x, out)
+            DenseData::Q4(m) => {
+                binllm_kernels::gemm_q4_rows(self.kernel, m, range.clone(), x, 1, out)
             }
         }
     }

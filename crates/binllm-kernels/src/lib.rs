@@ -56,16 +56,19 @@
 //! split, so results do not depend on how many threads the runtime uses (the tests split
 //! matrices and compare).
 //!
-//! # Dense products ([`dense`], [`q8`], [`q4`])
+//! # Dense products ([`dense`], [`q8`], [`q4`], [`head`])
 //!
-//! [`gemv_f32`], [`gemv_f16`] (F16C / AVX-512 conversion on x86) and [`gemv_q8`] (q8_0-style:
-//! int8 weights with an f32 scale per 32), each with a scalar reference and a forced-kernel
-//! variant taking a [`DenseKernel`]; [`gemv_q4_with`] (q4_0-style 4-bit blocks of 32 with an
-//! f16 scale, for a 4-bit LM head). The quantized heads round activations either to int16 per
-//! vector (`Avx2`, `Avx512`, `Portable`: an error of at most 2^-16 of `max|x|` per activation;
-//! the q4 AVX2 path equals its integer reference bit for bit) or to int8 per block of 32
-//! (`Avx512Vnni`, `Avx2Int8`: llama.cpp's arithmetic for those formats, [`head_i8`], bit for
-//! bit equal to lane-by-lane references and to each other; the runtime's default on x86-64).
+//! [`gemv_f32`] and [`gemv_f16`] (F16C / AVX-512 conversion on x86), each with a scalar
+//! reference and a forced-kernel variant taking a [`DenseKernel`]. The two quantized formats
+//! of the LM head have one home each, used by binllm-format to store them and by the runtime to
+//! compute with them: [`Q8Matrix`] (q8_0: int8 weights, one scale per 32) and [`Q4Matrix`]
+//! (q4_0: 4-bit codes, one f16 scale per 32). Their products ([`head`]: [`gemv_q8_with`],
+//! [`gemm_q8_rows`], [`gemv_q4_with`], [`gemm_q4_rows`]) round activations either to int16
+//! per vector (`Avx2`, `Avx512`, `Portable`: an error of at most 2^-16 of `max|x|` per
+//! activation; the q4 AVX2 path equals its integer reference bit for bit) or to int8 per block
+//! of 32 (`Avx512Vnni`, `Avx2Int8`: llama.cpp's arithmetic for those formats, [`head_i8`], bit
+//! for bit equal to lane-by-lane references and to each other; the runtime's default on
+//! x86-64).
 //!
 //! # Use
 //!
@@ -84,6 +87,7 @@
 
 pub mod dense;
 mod gemm;
+pub mod head;
 pub mod head_i8;
 mod kernel;
 pub mod layout;
@@ -129,13 +133,16 @@ pub fn prefetch_lines<T>(p: *const T, len: usize) {
 }
 
 pub use dense::{gemm_dense_with, gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_with, DenseKernel};
+pub use head::{
+    gemm_q4_rows, gemm_q4_with, gemm_q8_rows, gemm_q8_with, gemv_q4_with, gemv_q8, gemv_q8_with,
+};
 pub use kernel::Kernel;
 pub use layout::{pack_signs, words_per_row, PackedMatrix};
 pub use lut::LutMatrix;
 pub use lut3::Lut3Matrix;
 pub use lut_i8::LutI8Matrix;
-pub use q4::{gemm_q4_rows, gemm_q4_with, gemv_q4_with, Q4Matrix};
-pub use q8::{gemm_q8_rows, gemm_q8_with, gemv_q8, gemv_q8_with, Q8Matrix};
+pub use q4::Q4Matrix;
+pub use q8::Q8Matrix;
 
 fn check_gemv_shapes(rows: usize, cols: usize, x: &[f32], y: &[f32]) {
     assert_eq!(x.len(), cols, "gemv: x.len() != cols");

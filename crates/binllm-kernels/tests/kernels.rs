@@ -784,7 +784,7 @@ fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
 /// every width (odd block counts, partial blocks, one row), split of the rows and batch.
 #[test]
 fn int8_activation_heads_match_their_references_and_f64() {
-    use binllm_kernels::head_i8::{dot_q4_reference, dot_q8_reference, HeadFormat, I8Activations};
+    use binllm_kernels::head_i8::{dot_q4_reference, dot_q8_reference, I8Activations};
     let int8_kernels: Vec<DenseKernel> = DenseKernel::available()
         .into_iter()
         .filter(|k| k.int8_activations())
@@ -803,8 +803,8 @@ fn int8_activation_heads_match_their_references_and_f64() {
             let mut want_q4 = vec![0f32; n * rows];
             for t in 0..n {
                 let x = &xs[t * cols..(t + 1) * cols];
-                let act_q8 = I8Activations::new(x, blocks, HeadFormat::Q8_0);
-                let act_q4 = I8Activations::new(x, blocks, HeadFormat::Q4_0);
+                let act_q8 = I8Activations::for_q8_0(x, blocks);
+                let act_q4 = I8Activations::for_q4_0(x, blocks);
                 // Each activation moves by at most half its block's step.
                 let half_steps: Vec<f32> = (0..cols)
                     .map(|j| {
@@ -868,5 +868,5 @@ fn int8_activation_heads_match_their_references_and_f64() {
     let q8 = Q8Matrix::quantize(&[0.5f32; 64], 1, 64);
     let mut x = vec![1.0f32; 64];
     x[40] = f32::NAN;
-    assert!(dot_q8_reference(&q8, 0, &I8Activations::new(&x, 2, HeadFormat::Q8_0)).is_nan());
+    assert!(dot_q8_reference(&q8, 0, &I8Activations::for_q8_0(&x, 2)).is_nan());
 }
