@@ -85,6 +85,8 @@
 //! assert_eq!(y, [0.5 * (-1.0 + 2.0 + 3.0 - 4.0 + 5.0), 1.0 * (1.0 - 2.0 + 3.0 + 4.0 - 5.0), 2.0 * (1.0 + 2.0 - 3.0 + 4.0 + 5.0)]);
 //! ```
 
+pub mod activation;
+pub mod attention;
 pub mod dense;
 mod gemm;
 pub mod head;
@@ -101,6 +103,33 @@ pub mod q8;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+
+/// The runtime's token sampler's generator (binllm-infer's `sampling::SplitMix64`, which this
+/// crate cannot depend on), so that the kernels' unit tests draw the inputs the runtime's tests
+/// drew before the kernels moved here.
+#[cfg(test)]
+mod test_rng {
+    pub struct SplitMix64(u64);
+
+    impl SplitMix64 {
+        pub fn new(seed: u64) -> Self {
+            SplitMix64(seed ^ 0x9E37_79B9_7F4A_7C15)
+        }
+
+        pub fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform in [0, 1) with 24 bits.
+        pub fn next_f32(&mut self) -> f32 {
+            (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        }
+    }
+}
 
 /// How far ahead of its reads a streaming kernel asks for weights. The hardware prefetchers
 /// alone leave a single core waiting on DRAM for about 40% of a decode step's 1-bit products
@@ -132,6 +161,8 @@ pub fn prefetch_lines<T>(p: *const T, len: usize) {
     }
 }
 
+pub use activation::swiglu;
+pub use attention::attend;
 pub use dense::{gemm_dense_with, gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_with, DenseKernel};
 pub use head::{
     gemm_q4_rows, gemm_q4_with, gemm_q8_rows, gemm_q8_with, gemv_q4_with, gemv_q8, gemv_q8_with,
