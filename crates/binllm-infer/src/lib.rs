@@ -7,6 +7,7 @@
 //! same way.
 
 pub mod generate;
+pub mod linear;
 pub mod model;
 pub mod ptq;
 pub mod sampling;
@@ -14,5 +15,6 @@ pub mod scorer;
 mod threads;
 
 pub use binllm_kernels::{DenseKernel, Kernel};
-pub use model::{default_head_kernel, KvCache, LoadOptions, Model};
+pub use linear::default_head_kernel;
+pub use model::{KvCache, LoadOptions, Model};
 pub use scorer::PackedScorer;
