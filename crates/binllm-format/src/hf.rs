@@ -9,8 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use half::{bf16, f16};
 use serde_json::Value;
 
-use crate::model::{LoadOptions, PretrainedModel, SourceFormat};
 use crate::names;
+use crate::pretrained::{LoadOptions, PretrainedModel, SourceFormat};
 use crate::tensor::{HostTensor, TensorData, TensorMap};
 use crate::{Architecture, ModelConfig, RopeScaling, TextTokenizer};
 

@@ -11,18 +11,19 @@
 pub mod atomic;
 pub mod chat;
 pub mod config;
+pub mod detect;
 pub mod gguf;
 pub mod hf;
 pub mod llama2c;
-pub mod model;
 pub mod names;
 pub mod packed;
+pub mod pretrained;
 #[doc(hidden)]
 pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
-pub use model::{LoadOptions, PretrainedModel, SourceFormat};
+pub use pretrained::{LoadOptions, PretrainedModel, SourceFormat};
 pub use tensor::{DType, HostTensor, TensorData, TensorMap};
 pub use tokenizer::{TextTokenizer, TokenizerKind};
