@@ -8,6 +8,7 @@ mod export;
 #[cfg(feature = "torch")]
 mod generate;
 mod inspect;
+mod options;
 mod run;
 
 use anyhow::Result;

@@ -96,6 +96,18 @@ impl DenseKernel {
     }
 }
 
+/// On a command line a dense kernel is its [`DenseKernel::name`].
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for DenseKernel {
+    fn value_variants<'a>() -> &'a [Self] {
+        &DenseKernel::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 impl std::str::FromStr for DenseKernel {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -32,10 +32,20 @@ pub const READABLE_VERSIONS: [u32; 3] = [1, 2, 3];
 
 /// How scale vectors and dense tensors are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     F32,
     F16,
+}
+
+impl Precision {
+    pub fn label(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        }
+    }
 }
 
 /// Who made the model and how (free-form JSON in the file; these fields are always there).

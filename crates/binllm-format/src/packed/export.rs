@@ -17,13 +17,34 @@ use binllm_kernels::{Q4Matrix, Q8Matrix};
 
 /// How `binllm export` stores the LM head (and with a tied head, the embedding it shares).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum HeadFormat {
+    #[cfg_attr(feature = "clap", value(help = "16 bits per weight"))]
     F16,
     /// q8_0 ([`Q8Matrix`]): 8.5 bits per weight.
+    #[cfg_attr(
+        feature = "clap",
+        value(alias = "q8_0", help = "q8_0, 8.5 bits per weight")
+    )]
     Q8,
     /// q4_0 ([`Q4Matrix`], format version 3): 4.5 bits per weight.
+    #[cfg_attr(
+        feature = "clap",
+        value(alias = "q4_0", help = "q4_0, 4.5 bits per weight (format version 3)")
+    )]
     Q4,
+}
+
+impl HeadFormat {
+    /// The format's own name: `f16`, `q8_0` or `q4_0`.
+    pub fn label(self) -> &'static str {
+        match self {
+            HeadFormat::F16 => "f16",
+            HeadFormat::Q8 => "q8_0",
+            HeadFormat::Q4 => "q4_0",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
