@@ -18,8 +18,6 @@ pub mod llama2c;
 pub mod names;
 pub mod packed;
 pub mod pretrained;
-#[doc(hidden)]
-pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;
 
