@@ -1,7 +1,7 @@
 //! The element-wise activation of the LLaMA MLP, SwiGLU (`silu(gate) * up`), and the vector
 //! `e^x` it shares with attention's softmax ([`crate::attention`]).
 //!
-//! The vector path takes `e^x` of `-|x|` only, the arguments [`exp_avx512`] is accurate for,
+//! The vector path takes `e^x` of `-|x|` only, the arguments `exp_avx512` is accurate for,
 //! and is tested against an f64 SwiGLU; elsewhere one element at a time with `f32::exp`.
 
 fn silu(x: f32) -> f32 {

@@ -4,10 +4,10 @@
 //! of the values.
 //!
 //! The AVX-512 path scores 16 positions per reduction (each position's 16-lane partial dot
-//! product, then one transposing reduction, [`transpose_sum16`]) and walks the positions
+//! product, then one transposing reduction, `transpose_sum16`) and walks the positions
 //! outermost with the heads of the group inside, so each cached key and value row comes from
 //! memory once per kv head rather than once per query head (1.25-1.45x per head on SmolLM2).
-//! [`attend_generic`] is the plain loop it is tested against.
+//! `attend_generic` is the plain loop it is tested against.
 
 /// Query heads `queries` (`head_dim` floats each, all reading one kv head) over `visible`
 /// cached positions (keys and values strided by `kv_dim`, starting at `kv_offset`), into `out`

@@ -13,7 +13,7 @@
 //! the exact integer sum of the products its four bytes feed; it is converted to f32 (exact:
 //! |sum| < 2^24) and fused-multiply-added with `w_scale[block] * x_scale[block]` (rounded to
 //! f32 first) into one of two 16-lane accumulators (even and odd steps). The row is their
-//! lane-wise sum reduced by [`reduce16`]'s fixed tree. The references here do the same one lane
+//! lane-wise sum reduced by `reduce16`'s fixed tree. The references here do the same one lane
 //! at a time, so the SIMD paths equal them bit for bit.
 //!
 //! - q8_0, 2 blocks per step: lanes 0-7 are block `2k`, 8-15 block `2k + 1`; lane `l` sums the

@@ -6,23 +6,23 @@
 //! plus dense GEMV for the layers that stay in floating point (f32, f16, and q8_0 / q4_0 for
 //! the LM head). It is pure Rust (std, half).
 //!
-//! # Packed layout (quoted by `docs/FORMAT.md`)
+//! # Rooms
 //!
-//! A linear layer `y = W x` with `W` of shape `rows x cols` (out x in) is stored as sign bits
-//! `B` in {-1, +1}^(rows x cols) and one scale per output row, `W[r, j] = scale[r] * B[r, j]`:
+//! | module | holds |
+//! |---|---|
+//! | [`layout`] | the packed sign-bit layout ([`PackedMatrix`], [`pack_signs`]) |
+//! | `kernel`, `gemm`, [`scalar`], `x86`, `neon` | the 1-bit kernels ([`Kernel`]) on that layout, and the drivers tiling GEMM over vectors |
+//! | [`lut`], [`lut3`], [`lut_i8`] | the lookup-table layouts and kernels |
+//! | this file | [`PreparedMatrix`] (a matrix in its kernel's layout), [`gemv_with`] / [`gemm_with`] |
+//! | [`dense`] | f32 and f16 products ([`DenseKernel`]) |
+//! | [`q8`], [`q4`] | the q8_0 and q4_0 block formats ([`Q8Matrix`], [`Q4Matrix`]), one home each |
+//! | [`head`], [`head_i8`] | the quantized LM head's products (int16 and int8 activations) |
+//! | [`attention`], [`activation`] | attention over a KV cache, SwiGLU and the vector `e^x` |
 //!
-//! - Row-major; each row is padded to whole 64-bit words: `words_per_row = ceil(cols / 64)`, so
-//!   the matrix is `rows * words_per_row` u64 words. Words are little-endian in files.
-//! - Bit `j` (LSB = 0) of word `w` of row `r` is the sign of element `(r, 64 * w + j)`:
-//!   bit 1 means +1, bit 0 means -1. Upstream `sign(0) = +1` ([`pack_signs`] maps +0.0, -0.0
-//!   and NaN to +1, only values `< 0` to -1).
-//! - Padding bits (columns `cols..64 * words_per_row` of a row) are written as 0, and no kernel
-//!   lets them affect a result whatever their value (the kernels give padding columns zero
-//!   activation; the tests set them to garbage).
-//! - One scale per row; files store it as f16, the kernels take f32.
+//! # Packed layout
 //!
-//! Products: `y[r] = scale[r] * sum_j B[r, j] * x[j]`. The mask kernels use the identity
-//! `sum_j B[r, j] x[j] = 2 * sum_{j: bit = 1} x[j] - sum_j x[j]`.
+//! [`layout`]: row-major sign bits, each row padded to whole 64-bit words, one scale per row
+//! (`docs/FORMAT.md` quotes it). Products: `y[r] = scale[r] * sum_j B[r, j] * x[j]`.
 //!
 //! The LUT kernels re-tile the same bits once at load time ([`PreparedMatrix::new`]): into
 //! [`LutMatrix`] (blocks of 16 rows, one u32 per row per 32 columns; see [`lut`]) or

@@ -57,7 +57,7 @@ pub struct Provenance {
     pub details: serde_json::Value,
 }
 
-/// Bits per weight, honestly counted (METHOD.md): the body (block linears with their
+/// Bits per weight, honestly counted (`docs/METHOD.md`): the body (block linears with their
 /// vectors) and the whole file's parameters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct BitsPerWeight {

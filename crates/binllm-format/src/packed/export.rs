@@ -106,7 +106,7 @@ fn scale_dense(model: &mut PackedModel, name: &str, by: &[f32]) -> Result<()> {
 }
 
 /// Folds Stage-1 input scales into neighbouring weights wherever that computes the same
-/// function (METHOD.md), deciding by value: vectors are folded only when the ones that must
+/// function (`docs/METHOD.md`), deciding by value: vectors are folded only when the ones that must
 /// agree are bitwise equal. Per layer:
 ///
 /// - q/k/v read the same normed input: one vector shared by all three becomes part of the
