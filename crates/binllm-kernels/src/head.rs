@@ -11,6 +11,8 @@
 //! Each product takes the range of rows it computes: one thread of the runtime owns a range
 //! of the head's rows and computes them with `gemm_q8_rows` / `gemm_q4_rows`.
 
+use std::ops::Range;
+
 use crate::dense::DenseKernel;
 use crate::head_i8::I8Activations;
 use crate::q4::{Q4Matrix, Q4_BLOCK, Q4_BLOCK_BYTES};
@@ -44,46 +46,39 @@ pub fn gemm_q8_with(kernel: DenseKernel, m: &Q8Matrix, xs: &[f32], n: usize, ys:
 pub fn gemm_q8_rows(
     kernel: DenseKernel,
     m: &Q8Matrix,
-    rows: std::ops::Range<usize>,
+    rows: Range<usize>,
     xs: &[f32],
     n: usize,
     ys: &mut [f32],
 ) {
-    assert_eq!(xs.len(), n * m.cols, "gemm_q8: xs.len() != n * cols");
-    assert!(rows.end <= m.rows, "gemm_q8: rows past the matrix");
-    assert_eq!(ys.len(), n * rows.len(), "gemm_q8: ys.len() != n * rows");
-    assert!(
-        kernel.is_available(),
-        "dense kernel {} is not available on this CPU",
-        kernel.name()
-    );
-    let row_len = m.blocks_per_row * Q8_BLOCK;
-    let activations = Activations::new(kernel, xs, n, m.cols, m.blocks_per_row, WeightFormat::Q8_0);
-    let width = rows.len();
-    for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
-        let tile = tile_start..(tile_start + GEMM_ROW_TILE).min(rows.end);
-        let at = tile.start - rows.start;
-        for t in 0..n {
-            let out = &mut ys[t * width + at..t * width + at + tile.len()];
-            match &activations {
-                Activations::Int8(x) => {
-                    crate::head_i8::rows_q8(kernel, m, tile.clone(), &x[t], out)
-                }
-                Activations::Int16 { quants, scales } => {
-                    for (out, r) in out.iter_mut().zip(tile.clone()) {
-                        *out = crate::q8::dot_q8(
-                            kernel,
-                            &m.quants[r * row_len..(r + 1) * row_len],
-                            &m.scales[r * m.blocks_per_row..(r + 1) * m.blocks_per_row],
-                            &xs[t * m.cols..(t + 1) * m.cols],
-                            &quants[t * row_len..(t + 1) * row_len],
-                            scales[t],
-                        );
-                    }
-                }
-            }
-        }
-    }
+    let shape = Shape {
+        name: "gemm_q8",
+        rows: m.rows,
+        cols: m.cols,
+        blocks_per_row: m.blocks_per_row,
+    };
+    let (blocks, row_len) = (m.blocks_per_row, m.blocks_per_row * Q8_BLOCK);
+    gemm_rows(
+        kernel,
+        &shape,
+        rows,
+        xs,
+        n,
+        ys,
+        I8Activations::for_q8_0,
+        |tile, x, out| crate::head_i8::rows_q8(kernel, m, tile, x, out),
+        // The scalar reference reads the f32 vector, every other path its int16 rounding.
+        |r, x, x_q16, x_scale| {
+            crate::q8::dot_q8(
+                kernel,
+                &m.quants[r * row_len..(r + 1) * row_len],
+                &m.scales[r * blocks..(r + 1) * blocks],
+                x,
+                x_q16,
+                x_scale,
+            )
+        },
+    )
 }
 
 /// `y = W x` with a chosen kernel: `Avx2` and `Avx512` run the AVX2 path, `Scalar` and
@@ -102,22 +97,79 @@ pub fn gemm_q4_with(kernel: DenseKernel, m: &Q4Matrix, xs: &[f32], n: usize, ys:
 pub fn gemm_q4_rows(
     kernel: DenseKernel,
     m: &Q4Matrix,
-    rows: std::ops::Range<usize>,
+    rows: Range<usize>,
     xs: &[f32],
     n: usize,
     ys: &mut [f32],
 ) {
-    assert_eq!(xs.len(), n * m.cols, "gemm_q4: xs.len() != n * cols");
-    assert!(rows.end <= m.rows, "gemm_q4: rows past the matrix");
-    assert_eq!(ys.len(), n * rows.len(), "gemm_q4: ys.len() != n * rows");
+    let shape = Shape {
+        name: "gemm_q4",
+        rows: m.rows,
+        cols: m.cols,
+        blocks_per_row: m.blocks_per_row,
+    };
+    let per = m.blocks_per_row;
+    let simd = matches!(kernel, DenseKernel::Avx2 | DenseKernel::Avx512);
+    gemm_rows(
+        kernel,
+        &shape,
+        rows,
+        xs,
+        n,
+        ys,
+        I8Activations::for_q4_0,
+        |tile, x, out| crate::head_i8::rows_q4(kernel, m, tile, x, out),
+        // q4_0 has no f32 path: `scalar` and `portable` take the integer reference.
+        |r, _x, x_q16, x_scale| {
+            let codes = &m.codes[r * per * Q4_BLOCK_BYTES..(r + 1) * per * Q4_BLOCK_BYTES];
+            let w_scales = &m.scales[r * per..(r + 1) * per];
+            let sum = if simd {
+                crate::q4::dot_q4_simd(codes, w_scales, x_q16)
+            } else {
+                crate::q4::dot_q4_reference(codes, w_scales, x_q16)
+            };
+            sum * x_scale
+        },
+    )
+}
+
+/// A quantized head matrix as the tiled product sees it (`name` for assertion messages).
+struct Shape {
+    name: &'static str,
+    rows: usize,
+    cols: usize,
+    blocks_per_row: usize,
+}
+
+/// The rows `rows` of a `shape` matrix times `n` vectors, tile by tile, for both formats:
+/// `int8_layout` lays out one vector's int8 activations for the format's int8 kernels,
+/// `int8_rows(tile, x, out)` computes a tile's rows on them, and `int16_row(r, x, x_q16,
+/// x_scale)` one row on the vector's int16 rounding (or the f32 vector itself).
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows(
+    kernel: DenseKernel,
+    shape: &Shape,
+    rows: Range<usize>,
+    xs: &[f32],
+    n: usize,
+    ys: &mut [f32],
+    int8_layout: fn(&[f32], usize) -> I8Activations,
+    int8_rows: impl Fn(Range<usize>, &I8Activations, &mut [f32]),
+    int16_row: impl Fn(usize, &[f32], &[i16], f32) -> f32,
+) {
+    let (name, cols, blocks) = (shape.name, shape.cols, shape.blocks_per_row);
+    assert_eq!(xs.len(), n * cols, "{name}: xs.len() != n * cols");
+    assert!(rows.end <= shape.rows, "{name}: rows past the matrix");
+    assert_eq!(ys.len(), n * rows.len(), "{name}: ys.len() != n * rows");
     assert!(
         kernel.is_available(),
         "dense kernel {} is not available on this CPU",
         kernel.name()
     );
-    let simd = matches!(kernel, DenseKernel::Avx2 | DenseKernel::Avx512);
-    let row_len = m.blocks_per_row * Q4_BLOCK;
-    let activations = Activations::new(kernel, xs, n, m.cols, m.blocks_per_row, WeightFormat::Q4_0);
+    // Both formats' blocks are 32 weights: one int16 activation per weight of a padded row.
+    const _: () = assert!(Q8_BLOCK == Q4_BLOCK);
+    let row_len = blocks * Q8_BLOCK;
+    let activations = Activations::new(kernel, xs, n, cols, blocks, int8_layout);
     let width = rows.len();
     for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
         let tile = tile_start..(tile_start + GEMM_ROW_TILE).min(rows.end);
@@ -125,34 +177,17 @@ pub fn gemm_q4_rows(
         for t in 0..n {
             let out = &mut ys[t * width + at..t * width + at + tile.len()];
             match &activations {
-                Activations::Int8(x) => {
-                    crate::head_i8::rows_q4(kernel, m, tile.clone(), &x[t], out)
-                }
+                Activations::Int8(x) => int8_rows(tile.clone(), &x[t], out),
                 Activations::Int16 { quants, scales } => {
-                    let per = m.blocks_per_row;
+                    let x = &xs[t * cols..(t + 1) * cols];
                     let x_q16 = &quants[t * row_len..(t + 1) * row_len];
                     for (out, r) in out.iter_mut().zip(tile.clone()) {
-                        let codes =
-                            &m.codes[r * per * Q4_BLOCK_BYTES..(r + 1) * per * Q4_BLOCK_BYTES];
-                        let w_scales = &m.scales[r * per..(r + 1) * per];
-                        let sum = if simd {
-                            crate::q4::dot_q4_simd(codes, w_scales, x_q16)
-                        } else {
-                            crate::q4::dot_q4_reference(codes, w_scales, x_q16)
-                        };
-                        *out = sum * scales[t];
+                        *out = int16_row(r, x, x_q16, scales[t]);
                     }
                 }
             }
         }
     }
-}
-
-/// The weight format activations are laid out for (each int8 kernel reads its own layout).
-#[derive(Clone, Copy)]
-enum WeightFormat {
-    Q8_0,
-    Q4_0,
 }
 
 /// The input vectors as a kernel reads them, quantized once per product and shared by every
@@ -171,18 +206,11 @@ impl Activations {
         n: usize,
         cols: usize,
         blocks_per_row: usize,
-        format: WeightFormat,
+        int8_layout: fn(&[f32], usize) -> I8Activations,
     ) -> Self {
         let vectors = xs.chunks_exact(cols.max(1)).take(n);
         if kernel.int8_activations() {
-            return Activations::Int8(
-                vectors
-                    .map(|x| match format {
-                        WeightFormat::Q8_0 => I8Activations::for_q8_0(x, blocks_per_row),
-                        WeightFormat::Q4_0 => I8Activations::for_q4_0(x, blocks_per_row),
-                    })
-                    .collect(),
-            );
+            return Activations::Int8(vectors.map(|x| int8_layout(x, blocks_per_row)).collect());
         }
         let row_len = blocks_per_row * Q8_BLOCK;
         let mut quants = vec![0i16; n * row_len];
