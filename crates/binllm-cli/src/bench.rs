@@ -69,7 +69,7 @@ fn bytemuck_u64(bytes: &[u8]) -> &[u64] {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (model, packed) = Model::load(&args.model, &args.runtime.load_options())?;
+    let (model, packed) = Model::load(&args.model, &args.runtime.runtime_options())?;
     let vocab = model.config.vocab_size as u64;
     let mut rng = SplitMix64::new(1);
     let prompt: Vec<u32> = (0..args.prompt_tokens)

@@ -195,7 +195,7 @@ fn packed_engine(
             model.display()
         );
     }
-    let (runtime, file) = binllm_infer::Model::load(model, &a.runtime.load_options())?;
+    let (runtime, file) = binllm_infer::Model::load(model, &a.runtime.runtime_options())?;
     let tokenizer = crate::run::embedded_tokenizer(&file, model)?;
     let label = format!(
         "packed (pure Rust, {} kernel, {} threads)",

@@ -3,7 +3,7 @@
 //! parameter type (`eval`, `generate`).
 
 use binllm_infer::sampling::SamplingParams;
-use binllm_infer::{DenseKernel, Kernel, LoadOptions};
+use binllm_infer::{DenseKernel, Kernel, RuntimeOptions};
 
 /// How the packed runtime runs: threads and kernels.
 #[derive(clap::Args, Debug, Clone)]
@@ -23,8 +23,8 @@ pub struct RuntimeArgs {
 }
 
 impl RuntimeArgs {
-    pub fn load_options(&self) -> LoadOptions {
-        LoadOptions {
+    pub fn runtime_options(&self) -> RuntimeOptions {
+        RuntimeOptions {
             threads: self.threads,
             kernel: self.kernel,
             head_kernel: self.head_kernel,

@@ -48,7 +48,7 @@ pub fn embedded_tokenizer(packed: &PackedModel, path: &Path) -> Result<TextToken
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (model, packed) = Model::load(&args.model, &args.runtime.load_options())?;
+    let (model, packed) = Model::load(&args.model, &args.runtime.runtime_options())?;
     let tokenizer = embedded_tokenizer(&packed, &args.model)?;
     let options = GenerateOptions {
         max_tokens: args.max_tokens,

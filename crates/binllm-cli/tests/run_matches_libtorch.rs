@@ -13,7 +13,7 @@ use binllm_eval::{LanguageModel, ScoreRequest};
 use binllm_format::packed::{export, ExportOptions, PackedModel, QuantTensors};
 use binllm_format::PretrainedModel;
 use binllm_infer::ptq::{ptq_sign_model, InputScales};
-use binllm_infer::{DenseKernel, LoadOptions, Model, PackedScorer};
+use binllm_infer::{DenseKernel, Model, PackedScorer, RuntimeOptions};
 use binllm_train::scorer::TorchScorer;
 use common::{compare, compare_ids, PROMPTS};
 
@@ -48,7 +48,7 @@ fn greedy_answers_match_libtorch() {
     let runtime = Model::new(
         &sign,
         &QuantTensors::new(),
-        &LoadOptions {
+        &RuntimeOptions {
             threads: 2,
             head_kernel: Some(DenseKernel::Portable),
             ..Default::default()

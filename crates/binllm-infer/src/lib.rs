@@ -25,5 +25,5 @@ mod threads;
 
 pub use binllm_kernels::{DenseKernel, Kernel};
 pub use linear::default_head_kernel;
-pub use model::{KvCache, LoadOptions, Model};
+pub use model::{KvCache, Model, RuntimeOptions};
 pub use scorer::PackedScorer;

@@ -22,9 +22,9 @@ use binllm_kernels::{attend, swiglu, DenseKernel, Kernel};
 use crate::linear::{forward_stacks, DenseMatrix, Linear};
 use crate::threads::{SharedOut, Team};
 
-/// How to prepare a model for running.
+/// How the runtime runs a model: its threads and kernels.
 #[derive(Debug, Clone, Default)]
-pub struct LoadOptions {
+pub struct RuntimeOptions {
     /// Threads (0: every core).
     pub threads: usize,
     /// 1-bit kernel (default: [`Kernel::best`]).
@@ -132,7 +132,7 @@ impl Model {
     pub fn new(
         packed: &PackedModel,
         quantized: &QuantTensors,
-        options: &LoadOptions,
+        options: &RuntimeOptions,
     ) -> Result<Self> {
         packed.validate()?;
         let config = packed.config.clone();
@@ -208,7 +208,7 @@ impl Model {
     }
 
     /// Reads a packed file and builds the model.
-    pub fn load(path: &std::path::Path, options: &LoadOptions) -> Result<(Self, PackedModel)> {
+    pub fn load(path: &std::path::Path, options: &RuntimeOptions) -> Result<(Self, PackedModel)> {
         let (packed, quantized) = PackedModel::read_parts(path)?;
         let model = Self::new(&packed, &quantized, options)
             .with_context(|| format!("{}: cannot prepare the model", path.display()))?;

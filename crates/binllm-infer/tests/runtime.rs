@@ -9,14 +9,14 @@ use binllm_format::PretrainedModel;
 use binllm_infer::generate::{generate, GenerateOptions};
 use binllm_infer::ptq::{ptq_sign_model, InputScales};
 use binllm_infer::sampling::SamplingParams;
-use binllm_infer::{DenseKernel, KvCache, LoadOptions, Model};
+use binllm_infer::{DenseKernel, KvCache, Model, RuntimeOptions};
 
 fn stories() -> PretrainedModel {
     binllm_testing::shared::stories260k_with_tok512_bin()
 }
 
-fn options(threads: usize) -> LoadOptions {
-    LoadOptions {
+fn options(threads: usize) -> RuntimeOptions {
+    RuntimeOptions {
         threads,
         ..Default::default()
     }
@@ -179,7 +179,7 @@ fn logits_with_head_kernel(
     ids: &[u32],
     head_kernel: Option<DenseKernel>,
 ) -> Vec<f32> {
-    let options = LoadOptions {
+    let options = RuntimeOptions {
         head_kernel,
         ..options(1)
     };
