@@ -10,22 +10,14 @@ use anyhow::Result;
 use binllm_infer::sampling::{argmax, SplitMix64};
 use binllm_infer::{KvCache, Model};
 
+use crate::options::RuntimeArgs;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[arg(long)]
     pub model: PathBuf,
-    /// Threads (0: every core).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// 1-bit kernel (default: the fastest exact one here). `lut-i8-avx512` is faster on some
-    /// shapes but rounds activations to int8 (approximate).
-    #[arg(long)]
-    pub kernel: Option<String>,
-    /// LM-head kernel. q8_0/q4_0 heads: `avx512-vnni` or `avx2-int8` (int8 activations per
-    /// block of 32, llama.cpp's arithmetic, the same bits on both; the default on x86-64),
-    /// `avx2`, `avx512` or `portable` (int16 activations), `scalar` (f32, the reference).
-    #[arg(long)]
-    pub head_kernel: Option<String>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     #[arg(long, default_value_t = 128)]
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
@@ -77,14 +69,7 @@ fn bytemuck_u64(bytes: &[u8]) -> &[u64] {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (model, packed) = Model::load(
-        &args.model,
-        &crate::run::runtime_options(
-            args.threads,
-            args.kernel.as_deref(),
-            args.head_kernel.as_deref(),
-        )?,
-    )?;
+    let (model, packed) = Model::load(&args.model, &args.runtime.runtime_options())?;
     let vocab = model.config.vocab_size as u64;
     let mut rng = SplitMix64::new(1);
     let prompt: Vec<u32> = (0..args.prompt_tokens)

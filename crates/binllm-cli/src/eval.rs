@@ -10,6 +10,8 @@ use binllm_eval::{
     Benchmark, EvalSettings, LanguageModel, ReferenceFile,
 };
 
+use crate::options::{Dtype, RuntimeArgs};
+
 #[derive(clap::Args)]
 #[command(
     args_conflicts_with_subcommands = true,
@@ -69,32 +71,33 @@ pub struct RunArgs {
     pub reference: Option<PathBuf>,
     /// Engine: torch (libtorch, CPU/CUDA) or packed (pure Rust, CPU, packed files only);
     /// auto picks packed for packed files (torch when --device asks for CUDA), else torch.
-    #[arg(long, default_value = "auto")]
-    pub engine: String,
-    /// Threads for the packed engine (0: every core).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// 1-bit kernel for the packed engine (default: the fastest exact one here);
-    /// `lut-i8-avx512` rounds activations to int8, to measure what that costs.
-    #[arg(long)]
-    pub kernel: Option<String>,
-    /// LM-head kernel. q8_0/q4_0 heads: `avx512-vnni` or `avx2-int8` (int8 activations per
-    /// block of 32, llama.cpp's arithmetic, the same bits on both; the default on x86-64),
-    /// `avx2`, `avx512` or `portable` (int16 activations), `scalar` (f32, the reference).
-    #[arg(long)]
-    pub head_kernel: Option<String>,
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    pub engine: Engine,
+    /// The packed engine's threads and kernels.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// cpu, cuda, cuda:N or auto (torch engine).
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Parameter type for the torch engine: f32 (default, exact) or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// Parameter type for the torch engine.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
     /// Padded tokens per forward pass (torch engine; default 16384 on CUDA, 4096 on CPU).
     #[arg(long)]
     pub batch_tokens: Option<usize>,
     /// Tokenizer file when it is not beside the model.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+}
+
+/// Which engine scores the model.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Auto,
+    /// libtorch, CPU or CUDA, any model binllm loads.
+    Torch,
+    /// The pure-Rust runtime, CPU, packed files only.
+    Packed,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -156,24 +159,21 @@ pub fn run(args: Args) -> Result<()> {
 /// The engine for `model` as the options ask.
 fn open_engine(a: &RunArgs, model: &std::path::Path) -> Result<(Box<dyn LanguageModel>, String)> {
     let packed = binllm_format::packed::is_packed_file(model);
-    let engine = match a.engine.as_str() {
-        "auto" if packed && !a.device.starts_with("cuda") => "packed",
-        "auto" => {
-            if cfg!(feature = "torch") {
-                "torch"
-            } else {
-                "packed"
-            }
-        }
-        other => other,
+    let engine = match a.engine {
+        Engine::Auto if packed && !a.device.starts_with("cuda") => Engine::Packed,
+        Engine::Auto if cfg!(feature = "torch") => Engine::Torch,
+        Engine::Auto => Engine::Packed,
+        chosen => chosen,
     };
     match engine {
+        Engine::Packed => packed_engine(a, model, packed),
         #[cfg(feature = "torch")]
-        "torch" => torch_engine(a, model, packed),
+        Engine::Torch => torch_engine(a, model, packed),
         #[cfg(not(feature = "torch"))]
-        "torch" => bail!("this binllm was built without the libtorch engine (feature `torch`)"),
-        "packed" => packed_engine(a, model, packed),
-        other => bail!("unknown --engine '{other}' (expected auto, torch or packed)"),
+        Engine::Torch => {
+            bail!("this binllm was built without the libtorch engine (feature `torch`)")
+        }
+        Engine::Auto => unreachable!("auto is resolved above"),
     }
 }
 
@@ -195,10 +195,7 @@ fn packed_engine(
             model.display()
         );
     }
-    let (runtime, file) = binllm_infer::Model::load(
-        model,
-        &crate::run::runtime_options(a.threads, a.kernel.as_deref(), a.head_kernel.as_deref())?,
-    )?;
+    let (runtime, file) = binllm_infer::Model::load(model, &a.runtime.runtime_options())?;
     let tokenizer = crate::run::embedded_tokenizer(&file, model)?;
     let label = format!(
         "packed (pure Rust, {} kernel, {} threads)",
@@ -220,11 +217,7 @@ fn torch_engine(
     use binllm_format::{LoadOptions, PretrainedModel};
     use binllm_train::scorer::TorchScorer;
     let device = binllm_train::parse_device(&a.device)?;
-    let kind = match a.dtype.as_str() {
-        "f32" => tch::Kind::Float,
-        "bf16" => tch::Kind::BFloat16,
-        other => bail!("unknown --dtype '{other}' (expected f32 or bf16)"),
-    };
+    let kind = a.dtype.kind();
     let (llama, tokenizer) = if packed {
         let p = binllm_format::packed::PackedModel::read(model)?;
         let tok = crate::run::embedded_tokenizer(&p, model)?;
@@ -252,7 +245,7 @@ fn torch_engine(
     let label = format!(
         "libtorch {} {}",
         binllm_train::device::device_label(device),
-        a.dtype
+        a.dtype.label()
     );
     Ok((Box::new(scorer), label))
 }

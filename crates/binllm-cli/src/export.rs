@@ -18,13 +18,12 @@ pub struct Args {
     pub input: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
-    /// LM head (and, when tied, embedding) storage: f16, q8 (q8_0, 8.5 bits per weight) or q4
-    /// (q4_0, 4.5 bits per weight; format version 3).
-    #[arg(long, default_value = "f16")]
-    pub head: String,
-    /// Vectors and dense tensors: f16 (deployment) or f32 (exact folded model).
-    #[arg(long, default_value = "f16")]
-    pub precision: String,
+    /// LM head (and, when tied, embedding) storage.
+    #[arg(long, value_enum, default_value_t = HeadFormat::F16)]
+    pub head: HeadFormat,
+    /// Vectors and dense tensors: f16 (deployment) or f32 (the exact folded model).
+    #[arg(long, value_enum, default_value_t = Precision::F16)]
+    pub precision: Precision,
     /// Binarize a pretrained model by PTQ first (sign(W), mean|W| row scales, no training):
     /// poor quality, but the exact size and speed of a converted model.
     #[arg(long)]
@@ -43,17 +42,7 @@ fn sign_model_path(input: &Path) -> PathBuf {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let head = match args.head.as_str() {
-        "f16" => HeadFormat::F16,
-        "q8" | "q8_0" => HeadFormat::Q8,
-        "q4" | "q4_0" => HeadFormat::Q4,
-        other => bail!("unknown --head '{other}' (expected f16, q8 or q4)"),
-    };
-    let precision = match args.precision.as_str() {
-        "f16" => Precision::F16,
-        "f32" => Precision::F32,
-        other => bail!("unknown --precision '{other}' (expected f16 or f32)"),
-    };
+    let (head, precision) = (args.head, args.precision);
     let sign = if args.ptq {
         let pretrained = PretrainedModel::load(
             &args.input,
@@ -87,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
         "input scales   {} folded, {} kept as {} vectors",
         r.folded.len(),
         r.kept.len(),
-        precision_label(precision)
+        precision.label()
     );
     for line in &r.kept {
         println!("  kept: {line}");
@@ -97,25 +86,11 @@ pub fn run(args: Args) -> Result<()> {
         "bits/weight    body {:.4}, embeddings+head {:.3}, whole model {:.4}",
         bpw.body, bpw.embeddings_and_head, bpw.whole_model
     );
-    println!(
-        "head           {}",
-        match head {
-            HeadFormat::F16 => "f16",
-            HeadFormat::Q8 => "q8_0",
-            HeadFormat::Q4 => "q4_0",
-        }
-    );
+    println!("head           {}", head.label());
     let size = std::fs::metadata(&args.out)?.len();
     println!(
         "file size      {size} bytes ({:.2} MiB)",
         size as f64 / (1 << 20) as f64
     );
     Ok(())
-}
-
-fn precision_label(p: Precision) -> &'static str {
-    match p {
-        Precision::F16 => "f16",
-        Precision::F32 => "f32",
-    }
 }

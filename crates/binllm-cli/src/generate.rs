@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::run::SamplingArgs;
+use crate::options::{Dtype, SamplingArgs};
 use anyhow::{Context, Result};
 use binllm_format::chat::ChatMessage;
 use binllm_format::tokenizer::StreamDecoder;
@@ -31,9 +31,9 @@ pub struct Args {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Parameter type: f32 or bf16 (default: bf16 on CUDA, f32 on CPU).
-    #[arg(long)]
-    pub dtype: Option<String>,
+    /// Parameter type (default: bf16 on CUDA, f32 on CPU).
+    #[arg(long, value_enum)]
+    pub dtype: Option<Dtype>,
     /// Tokenizer file, when it is not beside the model.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -44,12 +44,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let kind = match args.dtype.as_deref() {
-        Some("f32") => tch::Kind::Float,
-        Some("bf16") => tch::Kind::BFloat16,
+    let kind = match args.dtype {
+        Some(dtype) => dtype.kind(),
         None if device.is_cuda() => tch::Kind::BFloat16,
         None => tch::Kind::Float,
-        Some(other) => anyhow::bail!("unknown --dtype '{other}' (expected f32 or bf16)"),
     };
     let pretrained = PretrainedModel::load(
         &args.model,

@@ -1,4 +1,7 @@
 //! `binllm`: turn a pretrained LLM into a true 1-bit LLM, evaluate it, export it, run it.
+//!
+//! One file per subcommand; `options.rs` holds the options several of them take (the packed
+//! runtime's threads and kernels, token sampling, the libtorch parameter type).
 
 mod bench;
 #[cfg(feature = "torch")]
@@ -8,6 +11,7 @@ mod export;
 #[cfg(feature = "torch")]
 mod generate;
 mod inspect;
+mod options;
 mod run;
 
 use anyhow::Result;

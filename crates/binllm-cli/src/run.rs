@@ -10,8 +10,9 @@ use binllm_format::packed::PackedModel;
 use binllm_format::tokenizer::StreamDecoder;
 use binllm_format::TextTokenizer;
 use binllm_infer::generate::{generate, GenerateOptions, GenerationStats};
-use binllm_infer::sampling::SamplingParams;
-use binllm_infer::{DenseKernel, Kernel, KvCache, LoadOptions, Model};
+use binllm_infer::{KvCache, Model};
+
+use crate::options::{RuntimeArgs, SamplingArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,50 +32,11 @@ pub struct Args {
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Threads (0: every core).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// 1-bit kernel (default: the fastest exact one here). `lut-i8-avx512` is faster on some
-    /// shapes but rounds activations to int8 (approximate).
-    #[arg(long)]
-    pub kernel: Option<String>,
-    /// LM-head kernel. q8_0/q4_0 heads: `avx512-vnni` or `avx2-int8` (int8 activations per
-    /// block of 32, llama.cpp's arithmetic, the same bits on both; the default on x86-64),
-    /// `avx2`, `avx512` or `portable` (int16 activations), `scalar` (f32, the reference).
-    #[arg(long)]
-    pub head_kernel: Option<String>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Print speeds (prompt and decode tokens/s) to stderr after each reply.
     #[arg(long)]
     pub stats: bool,
-}
-
-/// Token sampling options, shared by `run` (packed engine) and `generate` (libtorch).
-#[derive(clap::Args, Debug, Clone)]
-pub struct SamplingArgs {
-    /// 0 picks the most likely token every step (greedy).
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// 0 keeps every token.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-}
-
-impl SamplingArgs {
-    pub fn params(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            repetition_penalty: self.repetition_penalty,
-            seed: self.seed,
-        }
-    }
 }
 
 /// The tokenizer embedded in a packed model, which `run` and `eval` need.
@@ -85,35 +47,8 @@ pub fn embedded_tokenizer(packed: &PackedModel, path: &Path) -> Result<TextToken
         .with_context(|| format!("{}: the model has no tokenizer", path.display()))
 }
 
-/// How the packed runtime loads, from the `--threads`, `--kernel` and `--head-kernel` options
-/// that `run`, `bench` and `eval` share.
-pub fn runtime_options(
-    threads: usize,
-    kernel: Option<&str>,
-    head_kernel: Option<&str>,
-) -> Result<LoadOptions> {
-    Ok(LoadOptions {
-        threads,
-        kernel: kernel
-            .map(str::parse::<Kernel>)
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
-        head_kernel: head_kernel
-            .map(str::parse::<DenseKernel>)
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
-    })
-}
-
 pub fn run(args: Args) -> Result<()> {
-    let (model, packed) = Model::load(
-        &args.model,
-        &crate::run::runtime_options(
-            args.threads,
-            args.kernel.as_deref(),
-            args.head_kernel.as_deref(),
-        )?,
-    )?;
+    let (model, packed) = Model::load(&args.model, &args.runtime.runtime_options())?;
     let tokenizer = embedded_tokenizer(&packed, &args.model)?;
     let options = GenerateOptions {
         max_tokens: args.max_tokens,

@@ -9,13 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn shared(rel: &str) -> PathBuf {
-    repo().join("../shared").join(rel)
-}
+use binllm_testing::shared::{repo_root as repo, shared};
 
 fn stories() -> PathBuf {
     shared("models/stories260K/stories260K.bin")

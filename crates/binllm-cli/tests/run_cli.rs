@@ -13,7 +13,7 @@ fn binllm(args: &[&str]) -> Output {
 }
 
 fn stories_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K")
+    binllm_testing::shared::stories260k_dir()
 }
 
 fn exported(dir: &Path, head: &str) -> PathBuf {

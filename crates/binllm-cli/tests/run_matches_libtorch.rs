@@ -7,27 +7,18 @@
 //! Also the two engines' `LanguageModel::generate_greedy` (the chat benchmark's answers).
 #![cfg(feature = "torch")]
 
-use std::path::Path;
-
 mod common;
 
 use binllm_eval::{LanguageModel, ScoreRequest};
 use binllm_format::packed::{export, ExportOptions, PackedModel, QuantTensors};
-use binllm_format::{LoadOptions as SourceOptions, PretrainedModel};
+use binllm_format::PretrainedModel;
 use binllm_infer::ptq::{ptq_sign_model, InputScales};
-use binllm_infer::{DenseKernel, LoadOptions, Model, PackedScorer};
+use binllm_infer::{DenseKernel, Model, PackedScorer, RuntimeOptions};
 use binllm_train::scorer::TorchScorer;
 use common::{compare, compare_ids, PROMPTS};
 
 fn stories() -> PretrainedModel {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K");
-    PretrainedModel::load(
-        &dir.join("stories260K.bin"),
-        &SourceOptions {
-            tokenizer: Some(dir.join("tok512.bin")),
-        },
-    )
-    .expect("stories260K must sit in ../shared/models beside the repository")
+    binllm_testing::shared::stories260k_with_tok512_bin()
 }
 
 #[test]
@@ -57,7 +48,7 @@ fn greedy_answers_match_libtorch() {
     let runtime = Model::new(
         &sign,
         &QuantTensors::new(),
-        &LoadOptions {
+        &RuntimeOptions {
             threads: 2,
             head_kernel: Some(DenseKernel::Portable),
             ..Default::default()
@@ -113,7 +104,7 @@ fn greedy_answers_match_libtorch() {
 
 fn synthetic(config: binllm_format::ModelConfig) -> PretrainedModel {
     PretrainedModel {
-        tensors: binllm_format::synthetic::synthetic_tensors(&config),
+        tensors: binllm_testing::synthetic::synthetic_tensors(&config),
         config,
         tokenizer: None,
         chat_template: None,

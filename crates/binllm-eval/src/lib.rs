@@ -24,7 +24,6 @@ pub mod perplexity;
 pub mod reference;
 pub mod report;
 pub mod tasks;
-pub mod testing;
 
 pub use chat::{
     has_repetition_loop, held_out_prompts, score_chat, ChatReference, ChatReferenceItem,

@@ -6,13 +6,13 @@
 use std::path::Path;
 
 use anyhow::{ensure, Result};
-use binllm_eval::testing::{char_tokenizer, BigramModel, EOS};
 use binllm_eval::{
     compare, has_repetition_loop, held_out_prompts, parse_benchmarks, render_markdown,
     run_benchmarks, score_chat, Benchmark, ChatReference, ChatReferenceItem, ChatScore, EvalReport,
     EvalSettings, LanguageModel, ScoreRequest, TokenScore, CHAT_REFERENCE_FORMAT,
 };
 use binllm_format::TextTokenizer;
+use binllm_testing::language_model::{char_tokenizer, BigramModel, EOS};
 
 /// The rule read literally: some start `s`, period `p` in 1..=24 and `k >= 3` copies with
 /// `k * p >= 12` such that every copy equals the first.

@@ -6,11 +6,11 @@ mod common;
 
 use binllm_eval::lm::{score_all, ScoreRequest};
 use binllm_eval::tasks::{encode_pair, score_request};
-use binllm_eval::testing::{char_tokenizer, check_language_model, BigramModel, BOS};
 use binllm_eval::{
     compare, parse_benchmarks, render_markdown, run_benchmarks, EvalReport, EvalSettings,
     LanguageModel, TokenScore,
 };
+use binllm_testing::language_model::{char_tokenizer, check_language_model, BigramModel, BOS};
 
 #[test]
 fn the_bigram_model_passes_the_engine_check() {

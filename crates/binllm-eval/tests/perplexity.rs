@@ -4,8 +4,8 @@
 mod common;
 
 use binllm_eval::perplexity::{perplexity_of_tokens, PerplexitySet};
-use binllm_eval::testing::{BigramModel, BOS};
 use binllm_eval::{perplexity_windows, run_perplexity, LanguageModel, PerplexityOptions, Window};
+use binllm_testing::language_model::{BigramModel, BOS};
 
 fn w(start: usize, end: usize, score_from: usize) -> Window {
     Window {

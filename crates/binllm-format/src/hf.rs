@@ -9,8 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use half::{bf16, f16};
 use serde_json::Value;
 
-use crate::model::{LoadOptions, PretrainedModel, SourceFormat};
 use crate::names;
+use crate::pretrained::{LoadOptions, PretrainedModel, SourceFormat};
 use crate::tensor::{HostTensor, TensorData, TensorMap};
 use crate::{Architecture, ModelConfig, RopeScaling, TextTokenizer};
 
@@ -388,7 +388,7 @@ fn described_len(bytes: &[u8], header_len: u64) -> Option<usize> {
 }
 
 /// Decodes little-endian elements of `N` bytes each.
-pub(crate) fn le_values<T, const N: usize>(bytes: &[u8], decode: impl Fn([u8; N]) -> T) -> Vec<T> {
+pub fn le_values<T, const N: usize>(bytes: &[u8], decode: impl Fn([u8; N]) -> T) -> Vec<T> {
     bytes
         .chunks_exact(N)
         .map(|c| decode(c.try_into().expect("chunks_exact")))

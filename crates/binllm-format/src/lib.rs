@@ -6,23 +6,35 @@
 //! Hugging Face names in Hugging Face layout (see [`names`]), an optional tokenizer and chat
 //! template. Whatever the source format, the model math downstream sees one description.
 //!
+//! | module | holds |
+//! |---|---|
+//! | [`pretrained`] | [`PretrainedModel`], what every reader fills |
+//! | [`detect`] | which format a path holds; [`PretrainedModel::load`] |
+//! | [`hf`], [`gguf`], [`llama2c`] | the readers (GGUF: [`gguf::file`] reads the file, [`gguf::mapping`] maps it to a model, [`gguf::dequant`] the ggml types) |
+//! | [`config`], [`names`], [`tensor`] | the model config, canonical tensor names and shapes, host tensors |
+//! | [`tokenizer`], [`chat`] | tokenizers and chat templates |
+//! | [`packed`] | the packed 1-bit file: [`packed::container`], [`packed::blocks`], [`mod@packed::export`] |
+//! | [`atomic`] | writing a file so that a crash leaves the old one or the new one |
+//!
+//! The quantized block formats the packed file stores (sign bits, q8_0, q4_0) are
+//! binllm-kernels' types, so the file and the products agree by construction.
+//!
 //! Pure Rust: no libtorch, so the packed runtime can depend on it.
 
 pub mod atomic;
 pub mod chat;
 pub mod config;
+pub mod detect;
 pub mod gguf;
 pub mod hf;
 pub mod llama2c;
-pub mod model;
 pub mod names;
 pub mod packed;
-#[doc(hidden)]
-pub mod synthetic;
+pub mod pretrained;
 pub mod tensor;
 pub mod tokenizer;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
-pub use model::{LoadOptions, PretrainedModel, SourceFormat};
+pub use pretrained::{LoadOptions, PretrainedModel, SourceFormat};
 pub use tensor::{DType, HostTensor, TensorData, TensorMap};
 pub use tokenizer::{TextTokenizer, TokenizerKind};

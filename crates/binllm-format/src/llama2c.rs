@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::hf::le_values;
-use crate::model::{LoadOptions, PretrainedModel, SourceFormat};
 use crate::names::{self, BlockLinear};
+use crate::pretrained::{LoadOptions, PretrainedModel, SourceFormat};
 use crate::tensor::{interleaved_to_rotate_half, HostTensor, TensorMap};
 use crate::tokenizer::{sentencepiece_bpe, PieceKind, SentencePiece};
 use crate::{Architecture, ModelConfig, TextTokenizer};

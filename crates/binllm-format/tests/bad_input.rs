@@ -6,8 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use binllm_format::synthetic::write_hf_dir;
 use binllm_format::{LoadOptions, PretrainedModel};
+use binllm_testing::shared::stories260k_dir;
+use binllm_testing::synthetic::write_hf_dir;
 use serde_json::{json, Value};
 
 fn tiny_config() -> Value {
@@ -63,13 +64,9 @@ fn assert_error(path: &Path, file: &Path, problem: &[&str]) {
     assert_error_with(path, &LoadOptions::default(), file, problem);
 }
 
-fn stories_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K")
-}
-
 /// A writable copy of `name` from the stories260K directory, in `dir`.
 fn copy_stories(name: &str, dir: &Path) -> PathBuf {
-    let bytes = std::fs::read(stories_dir().join(name)).unwrap();
+    let bytes = std::fs::read(stories260k_dir().join(name)).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
     path
@@ -588,7 +585,7 @@ fn llama2c_tokenizer_truncated() {
 
     // Given explicitly, with bytes to spare.
     let other = dir.path().join("other.bin");
-    let mut bytes = std::fs::read(stories_dir().join("tok512.bin")).unwrap();
+    let mut bytes = std::fs::read(stories260k_dir().join("tok512.bin")).unwrap();
     bytes.extend([0u8; 9]);
     std::fs::write(&other, &bytes).unwrap();
     let options = LoadOptions {

@@ -4,7 +4,7 @@
 //! dequantisation and `reverse_permute_weights`), token ids of real strings and rendered
 //! chat templates. References: `tools/reference/gguf_fixtures.py`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use binllm_format::chat::ChatMessage;
@@ -13,16 +13,12 @@ use rayon::prelude::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-fn model_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 /// The model, loaded once for all tests; `None` (with a notice) when setup.sh has not run.
 fn model() -> Option<&'static PretrainedModel> {
     static MODEL: OnceLock<Option<PretrainedModel>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let path = model_path();
+            let path = binllm_testing::shared::smollm2_gguf();
             if !path.exists() {
                 eprintln!(
                     "SKIPPED: {} is missing (run scripts/setup.sh)",

@@ -2,22 +2,19 @@
 //! directories against the digests transformers saw, and the reference fixtures'
 //! self-consistency. The fixtures come from `tools/reference/forward_fixtures.py`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use binllm_format::synthetic::{
+use binllm_format::{Architecture, LoadOptions, PretrainedModel};
+use binllm_testing::shared::reference_fixtures_dir;
+use binllm_testing::synthetic::{
     fnv1a64, read_reference_fixture, relative_l2, splitmix64_output, synthetic_tensor,
     synthetic_uniform, synthetic_value, tensor_digest, write_hf_dir, ReferenceFixture,
     SyntheticInit, GENERATOR_ID,
 };
-use binllm_format::{Architecture, LoadOptions, PretrainedModel};
 use serde_json::Value;
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference")
-}
-
 fn fixture_files() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(fixture_dir())
+    let mut files: Vec<PathBuf> = std::fs::read_dir(reference_fixtures_dir())
         .expect("tests/fixtures/reference exists")
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
@@ -40,7 +37,7 @@ fn hex_u32(v: &Value) -> u32 {
 
 #[test]
 fn generator_matches_python_samples() {
-    let text = std::fs::read_to_string(fixture_dir().join("generator.json")).unwrap();
+    let text = std::fs::read_to_string(reference_fixtures_dir().join("generator.json")).unwrap();
     let json: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["generator"], GENERATOR_ID);
 
@@ -213,7 +210,7 @@ impl ModelConfigNoScaling<'_> {
 /// finite logits, top-k consistent with the stored columns and the per-position statistics.
 #[test]
 fn fixtures_are_self_consistent() {
-    let mut total_bytes = std::fs::metadata(fixture_dir().join("generator.json"))
+    let mut total_bytes = std::fs::metadata(reference_fixtures_dir().join("generator.json"))
         .unwrap()
         .len();
     for path in fixture_files() {

@@ -9,7 +9,7 @@
 //! int8 activations).
 
 use anyhow::{ensure, Context, Result};
-use binllm_infer::{KvCache, LoadOptions, Model};
+use binllm_infer::{KvCache, Model, RuntimeOptions};
 
 fn log_softmax_at(logits: &[f32], target: usize) -> f64 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
@@ -34,8 +34,8 @@ fn main() -> Result<()> {
         "usage: head_accuracy REFERENCE.b1 OTHER.b1 TEXT [TOKENS [REFERENCE_HEAD_KERNEL OTHER_HEAD_KERNEL]]"
     );
     let limit: usize = args.get(4).map_or(Ok(1024), |s| s.parse())?;
-    let options = |i: usize| -> Result<LoadOptions> {
-        Ok(LoadOptions {
+    let options = |i: usize| -> Result<RuntimeOptions> {
+        Ok(RuntimeOptions {
             head_kernel: args
                 .get(i)
                 .map(|s| s.parse::<binllm_infer::DenseKernel>())

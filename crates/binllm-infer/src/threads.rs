@@ -233,8 +233,34 @@ impl Drop for Team {
     }
 }
 
-// Team members write disjoint parts of one output through the kernels' shared buffer.
-pub use binllm_kernels::SharedOut;
+/// An output buffer that team members write disjoint parts of (each its own rows or heads).
+pub struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: `SharedOut` only hands out sub-slices through `slice`, whose contract requires the
+// callers' index sets to be disjoint, so concurrent use never aliases.
+unsafe impl Sync for SharedOut {}
+unsafe impl Send for SharedOut {}
+
+impl SharedOut {
+    pub fn new(out: &mut [f32]) -> Self {
+        SharedOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        }
+    }
+
+    /// # Safety
+    /// No two live slices obtained from the same `SharedOut` may overlap.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.len, "SharedOut: out of bounds");
+        // SAFETY: in bounds (asserted); disjointness is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
 
 /// Splits `rows` into `parts` contiguous ranges, each (but the last) a multiple of `align`
 /// rows, so that no kernel block straddles two members.

@@ -2,28 +2,21 @@
 //! through the KV cache against the whole-sequence forward, thread counts, export folding.
 //! The comparison with the libtorch engine is in binllm-cli's tests (it needs libtorch).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use binllm_format::packed::{export, ExportOptions, HeadFormat, PackedModel, Precision};
-use binllm_format::{LoadOptions as SourceOptions, PretrainedModel};
+use binllm_format::PretrainedModel;
 use binllm_infer::generate::{generate, GenerateOptions};
 use binllm_infer::ptq::{ptq_sign_model, InputScales};
 use binllm_infer::sampling::SamplingParams;
-use binllm_infer::{DenseKernel, KvCache, LoadOptions, Model};
+use binllm_infer::{DenseKernel, KvCache, Model, RuntimeOptions};
 
 fn stories() -> PretrainedModel {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K");
-    PretrainedModel::load(
-        &dir.join("stories260K.bin"),
-        &SourceOptions {
-            tokenizer: Some(dir.join("tok512.bin")),
-        },
-    )
-    .expect("stories260K must sit in ../shared/models beside the repository")
+    binllm_testing::shared::stories260k_with_tok512_bin()
 }
 
-fn options(threads: usize) -> LoadOptions {
-    LoadOptions {
+fn options(threads: usize) -> RuntimeOptions {
+    RuntimeOptions {
         threads,
         ..Default::default()
     }
@@ -186,7 +179,7 @@ fn logits_with_head_kernel(
     ids: &[u32],
     head_kernel: Option<DenseKernel>,
 ) -> Vec<f32> {
-    let options = LoadOptions {
+    let options = RuntimeOptions {
         head_kernel,
         ..options(1)
     };
@@ -488,7 +481,7 @@ fn scorer_log_probabilities_match_a_float64_log_softmax() {
         }
     }
     assert!(positions > 15);
-    let consistency = binllm_eval::testing::check_language_model(
+    let consistency = binllm_testing::language_model::check_language_model(
         &mut scorer,
         &[
             "Lily and Ben played with a red ball in the garden.",

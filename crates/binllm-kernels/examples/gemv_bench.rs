@@ -4,7 +4,9 @@
 //!
 //!     cargo run -p binllm-kernels --release --example gemv_bench [-- --quick] [-- --no-scalar]
 //!
-//! Times are the minimum over several batches (the machine is shared: the minimum is the
+//! Every product runs on one thread (the kernels have no threading of their own; the
+//! runtime's thread team is measured by `binllm bench --threads N`). Times are the minimum
+//! over several batches (the machine is shared: the minimum is the
 //! least disturbed figure). GB/s counts the bytes of weights a product must read (packed sign
 //! bits for 1-bit kernels, the f32/f16 matrix for dense ones), not activations.
 
@@ -169,12 +171,10 @@ fn main() {
     println!(
         "GB/s = packed sign bits read per second. 'vs f32' = dense f32 GEMV time of the same shape"
     );
-    println!(
-        "(same threads) / this time; 'vs L2' and 'vs DRAM' = this GB/s / the reference read GB/s."
-    );
+    println!("/ this time; 'vs L2' and 'vs DRAM' = this GB/s / the reference read GB/s.");
     println!();
-    println!("| shape | threads | kernel | us | GB/s | vs f32 dense | vs L2 read | vs DRAM read |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| shape | kernel | us | GB/s | vs f32 dense | vs L2 read | vs DRAM read |");
+    println!("|---|---|---|---|---|---|---|");
     for &(rows, cols, what) in &shapes {
         let values = rng.vec(rows * cols);
         let scales = rng.vec(rows);
@@ -182,47 +182,42 @@ fn main() {
         let x = rng.vec(cols);
         let mut y = vec![0.0f32; rows];
         let dense_w = packed.unpack();
-        for threads in [1, 2] {
-            let dense_s = seconds_per_call(budget, || {
-                gemv_f32_with(
-                    DenseKernel::best(),
-                    black_box(&dense_w),
-                    rows,
-                    cols,
-                    black_box(&x),
-                    &mut y,
-                    threads,
-                )
-            });
-            let dense_bytes = rows * cols * 4;
+        let dense_s = seconds_per_call(budget, || {
+            gemv_f32_with(
+                DenseKernel::best(),
+                black_box(&dense_w),
+                rows,
+                cols,
+                black_box(&x),
+                &mut y,
+            )
+        });
+        let dense_bytes = rows * cols * 4;
+        println!(
+            "| {rows}x{cols} ({what}) | dense f32 ({}) | {:.2} | {:.1} | 1.00 | {:.2} | {:.2} |",
+            DenseKernel::best().name(),
+            dense_s * 1e6,
+            gbps(dense_bytes, dense_s),
+            gbps(dense_bytes, dense_s) / l2_gbps,
+            gbps(dense_bytes, dense_s) / dram_gbps
+        );
+        for &kernel in &kernels {
+            let prepared = PreparedMatrix::new(packed.clone(), kernel);
+            let bytes = packed.packed_bytes();
+            let scale_budget = if kernel == Kernel::Scalar {
+                budget / 2.0
+            } else {
+                budget
+            };
+            let s = seconds_per_call(scale_budget, || prepared.gemv(black_box(&x), &mut y));
             println!(
-                "| {rows}x{cols} ({what}) | {threads} | dense f32 ({}) | {:.2} | {:.1} | 1.00 | {:.2} | {:.2} |",
-                DenseKernel::best().name(),
-                dense_s * 1e6,
-                gbps(dense_bytes, dense_s),
-                gbps(dense_bytes, dense_s) / l2_gbps,
-                gbps(dense_bytes, dense_s) / dram_gbps
+                "| {rows}x{cols} ({what}) | {kernel} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} |",
+                s * 1e6,
+                gbps(bytes, s),
+                dense_s / s,
+                gbps(bytes, s) / l2_gbps,
+                gbps(bytes, s) / dram_gbps
             );
-            for &kernel in &kernels {
-                let prepared = PreparedMatrix::new(packed.clone(), kernel);
-                let bytes = packed.packed_bytes();
-                let scale_budget = if kernel == Kernel::Scalar {
-                    budget / 2.0
-                } else {
-                    budget
-                };
-                let s = seconds_per_call(scale_budget, || {
-                    prepared.gemv(black_box(&x), &mut y, threads)
-                });
-                println!(
-                    "| {rows}x{cols} ({what}) | {threads} | {kernel} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} |",
-                    s * 1e6,
-                    gbps(bytes, s),
-                    dense_s / s,
-                    gbps(bytes, s) / l2_gbps,
-                    gbps(bytes, s) / dram_gbps
-                );
-            }
         }
     }
 
@@ -253,8 +248,8 @@ fn main() {
                 }
             }
             let (mut y32, mut y8) = (vec![0.0f32; rows], vec![0.0f32; rows]);
-            exact.gemv(&x, &mut y32, 1);
-            approximate.gemv(&x, &mut y8, 1);
+            exact.gemv(&x, &mut y32);
+            approximate.gemv(&x, &mut y8);
             let norm = y32.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
             let err = y32
                 .iter()
@@ -283,31 +278,27 @@ fn main() {
 
     println!();
     println!("## 1-bit GEMM (prompt processing), n = 64 tokens");
-    println!("'vs gemv' = (64 x GEMV time of the same kernel and threads) / GEMM time.");
+    println!("'vs gemv' = (64 x GEMV time of the same kernel) / GEMM time.");
     println!();
-    println!("| shape | threads | kernel | us per token | vs gemv |");
-    println!("|---|---|---|---|---|");
+    println!("| shape | kernel | us per token | vs gemv |");
+    println!("|---|---|---|---|");
     let n = 64;
     for &(rows, cols, what) in &shapes[..4] {
         let packed = pack_signs(&rng.vec(rows * cols), rows, cols);
         let xs = rng.vec(n * cols);
         let mut ys = vec![0.0f32; n * rows];
         let mut y = vec![0.0f32; rows];
-        for threads in [1, 2] {
-            for &kernel in kernels.iter().filter(|&&k| k != Kernel::Scalar) {
-                let prepared = PreparedMatrix::new(packed.clone(), kernel);
-                let gemm_s = seconds_per_call(budget, || {
-                    prepared.gemm(black_box(&xs), n, &mut ys, threads)
-                });
-                let gemv_s = seconds_per_call(budget / 2.0, || {
-                    prepared.gemv(black_box(&xs[..cols]), &mut y, threads)
-                });
-                println!(
-                    "| {rows}x{cols} ({what}) | {threads} | {kernel} | {:.2} | {:.2} |",
-                    gemm_s / n as f64 * 1e6,
-                    gemv_s * n as f64 / gemm_s
-                );
-            }
+        for &kernel in kernels.iter().filter(|&&k| k != Kernel::Scalar) {
+            let prepared = PreparedMatrix::new(packed.clone(), kernel);
+            let gemm_s = seconds_per_call(budget, || prepared.gemm(black_box(&xs), n, &mut ys));
+            let gemv_s = seconds_per_call(budget / 2.0, || {
+                prepared.gemv(black_box(&xs[..cols]), &mut y)
+            });
+            println!(
+                "| {rows}x{cols} ({what}) | {kernel} | {:.2} | {:.2} |",
+                gemm_s / n as f64 * 1e6,
+                gemv_s * n as f64 / gemm_s
+            );
         }
     }
 
@@ -320,8 +311,8 @@ fn main() {
          (avx2, avx512, portable) or int8 per block of 32 (avx512-vnni, avx2-int8)."
     );
     println!();
-    println!("| threads | kernel | ms | GB/s | vs DRAM read | vs memcpy |");
-    println!("|---|---|---|---|---|---|");
+    println!("| kernel | ms | GB/s | vs DRAM read | vs memcpy |");
+    println!("|---|---|---|---|---|");
     let (head_rows, head_cols) = (49152, 576);
     let head: Vec<f16> = rng
         .vec(head_rows * head_cols)
@@ -332,31 +323,28 @@ fn main() {
     let mut y = vec![0.0f32; head_rows];
     let head_bytes = head.len() * 2;
     let mut y_f16 = vec![0.0f32; head_rows];
-    for threads in [1, 2] {
-        for kernel in DenseKernel::available() {
-            if kernel == DenseKernel::Scalar && !with_scalar {
-                continue;
-            }
-            let s = seconds_per_call(budget * 2.0, || {
-                gemv_f16_with(
-                    kernel,
-                    black_box(&head),
-                    head_rows,
-                    head_cols,
-                    black_box(&x),
-                    &mut y,
-                    threads,
-                )
-            });
-            println!(
-                "| {threads} | f16 {} | {:.3} | {:.1} | {:.2} | {:.2} |",
-                kernel.name(),
-                s * 1e3,
-                gbps(head_bytes, s),
-                gbps(head_bytes, s) / dram_gbps,
-                gbps(head_bytes, s) / memcpy_gbps
-            );
+    for kernel in DenseKernel::available() {
+        if kernel == DenseKernel::Scalar && !with_scalar {
+            continue;
         }
+        let s = seconds_per_call(budget * 2.0, || {
+            gemv_f16_with(
+                kernel,
+                black_box(&head),
+                head_rows,
+                head_cols,
+                black_box(&x),
+                &mut y,
+            )
+        });
+        println!(
+            "| f16 {} | {:.3} | {:.1} | {:.2} | {:.2} |",
+            kernel.name(),
+            s * 1e3,
+            gbps(head_bytes, s),
+            gbps(head_bytes, s) / dram_gbps,
+            gbps(head_bytes, s) / memcpy_gbps
+        );
     }
     gemv_f16_with(
         DenseKernel::best(),
@@ -365,7 +353,6 @@ fn main() {
         head_cols,
         &x,
         &mut y_f16,
-        1,
     );
     let head_q8 = Q8Matrix::quantize(&head, head_rows, head_cols);
     let head_q4 = Q4Matrix::quantize(
@@ -375,25 +362,23 @@ fn main() {
     );
     drop(head);
     let q8_bytes = head_q8.bytes();
-    for threads in [1, 2] {
-        for kernel in DenseKernel::available() {
-            if kernel == DenseKernel::Scalar && !with_scalar {
-                continue;
-            }
-            let s = seconds_per_call(budget * 2.0, || {
-                gemv_q8_with(kernel, black_box(&head_q8), black_box(&x), &mut y, threads)
-            });
-            println!(
-                "| {threads} | q8_0 {} | {:.3} | {:.1} | {:.2} | {:.2} |",
-                kernel.name(),
-                s * 1e3,
-                gbps(q8_bytes, s),
-                gbps(q8_bytes, s) / dram_gbps,
-                gbps(q8_bytes, s) / memcpy_gbps
-            );
+    for kernel in DenseKernel::available() {
+        if kernel == DenseKernel::Scalar && !with_scalar {
+            continue;
         }
+        let s = seconds_per_call(budget * 2.0, || {
+            gemv_q8_with(kernel, black_box(&head_q8), black_box(&x), &mut y)
+        });
+        println!(
+            "| q8_0 {} | {:.3} | {:.1} | {:.2} | {:.2} |",
+            kernel.name(),
+            s * 1e3,
+            gbps(q8_bytes, s),
+            gbps(q8_bytes, s) / dram_gbps,
+            gbps(q8_bytes, s) / memcpy_gbps
+        );
     }
-    gemv_q8_with(DenseKernel::best(), &head_q8, &x, &mut y, 1);
+    gemv_q8_with(DenseKernel::best(), &head_q8, &x, &mut y);
     let norm = y_f16
         .iter()
         .map(|v| (*v as f64).powi(2))
@@ -406,26 +391,24 @@ fn main() {
         .sum::<f64>()
         .sqrt();
     let q4_bytes = head_q4.bytes();
-    for threads in [1, 2] {
-        for kernel in DenseKernel::available() {
-            if kernel == DenseKernel::Scalar && !with_scalar {
-                continue;
-            }
-            let s = seconds_per_call(budget * 2.0, || {
-                gemv_q4_with(kernel, black_box(&head_q4), black_box(&x), &mut y, threads)
-            });
-            println!(
-                "| {threads} | q4_0 {} | {:.3} | {:.1} | {:.2} | {:.2} |",
-                kernel.name(),
-                s * 1e3,
-                gbps(q4_bytes, s),
-                gbps(q4_bytes, s) / dram_gbps,
-                gbps(q4_bytes, s) / memcpy_gbps
-            );
+    for kernel in DenseKernel::available() {
+        if kernel == DenseKernel::Scalar && !with_scalar {
+            continue;
         }
+        let s = seconds_per_call(budget * 2.0, || {
+            gemv_q4_with(kernel, black_box(&head_q4), black_box(&x), &mut y)
+        });
+        println!(
+            "| q4_0 {} | {:.3} | {:.1} | {:.2} | {:.2} |",
+            kernel.name(),
+            s * 1e3,
+            gbps(q4_bytes, s),
+            gbps(q4_bytes, s) / dram_gbps,
+            gbps(q4_bytes, s) / memcpy_gbps
+        );
     }
     let mut y_q4 = vec![0.0f32; head_rows];
-    gemv_q4_with(DenseKernel::best(), &head_q4, &x, &mut y_q4, 1);
+    gemv_q4_with(DenseKernel::best(), &head_q4, &x, &mut y_q4);
     let err_q4 = y_f16
         .iter()
         .zip(&y_q4)

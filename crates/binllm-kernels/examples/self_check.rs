@@ -31,7 +31,7 @@ fn main() {
     let mut rng = Rng(7);
     let kernels = Kernel::available();
     println!("target: {}, kernels: {:?}", std::env::consts::ARCH, kernels);
-    let (mut passed, threads) = (0, 1); // one thread: no pool threads are spawned
+    let mut passed = 0;
     for &cols in &[1usize, 7, 31, 63, 64, 65, 100, 576, 1000, 1536] {
         for &rows in &[1usize, 7, 16, 17, 33] {
             let values: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
@@ -47,10 +47,10 @@ fn main() {
             let n = 5;
             let xs: Vec<f32> = (0..n * cols).map(|_| rng.unit()).collect();
             let mut want = vec![0.0; rows];
-            gemv_with(Kernel::Scalar, &m, &x, &mut want, threads);
+            gemv_with(Kernel::Scalar, &m, &x, &mut want);
             for &kernel in &kernels {
                 let mut y = vec![0.0; rows];
-                gemv_with(kernel, &m, &x, &mut y, threads);
+                gemv_with(kernel, &m, &x, &mut y);
                 // Int8 activations move each x by at most max|x| / 254.
                 let tolerance = if kernel.is_approximate() {
                     cols as f32 * max_abs / 254.0 * 1.01
@@ -64,10 +64,10 @@ fn main() {
                     });
                 }
                 let mut ys = vec![0.0; n * rows];
-                gemm_with(kernel, &m, &xs, n, &mut ys, threads);
+                gemm_with(kernel, &m, &xs, n, &mut ys);
                 for v in 0..n {
                     let mut yv = vec![0.0; rows];
-                    gemv_with(kernel, &m, &xs[v * cols..(v + 1) * cols], &mut yv, threads);
+                    gemv_with(kernel, &m, &xs[v * cols..(v + 1) * cols], &mut yv);
                     check(ys[v * rows..(v + 1) * rows] == yv[..], || {
                         format!("{kernel} gemm {rows}x{cols} vector {v}")
                     });
@@ -78,38 +78,22 @@ fn main() {
             let q8 = Q8Matrix::quantize(&values, rows, cols);
             let (mut reference, mut y) = (vec![0.0; rows], vec![0.0; rows]);
             for kernel in DenseKernel::available() {
-                gemv_f16_with(
-                    DenseKernel::Scalar,
-                    &w16,
-                    rows,
-                    cols,
-                    &x,
-                    &mut reference,
-                    threads,
-                );
-                gemv_f16_with(kernel, &w16, rows, cols, &x, &mut y, threads);
+                gemv_f16_with(DenseKernel::Scalar, &w16, rows, cols, &x, &mut reference);
+                gemv_f16_with(kernel, &w16, rows, cols, &x, &mut y);
                 let ok = reference
                     .iter()
                     .zip(&y)
                     .all(|(a, b)| (a - b).abs() <= 1e-5 * l1 + 1e-30);
                 check(ok, || format!("f16 {} {rows}x{cols}", kernel.name()));
-                gemv_f32_with(
-                    DenseKernel::Scalar,
-                    &values,
-                    rows,
-                    cols,
-                    &x,
-                    &mut reference,
-                    threads,
-                );
-                gemv_f32_with(kernel, &values, rows, cols, &x, &mut y, threads);
+                gemv_f32_with(DenseKernel::Scalar, &values, rows, cols, &x, &mut reference);
+                gemv_f32_with(kernel, &values, rows, cols, &x, &mut y);
                 let ok = reference
                     .iter()
                     .zip(&y)
                     .all(|(a, b)| (a - b).abs() <= 1e-5 * l1 + 1e-30);
                 check(ok, || format!("f32 {} {rows}x{cols}", kernel.name()));
-                gemv_q8_with(DenseKernel::Scalar, &q8, &x, &mut reference, threads);
-                gemv_q8_with(kernel, &q8, &x, &mut y, threads);
+                gemv_q8_with(DenseKernel::Scalar, &q8, &x, &mut reference);
+                gemv_q8_with(kernel, &q8, &x, &mut y);
                 // Int16 activations move each x by at most max|x| / 65534.
                 let bound = 1e-5 * l1 + cols as f32 * max_abs / 65534.0 * 1.01 + 1e-30;
                 check(

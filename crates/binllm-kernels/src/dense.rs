@@ -6,7 +6,6 @@
 //! is the largest single read per token, so this is memory-bound: the SIMD paths only have to
 //! convert f16 (F16C `vcvtph2ps`) and FMA fast enough to keep up with DRAM.
 
-use crate::parallel::{for_each_range, SharedOut};
 use half::f16;
 
 /// Dense GEMV implementation.
@@ -97,6 +96,18 @@ impl DenseKernel {
     }
 }
 
+/// On a command line a dense kernel is its [`DenseKernel::name`].
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for DenseKernel {
+    fn value_variants<'a>() -> &'a [Self] {
+        &DenseKernel::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 impl std::str::FromStr for DenseKernel {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -131,13 +142,13 @@ fn check_shapes<E>(w: &[E], rows: usize, cols: usize, x: &[f32], y: &[f32]) {
 }
 
 /// `y = W x` for an f16 matrix with the fastest available kernel.
-pub fn gemv_f16(w: &[f16], rows: usize, cols: usize, x: &[f32], y: &mut [f32], threads: usize) {
-    gemv_f16_with(DenseKernel::best(), w, rows, cols, x, y, threads)
+pub fn gemv_f16(w: &[f16], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    gemv_f16_with(DenseKernel::best(), w, rows, cols, x, y)
 }
 
 /// `y = W x` for an f32 matrix with the fastest available kernel.
-pub fn gemv_f32(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32], threads: usize) {
-    gemv_f32_with(DenseKernel::best(), w, rows, cols, x, y, threads)
+pub fn gemv_f32(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    gemv_f32_with(DenseKernel::best(), w, rows, cols, x, y)
 }
 
 /// `y = W x` for an f16 matrix with a chosen kernel (panics if it is unavailable).
@@ -148,20 +159,8 @@ pub fn gemv_f16_with(
     cols: usize,
     x: &[f32],
     y: &mut [f32],
-    threads: usize,
 ) {
-    check_shapes(w, rows, cols, x, y);
-    assert!(
-        kernel.is_available(),
-        "dense kernel {} is not available on this CPU",
-        kernel.name()
-    );
-    run_rows(rows, y, threads, |row_start, out| {
-        for (i, out) in out.iter_mut().enumerate() {
-            let row = &w[(row_start + i) * cols..(row_start + i + 1) * cols];
-            *out = DotKernels::dot(kernel, row, x);
-        }
-    });
+    gemv_dense_with(kernel, w, rows, cols, x, y)
 }
 
 /// `y = W x` for an f32 matrix with a chosen kernel (panics if it is unavailable).
@@ -172,7 +171,18 @@ pub fn gemv_f32_with(
     cols: usize,
     x: &[f32],
     y: &mut [f32],
-    threads: usize,
+) {
+    gemv_dense_with(kernel, w, rows, cols, x, y)
+}
+
+/// `y = W x` for a row-major f16 or f32 matrix `w` of `rows x cols`, one row at a time.
+pub fn gemv_dense_with<E: DotKernels>(
+    kernel: DenseKernel,
+    w: &[E],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
 ) {
     check_shapes(w, rows, cols, x, y);
     assert!(
@@ -180,12 +190,9 @@ pub fn gemv_f32_with(
         "dense kernel {} is not available on this CPU",
         kernel.name()
     );
-    run_rows(rows, y, threads, |row_start, out| {
-        for (i, out) in out.iter_mut().enumerate() {
-            let row = &w[(row_start + i) * cols..(row_start + i + 1) * cols];
-            *out = DotKernels::dot(kernel, row, x);
-        }
-    });
+    for (r, out) in y.iter_mut().enumerate() {
+        *out = E::dot(kernel, &w[r * cols..(r + 1) * cols], x);
+    }
 }
 
 /// Rows per tile of the multi-vector products (an f16 tile of 64 x 576 is 74 KB, L2-resident
@@ -201,7 +208,6 @@ pub fn gemm_dense_with<E: DotKernels>(
     cols: usize,
     xs: &[f32],
     ys: &mut [f32],
-    threads: usize,
 ) {
     assert!(
         cols > 0 && w.len().is_multiple_of(cols) && xs.len().is_multiple_of(cols),
@@ -214,19 +220,15 @@ pub fn gemm_dense_with<E: DotKernels>(
         "dense kernel {} is not available on this CPU",
         kernel.name()
     );
-    let out = SharedOut::new(ys);
-    for_each_range(rows, threads, |range| {
-        for tile_start in range.clone().step_by(GEMM_ROW_TILE) {
-            let tile = tile_start..(tile_start + GEMM_ROW_TILE).min(range.end);
-            for (t, x) in xs.chunks_exact(cols).enumerate() {
-                // SAFETY: row ranges from `for_each_range` are disjoint, so (t, tile) slices are.
-                let out = unsafe { out.slice(t * rows + tile.start, tile.len()) };
-                for (out, r) in out.iter_mut().zip(tile.clone()) {
-                    *out = E::dot(kernel, &w[r * cols..(r + 1) * cols], x);
-                }
+    for tile_start in (0..rows).step_by(GEMM_ROW_TILE) {
+        let tile = tile_start..(tile_start + GEMM_ROW_TILE).min(rows);
+        for (t, x) in xs.chunks_exact(cols).enumerate() {
+            let out = &mut ys[t * rows + tile.start..t * rows + tile.end];
+            for (out, r) in out.iter_mut().zip(tile.clone()) {
+                *out = E::dot(kernel, &w[r * cols..(r + 1) * cols], x);
             }
         }
-    });
+    }
 }
 
 /// The dot product of one stored row with f32 activations, per kernel: what the GEMVs and
@@ -265,15 +267,6 @@ impl DotKernels for f32 {
             _ => unreachable!(),
         }
     }
-}
-
-fn run_rows(rows: usize, y: &mut [f32], threads: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
-    let out = SharedOut::new(y);
-    for_each_range(rows, threads, |range| {
-        // SAFETY: row ranges from `for_each_range` are disjoint.
-        let out = unsafe { out.slice(range.start, range.len()) };
-        work(range.start, out);
-    });
 }
 
 fn dot_scalar<E: DenseElement>(row: &[E], x: &[f32]) -> f32 {

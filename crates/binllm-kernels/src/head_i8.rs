@@ -13,7 +13,7 @@
 //! the exact integer sum of the products its four bytes feed; it is converted to f32 (exact:
 //! |sum| < 2^24) and fused-multiply-added with `w_scale[block] * x_scale[block]` (rounded to
 //! f32 first) into one of two 16-lane accumulators (even and odd steps). The row is their
-//! lane-wise sum reduced by [`reduce16`]'s fixed tree. The references here do the same one lane
+//! lane-wise sum reduced by `reduce16`'s fixed tree. The references here do the same one lane
 //! at a time, so the SIMD paths equal them bit for bit.
 //!
 //! - q8_0, 2 blocks per step: lanes 0-7 are block `2k`, 8-15 block `2k + 1`; lane `l` sums the
@@ -51,20 +51,61 @@ pub struct I8Activations {
     q4_correction: Vec<i32>,
 }
 
-/// The weight format an [`I8Activations`] is laid out for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HeadFormat {
-    Q8_0,
-    Q4_0,
-}
-
 impl I8Activations {
-    /// Rounds `x` (padded with zeros to `blocks` blocks of 32) to int8 per block, as llama.cpp's
-    /// `quantize_row_q8_0`: `scale = max|x| / 127`, `q = x / scale` rounded to nearest (ties to
-    /// even, where llama.cpp rounds them away from zero), with the extra layouts `format`'s
-    /// kernels read. A block holding a NaN or an infinity gets a NaN scale, so its rows come out
-    /// NaN.
-    pub fn new(x: &[f32], blocks: usize, format: HeadFormat) -> Self {
+    /// `x` (padded with zeros to `blocks` blocks of 32) rounded to int8 per block, laid out for
+    /// the q8_0 kernels.
+    pub fn for_q8_0(x: &[f32], blocks: usize) -> Self {
+        let mut activations = Self::rounded(x, blocks);
+        activations.magnitudes = activations
+            .quants
+            .iter()
+            .map(|q| q.unsigned_abs())
+            .collect();
+        activations.negative = activations
+            .quants
+            .chunks(STEP)
+            .map(|step| {
+                step.iter()
+                    .enumerate()
+                    .fold(0u64, |bits, (i, &q)| bits | (u64::from(q < 0) << i))
+            })
+            .collect();
+        activations
+    }
+
+    /// `x` (padded with zeros to `blocks` blocks of 32) rounded to int8 per block, laid out for
+    /// the q4_0 kernels.
+    pub fn for_q4_0(x: &[f32], blocks: usize) -> Self {
+        let mut activations = Self::rounded(x, blocks);
+        let quants = &activations.quants;
+        let steps = quants.len() / Q8_BLOCK / 4;
+        let mut q4_pairs = vec![0i8; steps * 2 * STEP];
+        let mut q4_correction = vec![0i32; steps * 16];
+        for step in 0..steps {
+            for j in 0..STEP {
+                let block = 4 * step + j / Q4_BLOCK_BYTES;
+                let i = j % Q4_BLOCK_BYTES;
+                q4_pairs[step * 2 * STEP + j] = quants[block * Q4_BLOCK + i];
+                q4_pairs[step * 2 * STEP + STEP + j] = quants[block * Q4_BLOCK + 16 + i];
+            }
+            for lane in 0..16 {
+                let pairs = &q4_pairs[step * 2 * STEP..(step + 1) * 2 * STEP];
+                let sum: i32 = (4 * lane..4 * lane + 4)
+                    .map(|j| i32::from(pairs[j]) + i32::from(pairs[STEP + j]))
+                    .sum();
+                q4_correction[step * 16 + lane] = -8 * sum;
+            }
+        }
+        activations.q4_pairs = q4_pairs;
+        activations.q4_correction = q4_correction;
+        activations
+    }
+
+    /// Rounds `x` to int8 per block, as llama.cpp's `quantize_row_q8_0`: `scale = max|x| / 127`,
+    /// `q = x / scale` rounded to nearest (ties to even, where llama.cpp rounds them away from
+    /// zero). A block holding a NaN or an infinity gets a NaN scale, so its rows come out NaN.
+    /// The layouts of one weight format are left empty for its constructor to fill.
+    fn rounded(x: &[f32], blocks: usize) -> Self {
         assert!(x.len() <= blocks * Q8_BLOCK, "more activations than blocks");
         let padded_blocks = blocks.div_ceil(4) * 4;
         let mut quants = vec![0i8; padded_blocks * Q8_BLOCK];
@@ -85,49 +126,14 @@ impl I8Activations {
                 *q = round_to_nearest(v * inverse) as i8;
             }
         }
-        let (mut magnitudes, mut negative) = (Vec::new(), Vec::new());
-        let (mut q4_pairs, mut q4_correction) = (Vec::new(), Vec::new());
-        match format {
-            HeadFormat::Q8_0 => {
-                magnitudes = quants.iter().map(|q| q.unsigned_abs()).collect();
-                negative = quants
-                    .chunks(STEP)
-                    .map(|step| {
-                        step.iter()
-                            .enumerate()
-                            .fold(0u64, |bits, (i, &q)| bits | (u64::from(q < 0) << i))
-                    })
-                    .collect();
-            }
-            HeadFormat::Q4_0 => {
-                let steps = padded_blocks / 4;
-                q4_pairs = vec![0i8; steps * 2 * STEP];
-                q4_correction = vec![0i32; steps * 16];
-                for step in 0..steps {
-                    for j in 0..STEP {
-                        let block = 4 * step + j / Q4_BLOCK_BYTES;
-                        let i = j % Q4_BLOCK_BYTES;
-                        q4_pairs[step * 2 * STEP + j] = quants[block * Q4_BLOCK + i];
-                        q4_pairs[step * 2 * STEP + STEP + j] = quants[block * Q4_BLOCK + 16 + i];
-                    }
-                    for lane in 0..16 {
-                        let pairs = &q4_pairs[step * 2 * STEP..(step + 1) * 2 * STEP];
-                        let sum: i32 = (4 * lane..4 * lane + 4)
-                            .map(|j| i32::from(pairs[j]) + i32::from(pairs[STEP + j]))
-                            .sum();
-                        q4_correction[step * 16 + lane] = -8 * sum;
-                    }
-                }
-            }
-        }
         I8Activations {
             blocks,
             quants,
             scales,
-            magnitudes,
-            negative,
-            q4_pairs,
-            q4_correction,
+            magnitudes: Vec::new(),
+            negative: Vec::new(),
+            q4_pairs: Vec::new(),
+            q4_correction: Vec::new(),
         }
     }
 }

@@ -168,6 +168,18 @@ impl std::fmt::Display for Kernel {
     }
 }
 
+/// On a command line a kernel is its [`Kernel::name`].
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for Kernel {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Kernel::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 impl std::str::FromStr for Kernel {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -1,4 +1,22 @@
-//! The canonical packed sign-bit layout (see the crate docs for the byte-level description).
+//! The canonical packed sign-bit layout, which the packed file stores as is (`docs/FORMAT.md`
+//! quotes this) and the row-major kernels read directly.
+//!
+//! A linear layer `y = W x` with `W` of shape `rows x cols` (out x in) is stored as sign bits
+//! `B` in {-1, +1}^(rows x cols) and one scale per output row, `W[r, j] = scale[r] * B[r, j]`:
+//!
+//! - Row-major; each row is padded to whole 64-bit words: `words_per_row = ceil(cols / 64)`, so
+//!   the matrix is `rows * words_per_row` u64 words. Words are little-endian in files.
+//! - Bit `j` (LSB = 0) of word `w` of row `r` is the sign of element `(r, 64 * w + j)`:
+//!   bit 1 means +1, bit 0 means -1. Upstream `sign(0) = +1` ([`pack_signs`] maps +0.0, -0.0
+//!   and NaN to +1, only values `< 0` to -1).
+//! - Padding bits (columns `cols..64 * words_per_row` of a row) are written as 0, and no kernel
+//!   lets them affect a result whatever their value (the kernels give padding columns zero
+//!   activation; the tests set them to garbage).
+//! - One scale per row; files store it as f16, the kernels take f32.
+//!
+//! Products: `y[r] = scale[r] * sum_j B[r, j] * x[j]`. The mask kernels use the identity
+//! `sum_j B[r, j] x[j] = 2 * sum_{j: bit = 1} x[j] - sum_j x[j]`.
+//!
 
 /// Number of sign bits per storage word.
 pub const BITS_PER_WORD: usize = 64;
@@ -73,6 +91,17 @@ impl PackedMatrix {
             bits,
             scales,
         }
+    }
+
+    /// Rows `range` as a matrix of their own: what one thread of the runtime holds of a layer.
+    pub fn rows_slice(&self, range: std::ops::Range<usize>) -> PackedMatrix {
+        let wpr = self.words_per_row;
+        PackedMatrix::from_parts(
+            range.len(),
+            self.cols,
+            self.bits[range.start * wpr..range.end * wpr].to_vec(),
+            self.scales[range].to_vec(),
+        )
     }
 
     /// Packs signs and attaches the given per-row scales.

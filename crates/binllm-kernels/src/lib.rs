@@ -2,28 +2,27 @@
 //!
 //! This crate owns the packed sign-bit matrix layout and every product the runtime needs on it:
 //! 1-bit GEMV (decode) and GEMM (prompt processing) with a scalar reference, SIMD mask paths
-//! (AVX2, AVX-512, NEON), lookup-table paths (f32, and an optional int8-activation variant), and
-//! threading across output rows; plus dense GEMV for the layers that stay in floating point
-//! (f32, f16, and a q8_0-style int8 variant for the tied LM head). It is pure Rust (std, rayon,
-//! half).
+//! (AVX2, AVX-512, NEON) and lookup-table paths (f32, and an optional int8-activation variant);
+//! plus dense GEMV for the layers that stay in floating point (f32, f16, and q8_0 / q4_0 for
+//! the LM head). It is pure Rust (std, half).
 //!
-//! # Packed layout (quoted by `docs/FORMAT.md`)
+//! # Rooms
 //!
-//! A linear layer `y = W x` with `W` of shape `rows x cols` (out x in) is stored as sign bits
-//! `B` in {-1, +1}^(rows x cols) and one scale per output row, `W[r, j] = scale[r] * B[r, j]`:
+//! | module | holds |
+//! |---|---|
+//! | [`layout`] | the packed sign-bit layout ([`PackedMatrix`], [`pack_signs`]) |
+//! | `kernel`, `gemm`, [`scalar`], `x86`, `neon` | the 1-bit kernels ([`Kernel`]) on that layout, and the drivers tiling GEMM over vectors |
+//! | [`lut`], [`lut3`], [`lut_i8`] | the lookup-table layouts and kernels |
+//! | this file | [`PreparedMatrix`] (a matrix in its kernel's layout), [`gemv_with`] / [`gemm_with`] |
+//! | [`dense`] | f32 and f16 products ([`DenseKernel`]) |
+//! | [`q8`], [`q4`] | the q8_0 and q4_0 block formats ([`Q8Matrix`], [`Q4Matrix`]), one home each |
+//! | [`head`], [`head_i8`] | the quantized LM head's products (int16 and int8 activations) |
+//! | [`attention`], [`activation`] | attention over a KV cache, SwiGLU and the vector `e^x` |
 //!
-//! - Row-major; each row is padded to whole 64-bit words: `words_per_row = ceil(cols / 64)`, so
-//!   the matrix is `rows * words_per_row` u64 words. Words are little-endian in files.
-//! - Bit `j` (LSB = 0) of word `w` of row `r` is the sign of element `(r, 64 * w + j)`:
-//!   bit 1 means +1, bit 0 means -1. Upstream `sign(0) = +1` ([`pack_signs`] maps +0.0, -0.0
-//!   and NaN to +1, only values `< 0` to -1).
-//! - Padding bits (columns `cols..64 * words_per_row` of a row) are written as 0, and no kernel
-//!   lets them affect a result whatever their value (the kernels give padding columns zero
-//!   activation; the tests set them to garbage).
-//! - One scale per row; files store it as f16, the kernels take f32.
+//! # Packed layout
 //!
-//! Products: `y[r] = scale[r] * sum_j B[r, j] * x[j]`. The mask kernels use the identity
-//! `sum_j B[r, j] x[j] = 2 * sum_{j: bit = 1} x[j] - sum_j x[j]`.
+//! [`layout`]: row-major sign bits, each row padded to whole 64-bit words, one scale per row
+//! (`docs/FORMAT.md` quotes it). Products: `y[r] = scale[r] * sum_j B[r, j] * x[j]`.
 //!
 //! The LUT kernels re-tile the same bits once at load time ([`PreparedMatrix::new`]): into
 //! [`LutMatrix`] (blocks of 16 rows, one u32 per row per 32 columns; see [`lut`]) or
@@ -51,22 +50,25 @@
 //!
 //! # Threads
 //!
-//! `threads` is the number of contiguous row ranges a product is split into, run on the current
-//! rayon pool (so a caller can pick a pool with `pool.install`); `threads <= 1` stays on the
-//! calling thread and never touches rayon. Every row is computed by the same code whatever the
-//! split, so results are identical for every thread count. Waking a pool thread costs a few
-//! microseconds, as much as a whole 576x576 GEMV: use one thread for small layers.
+//! None here: every product runs on the calling thread over the rows it is given. The runtime
+//! (binllm-infer's thread team) splits each matrix by rows once, at load time, and has each
+//! member run the product of its own rows. Every row is computed by the same code whatever the
+//! split, so results do not depend on how many threads the runtime uses (the tests split
+//! matrices and compare).
 //!
-//! # Dense products ([`dense`], [`q8`], [`q4`])
+//! # Dense products ([`dense`], [`q8`], [`q4`], [`head`])
 //!
-//! [`gemv_f32`], [`gemv_f16`] (F16C / AVX-512 conversion on x86) and [`gemv_q8`] (q8_0-style:
-//! int8 weights with an f32 scale per 32), each with a scalar reference and a forced-kernel
-//! variant taking a [`DenseKernel`]; [`gemv_q4_with`] (q4_0-style 4-bit blocks of 32 with an
-//! f16 scale, for a 4-bit LM head). The quantized heads round activations either to int16 per
-//! vector (`Avx2`, `Avx512`, `Portable`: an error of at most 2^-16 of `max|x|` per activation;
-//! the q4 AVX2 path equals its integer reference bit for bit) or to int8 per block of 32
-//! (`Avx512Vnni`, `Avx2Int8`: llama.cpp's arithmetic for those formats, [`head_i8`], bit for
-//! bit equal to lane-by-lane references and to each other; the runtime's default on x86-64).
+//! [`gemv_f32`] and [`gemv_f16`] (F16C / AVX-512 conversion on x86), each with a scalar
+//! reference and a forced-kernel variant taking a [`DenseKernel`]. The two quantized formats
+//! of the LM head have one home each, used by binllm-format to store them and by the runtime to
+//! compute with them: [`Q8Matrix`] (q8_0: int8 weights, one scale per 32) and [`Q4Matrix`]
+//! (q4_0: 4-bit codes, one f16 scale per 32). Their products ([`head`]: [`gemv_q8_with`],
+//! [`gemm_q8_rows`], [`gemv_q4_with`], [`gemm_q4_rows`]) round activations either to int16
+//! per vector (`Avx2`, `Avx512`, `Portable`: an error of at most 2^-16 of `max|x|` per
+//! activation; the q4 AVX2 path equals its integer reference bit for bit) or to int8 per block
+//! of 32 (`Avx512Vnni`, `Avx2Int8`: llama.cpp's arithmetic for those formats, [`head_i8`], bit
+//! for bit equal to lane-by-lane references and to each other; the runtime's default on
+//! x86-64).
 //!
 //! # Use
 //!
@@ -79,12 +81,15 @@
 //! let layer = PreparedMatrix::new(packed, Kernel::best());
 //! let x = [1.0, 2.0, 3.0, 4.0, 5.0];
 //! let mut y = [0.0; 3];
-//! layer.gemv(&x, &mut y, 1);
+//! layer.gemv(&x, &mut y);
 //! assert_eq!(y, [0.5 * (-1.0 + 2.0 + 3.0 - 4.0 + 5.0), 1.0 * (1.0 - 2.0 + 3.0 + 4.0 - 5.0), 2.0 * (1.0 + 2.0 - 3.0 + 4.0 + 5.0)]);
 //! ```
 
+pub mod activation;
+pub mod attention;
 pub mod dense;
 mod gemm;
+pub mod head;
 pub mod head_i8;
 mod kernel;
 pub mod layout;
@@ -93,12 +98,38 @@ pub mod lut3;
 pub mod lut_i8;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
-mod parallel;
 pub mod q4;
 pub mod q8;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+
+/// The runtime's token sampler's generator (binllm-infer's `sampling::SplitMix64`, which this
+/// crate cannot depend on), so that the kernels' unit tests draw the inputs the runtime's tests
+/// drew before the kernels moved here.
+#[cfg(test)]
+mod test_rng {
+    pub struct SplitMix64(u64);
+
+    impl SplitMix64 {
+        pub fn new(seed: u64) -> Self {
+            SplitMix64(seed ^ 0x9E37_79B9_7F4A_7C15)
+        }
+
+        pub fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform in [0, 1) with 24 bits.
+        pub fn next_f32(&mut self) -> f32 {
+            (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        }
+    }
+}
 
 /// How far ahead of its reads a streaming kernel asks for weights. The hardware prefetchers
 /// alone leave a single core waiting on DRAM for about 40% of a decode step's 1-bit products
@@ -130,15 +161,19 @@ pub fn prefetch_lines<T>(p: *const T, len: usize) {
     }
 }
 
+pub use activation::swiglu;
+pub use attention::attend;
 pub use dense::{gemm_dense_with, gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_with, DenseKernel};
+pub use head::{
+    gemm_q4_rows, gemm_q4_with, gemm_q8_rows, gemm_q8_with, gemv_q4_with, gemv_q8, gemv_q8_with,
+};
 pub use kernel::Kernel;
 pub use layout::{pack_signs, words_per_row, PackedMatrix};
 pub use lut::LutMatrix;
 pub use lut3::Lut3Matrix;
 pub use lut_i8::LutI8Matrix;
-pub use parallel::SharedOut;
-pub use q4::{gemm_q4_with, gemv_q4_with, Q4Matrix};
-pub use q8::{gemm_q8_with, gemv_q8, gemv_q8_with, Q8Matrix};
+pub use q4::Q4Matrix;
+pub use q8::Q8Matrix;
 
 fn check_gemv_shapes(rows: usize, cols: usize, x: &[f32], y: &[f32]) {
     assert_eq!(x.len(), cols, "gemv: x.len() != cols");
@@ -152,50 +187,43 @@ fn check_gemm_shapes(rows: usize, cols: usize, xs: &[f32], n: usize, ys: &[f32])
 
 /// `y = W x` with the fastest kernel that works on the canonical layout.
 /// For repeated products prefer [`PreparedMatrix`] with [`Kernel::best`].
-pub fn gemv(m: &PackedMatrix, x: &[f32], y: &mut [f32], threads: usize) {
-    gemv_with(Kernel::best_row_major(), m, x, y, threads)
+pub fn gemv(m: &PackedMatrix, x: &[f32], y: &mut [f32]) {
+    gemv_with(Kernel::best_row_major(), m, x, y)
 }
 
 /// `ys[v] = W xs[v]` for `n` input vectors (`xs`: `n x cols`, `ys`: `n x rows`, row-major).
-pub fn gemm(m: &PackedMatrix, xs: &[f32], n: usize, ys: &mut [f32], threads: usize) {
-    gemm_with(Kernel::best_row_major(), m, xs, n, ys, threads)
+pub fn gemm(m: &PackedMatrix, xs: &[f32], n: usize, ys: &mut [f32]) {
+    gemm_with(Kernel::best_row_major(), m, xs, n, ys)
 }
 
 /// [`gemv`] with a forced kernel; a LUT kernel re-tiles `m` on every call (tests, benchmarks).
 /// Panics if the kernel is not available on this CPU.
-pub fn gemv_with(kernel: Kernel, m: &PackedMatrix, x: &[f32], y: &mut [f32], threads: usize) {
+pub fn gemv_with(kernel: Kernel, m: &PackedMatrix, x: &[f32], y: &mut [f32]) {
     check_gemv_shapes(m.rows, m.cols, x, y);
     kernel.assert_available();
     if kernel.uses_lut_layout() {
-        gemm::gemv_lut(kernel, &LutMatrix::from_packed(m), x, y, threads)
+        gemm::gemv_lut(kernel, &LutMatrix::from_packed(m), x, y)
     } else if kernel.uses_lut3_layout() {
-        gemm::gemm_lut3(kernel, &Lut3Matrix::from_packed(m), x, 1, y, threads)
+        gemm::gemm_lut3(kernel, &Lut3Matrix::from_packed(m), x, 1, y)
     } else if kernel.uses_i8_layout() {
-        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), x, 1, y, threads)
+        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), x, 1, y)
     } else {
-        gemm::gemv_row_major(kernel, m, x, y, threads)
+        gemm::gemv_row_major(kernel, m, x, y)
     }
 }
 
 /// [`gemm`] with a forced kernel; a LUT kernel re-tiles `m` on every call.
-pub fn gemm_with(
-    kernel: Kernel,
-    m: &PackedMatrix,
-    xs: &[f32],
-    n: usize,
-    ys: &mut [f32],
-    threads: usize,
-) {
+pub fn gemm_with(kernel: Kernel, m: &PackedMatrix, xs: &[f32], n: usize, ys: &mut [f32]) {
     check_gemm_shapes(m.rows, m.cols, xs, n, ys);
     kernel.assert_available();
     if kernel.uses_lut_layout() {
-        gemm::gemm_lut(kernel, &LutMatrix::from_packed(m), xs, n, ys, threads)
+        gemm::gemm_lut(kernel, &LutMatrix::from_packed(m), xs, n, ys)
     } else if kernel.uses_lut3_layout() {
-        gemm::gemm_lut3(kernel, &Lut3Matrix::from_packed(m), xs, n, ys, threads)
+        gemm::gemm_lut3(kernel, &Lut3Matrix::from_packed(m), xs, n, ys)
     } else if kernel.uses_i8_layout() {
-        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), xs, n, ys, threads)
+        gemm::gemm_lut_i8(kernel, &LutI8Matrix::from_packed(m), xs, n, ys)
     } else {
-        gemm::gemm_row_major(kernel, m, xs, n, ys, threads)
+        gemm::gemm_row_major(kernel, m, xs, n, ys)
     }
 }
 
@@ -269,24 +297,24 @@ impl PreparedMatrix {
     }
 
     /// `y = W x`; `x` has `cols` floats, `y` has `rows`.
-    pub fn gemv(&self, x: &[f32], y: &mut [f32], threads: usize) {
+    pub fn gemv(&self, x: &[f32], y: &mut [f32]) {
         check_gemv_shapes(self.rows(), self.cols(), x, y);
         match &self.weights {
-            Weights::RowMajor(m) => gemm::gemv_row_major(self.kernel, m, x, y, threads),
-            Weights::Lut(m) => gemm::gemv_lut(self.kernel, m, x, y, threads),
-            Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, x, 1, y, threads),
-            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, x, 1, y, threads),
+            Weights::RowMajor(m) => gemm::gemv_row_major(self.kernel, m, x, y),
+            Weights::Lut(m) => gemm::gemv_lut(self.kernel, m, x, y),
+            Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, x, 1, y),
+            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, x, 1, y),
         }
     }
 
     /// `ys[v] = W xs[v]` for `n` vectors (`xs`: `n x cols`, `ys`: `n x rows`, row-major).
-    pub fn gemm(&self, xs: &[f32], n: usize, ys: &mut [f32], threads: usize) {
+    pub fn gemm(&self, xs: &[f32], n: usize, ys: &mut [f32]) {
         check_gemm_shapes(self.rows(), self.cols(), xs, n, ys);
         match &self.weights {
-            Weights::RowMajor(m) => gemm::gemm_row_major(self.kernel, m, xs, n, ys, threads),
-            Weights::Lut(m) => gemm::gemm_lut(self.kernel, m, xs, n, ys, threads),
-            Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, xs, n, ys, threads),
-            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, xs, n, ys, threads),
+            Weights::RowMajor(m) => gemm::gemm_row_major(self.kernel, m, xs, n, ys),
+            Weights::Lut(m) => gemm::gemm_lut(self.kernel, m, xs, n, ys),
+            Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, xs, n, ys),
+            Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, xs, n, ys),
         }
     }
 }

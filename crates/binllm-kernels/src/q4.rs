@@ -1,11 +1,13 @@
-//! q4_0-style 4-bit dense GEMV for the LM head: rows split into blocks of 32 weights,
-//! `w = scale * (q - 8)` with `q` in 0..=15 and one f16 scale per block, stored as GGML's q4_0
-//! stores a block: 16 bytes, byte `i` holding weight `i` in its low nibble and weight `16 + i`
-//! in its high nibble. 4.5 bits per weight: the SmolLM2-135M head (49152 x 576) is 15.9 MB
-//! against 30.1 MB in q8_0, and decode reads all of it for every token.
+//! q4_0, GGML's 4-bit block format, the one home of it in binllm: the packed file stores it
+//! (binllm-format reads and writes [`Q4Matrix`]) and the LM head computes with it. Rows are
+//! split into blocks of [`Q4_BLOCK`] weights, `w = scale * (q - 8)` with `q` in 0..=15 and one
+//! f16 scale per block, stored as GGML's q4_0 stores a block: 16 bytes, byte `i` holding weight
+//! `i` in its low nibble and weight `16 + i` in its high nibble. 4.5 bits per weight: the
+//! SmolLM2-135M head (49152 x 576) is 15.9 MB against 30.1 MB in q8_0, and decode reads all of
+//! it for every token.
 //!
-//! Activations are quantized to int16 once per product ([`crate::q8`]'s `quantize_i16`: error
-//! at most 2^-16 of `max|x|` per activation). Each block then gives eight exact i32 lane sums
+//! One row's product with int16 activations ([`crate::head`] rounds them once per product:
+//! error at most 2^-16 of `max|x|` per activation): each block gives eight exact i32 lane sums
 //! (lane `l` = the products of weights `2l, 2l + 1, 16 + 2l, 17 + 2l`, as `vpmaddwd` pairs
 //! them), which are converted to f32 and fused-multiply-added with the block's scale into one
 //! of two accumulators of 8 lanes (even and odd blocks); the row is
@@ -13,8 +15,6 @@
 //! same arithmetic one lane at a time, so the AVX2 path equals it bit for bit, and it is
 //! tested against an f64 product of the dequantized weights. AVX-512 CPUs run the AVX2 path.
 
-use crate::dense::DenseKernel;
-use crate::parallel::{for_each_range, SharedOut};
 use half::f16;
 
 /// Weights per block (one scale each).
@@ -116,92 +116,11 @@ impl Q4Matrix {
     pub fn bytes(&self) -> usize {
         self.codes.len() + 2 * self.scales.len()
     }
-
-    /// Rows `range` as a matrix of their own (the runtime splits the head by rows).
-    pub fn rows_slice(&self, range: std::ops::Range<usize>) -> Q4Matrix {
-        let per = self.blocks_per_row;
-        Q4Matrix {
-            rows: range.len(),
-            cols: self.cols,
-            blocks_per_row: per,
-            codes: self.codes[range.start * per * Q4_BLOCK_BYTES..range.end * per * Q4_BLOCK_BYTES]
-                .to_vec(),
-            scales: self.scales[range.start * per..range.end * per].to_vec(),
-        }
-    }
 }
 
-/// `y = W x` with a chosen kernel: `Avx2` and `Avx512` run the AVX2 path, `Scalar` and
-/// `Portable` the reference (panics if the kernel is unavailable).
-pub fn gemv_q4_with(kernel: DenseKernel, m: &Q4Matrix, x: &[f32], y: &mut [f32], threads: usize) {
-    gemm_q4_with(kernel, m, x, 1, y, threads)
-}
-
-/// Rows per tile of the multi-vector product (a tile of the SmolLM2 head is 64 x 576 weights,
-/// 20 KB, and stays in L2 while every vector passes over it).
-const GEMM_ROW_TILE: usize = 64;
-
-/// `ys[t * rows + r] = (W xs[t])[r]` for `n` vectors (row-major `n x cols`): the same numbers
-/// as `n` calls of [`gemv_q4_with`], each weight read once per tile.
-pub fn gemm_q4_with(
-    kernel: DenseKernel,
-    m: &Q4Matrix,
-    xs: &[f32],
-    n: usize,
-    ys: &mut [f32],
-    threads: usize,
-) {
-    assert_eq!(xs.len(), n * m.cols, "gemm_q4: xs.len() != n * cols");
-    assert_eq!(ys.len(), n * m.rows, "gemm_q4: ys.len() != n * rows");
-    assert!(
-        kernel.is_available(),
-        "dense kernel {} is not available on this CPU",
-        kernel.name()
-    );
-    let simd = matches!(kernel, DenseKernel::Avx2 | DenseKernel::Avx512);
-    let row_len = m.blocks_per_row * Q4_BLOCK;
-    let activations = crate::q8::Activations::new(
-        kernel,
-        xs,
-        n,
-        m.cols,
-        m.blocks_per_row,
-        crate::head_i8::HeadFormat::Q4_0,
-    );
-    let out = SharedOut::new(ys);
-    for_each_range(m.rows, threads, |rows| {
-        for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
-            let tile = tile_start..(tile_start + GEMM_ROW_TILE).min(rows.end);
-            for t in 0..n {
-                // SAFETY: row ranges from `for_each_range` are disjoint, so (t, tile) slices are.
-                let out = unsafe { out.slice(t * m.rows + tile.start, tile.len()) };
-                match &activations {
-                    crate::q8::Activations::Int8(x) => {
-                        crate::head_i8::rows_q4(kernel, m, tile.clone(), &x[t], out)
-                    }
-                    crate::q8::Activations::Int16 { quants, scales } => {
-                        let per = m.blocks_per_row;
-                        let x_q16 = &quants[t * row_len..(t + 1) * row_len];
-                        for (out, r) in out.iter_mut().zip(tile.clone()) {
-                            let codes =
-                                &m.codes[r * per * Q4_BLOCK_BYTES..(r + 1) * per * Q4_BLOCK_BYTES];
-                            let w_scales = &m.scales[r * per..(r + 1) * per];
-                            let sum = if simd {
-                                dot_q4_simd(codes, w_scales, x_q16)
-                            } else {
-                                dot_q4_reference(codes, w_scales, x_q16)
-                            };
-                            *out = sum * scales[t];
-                        }
-                    }
-                }
-            }
-        }
-    });
-}
-
+/// [`dot_q4_reference`] on the AVX2 path (AVX-512 CPUs take it too).
 #[inline(always)]
-fn dot_q4_simd(codes: &[u8], scales: &[f16], x_q16: &[i16]) -> f32 {
+pub(crate) fn dot_q4_simd(codes: &[u8], scales: &[f16], x_q16: &[i16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller asserted that an AVX2 (or AVX-512, which implies it) kernel is
     // available; lengths are checked inside.

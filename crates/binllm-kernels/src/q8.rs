@@ -1,19 +1,22 @@
-//! q8_0-style int8 dense GEMV for the LM head: rows are split into blocks of 32 weights with
-//! one scale each (`w ~ scale * q`, `q` in -127..=127, `scale = max|w| / 127`), like GGML's
-//! q8_0. The fast paths quantize the activations to int16 once per product (per-vector scale
-//! `max|x| / 32767`, an error of at most 2^-16 of `max|x|` per activation, far below the
-//! weights' own rounding) so that a block is one sign-extend, one `vpmaddwd`, one int-to-float
-//! conversion and one FMA; converting int8 weights to f32 instead made the GEMV compute-bound.
-//! The portable path does the same in plain Rust (integer block sums vectorise well); the
-//! scalar path keeps f32 activations and is the reference.
+//! q8_0, GGML's 8-bit block format, the one home of it in binllm: the packed file stores it
+//! (binllm-format reads and writes [`Q8Matrix`]) and the LM head computes with it. Rows are
+//! split into blocks of [`Q8_BLOCK`] weights with one scale each, `w ~ scale * q` with `q` in
+//! -127..=127 and `scale = max|w| / 127` rounded to f16 (files hold f16 scales; in memory they
+//! are those f16 values widened to f32, the width the products read).
+//!
+//! This module also holds one row's product with int16 activations ([`crate::head`] rounds
+//! them, per-vector scale `max|x| / 32767`, an error of at most 2^-16 of `max|x|` per
+//! activation, far below the weights' own rounding): a block is one sign-extend, one
+//! `vpmaddwd`, one int-to-float conversion and one FMA; converting int8 weights to f32 instead
+//! made the GEMV compute-bound. The portable path does the same in plain Rust (integer block
+//! sums vectorise well); the scalar path keeps f32 activations and is the reference.
 //!
 //! Why: the f16 head of SmolLM2-135M (49152 x 576) is 57 MB read per token, more than the
-//! whole 1-bit body; q8_0 halves that (1.125 bytes per weight with f32 block scales) and the
-//! GEMV stays memory-bound, so it is about twice as fast.
+//! whole 1-bit body; q8_0 halves that (1.125 bytes per weight with f32 block scales in memory)
+//! and the GEMV stays memory-bound, so it is about twice as fast.
 
 use crate::dense::DenseKernel;
-use crate::head_i8::HeadFormat;
-use crate::parallel::{for_each_range, SharedOut};
+use half::f16;
 
 /// Weights per block (one scale each).
 pub const Q8_BLOCK: usize = 32;
@@ -31,7 +34,10 @@ pub struct Q8Matrix {
 }
 
 impl Q8Matrix {
-    /// Quantizes a row-major matrix given as any values convertible to f32 (f32 or f16).
+    /// Quantizes a row-major matrix given as any values convertible to f32 (f32 or f16), the
+    /// q8_0 way: per block `scale = f16(max|w| / 127)` and `q = round(w / scale)`, dividing by
+    /// the rounded scale so that quantizing the dequantized matrix gives it back (what writing
+    /// a model read from a file again does) whenever the scales are normal f16 numbers.
     pub fn quantize<E: crate::dense::DenseElement>(w: &[E], rows: usize, cols: usize) -> Self {
         assert_eq!(
             w.len(),
@@ -46,15 +52,14 @@ impl Q8Matrix {
                 let (start, end) = (b * Q8_BLOCK, ((b + 1) * Q8_BLOCK).min(cols));
                 let block = &w[r * cols + start..r * cols + end];
                 let max_abs = block.iter().fold(0.0f32, |m, v| m.max(v.to_f32().abs()));
-                let block_scale = max_abs / 127.0;
-                scales[r * blocks_per_row + b] = block_scale;
-                if block_scale == 0.0 {
+                let scale = f16::from_f32(max_abs / 127.0).to_f32();
+                scales[r * blocks_per_row + b] = scale;
+                if scale == 0.0 {
                     continue;
                 }
-                let inverse = 1.0 / block_scale;
                 let out = &mut quants[(r * blocks_per_row + b) * Q8_BLOCK..];
                 for (q, v) in out.iter_mut().zip(block) {
-                    *q = (v.to_f32() * inverse).round().clamp(-127.0, 127.0) as i8;
+                    *q = (v.to_f32() / scale).round().clamp(-127.0, 127.0) as i8;
                 }
             }
         }
@@ -67,14 +72,20 @@ impl Q8Matrix {
         }
     }
 
+    /// Row `r`, dequantized into `out` (`cols` floats): the embedding lookup of a q8_0 table.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let blocks = self.blocks_per_row;
+        let quants = &self.quants[r * blocks * Q8_BLOCK..];
+        for (c, o) in out[..self.cols].iter_mut().enumerate() {
+            *o = self.scales[r * blocks + c / Q8_BLOCK] * f32::from(quants[c]);
+        }
+    }
+
     /// The dequantized matrix (`scale * q`), row-major `rows x cols`.
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.rows * self.cols);
-        for r in 0..self.rows {
-            for c in 0..self.cols {
-                let b = r * self.blocks_per_row + c / Q8_BLOCK;
-                out.push(self.scales[b] * self.quants[b * Q8_BLOCK + c % Q8_BLOCK] as f32);
-            }
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.dequantize_row(r, row);
         }
         out
     }
@@ -85,126 +96,10 @@ impl Q8Matrix {
     }
 }
 
-/// `y = W x` with the fastest available kernel.
-pub fn gemv_q8(m: &Q8Matrix, x: &[f32], y: &mut [f32], threads: usize) {
-    gemv_q8_with(DenseKernel::best(), m, x, y, threads)
-}
-
-/// `y = W x` with a chosen kernel (panics if it is unavailable).
-pub fn gemv_q8_with(kernel: DenseKernel, m: &Q8Matrix, x: &[f32], y: &mut [f32], threads: usize) {
-    assert_eq!(x.len(), m.cols, "gemv_q8: x.len() != cols");
-    assert_eq!(y.len(), m.rows, "gemv_q8: y.len() != rows");
-    gemm_q8_with(kernel, m, x, 1, y, threads)
-}
-
-/// Rows per tile of the multi-vector product: a tile of a q8 head row block (64 x 576 weights,
-/// 37 KB) stays in L2 while every vector passes over it, so the matrix is read once per call
-/// instead of once per vector.
-const GEMM_ROW_TILE: usize = 64;
-
-/// `ys[t * rows + r] = (W xs[t])[r]` for `n` vectors `xs` (row-major `n x cols`): the same
-/// numbers as `n` calls of [`gemv_q8_with`], computed tile by tile so each weight is read once.
-pub fn gemm_q8_with(
-    kernel: DenseKernel,
-    m: &Q8Matrix,
-    xs: &[f32],
-    n: usize,
-    ys: &mut [f32],
-    threads: usize,
-) {
-    assert_eq!(xs.len(), n * m.cols, "gemm_q8: xs.len() != n * cols");
-    assert_eq!(ys.len(), n * m.rows, "gemm_q8: ys.len() != n * rows");
-    assert!(
-        kernel.is_available(),
-        "dense kernel {} is not available on this CPU",
-        kernel.name()
-    );
-    let row_len = m.blocks_per_row * Q8_BLOCK;
-    let activations = Activations::new(kernel, xs, n, m.cols, m.blocks_per_row, HeadFormat::Q8_0);
-    let out = SharedOut::new(ys);
-    for_each_range(m.rows, threads, |rows| {
-        for tile_start in rows.clone().step_by(GEMM_ROW_TILE) {
-            let tile = tile_start..(tile_start + GEMM_ROW_TILE).min(rows.end);
-            for t in 0..n {
-                // SAFETY: row ranges from `for_each_range` are disjoint, so (t, tile) slices are.
-                let out = unsafe { out.slice(t * m.rows + tile.start, tile.len()) };
-                match &activations {
-                    Activations::Int8(x) => {
-                        crate::head_i8::rows_q8(kernel, m, tile.clone(), &x[t], out)
-                    }
-                    Activations::Int16 { quants, scales } => {
-                        for (out, r) in out.iter_mut().zip(tile.clone()) {
-                            *out = dot_q8(
-                                kernel,
-                                &m.quants[r * row_len..(r + 1) * row_len],
-                                &m.scales[r * m.blocks_per_row..(r + 1) * m.blocks_per_row],
-                                &xs[t * m.cols..(t + 1) * m.cols],
-                                &quants[t * row_len..(t + 1) * row_len],
-                                scales[t],
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    });
-}
-
-/// The input vectors as a kernel reads them, quantized once per product and shared by every
-/// row: int8 per block for the int8 kernels ([`DenseKernel::int8_activations`],
-/// [`crate::head_i8`]), otherwise int16
-/// per vector (which the scalar reference ignores: it reads the f32 vectors).
-pub(crate) enum Activations {
-    Int8(Vec<crate::head_i8::I8Activations>),
-    Int16 { quants: Vec<i16>, scales: Vec<f32> },
-}
-
-impl Activations {
-    pub(crate) fn new(
-        kernel: DenseKernel,
-        xs: &[f32],
-        n: usize,
-        cols: usize,
-        blocks_per_row: usize,
-        format: HeadFormat,
-    ) -> Self {
-        let vectors = xs.chunks_exact(cols.max(1)).take(n);
-        if kernel.int8_activations() {
-            return Activations::Int8(
-                vectors
-                    .map(|x| crate::head_i8::I8Activations::new(x, blocks_per_row, format))
-                    .collect(),
-            );
-        }
-        let row_len = blocks_per_row * Q8_BLOCK;
-        let mut quants = vec![0i16; n * row_len];
-        let scales = vectors
-            .zip(quants.chunks_exact_mut(row_len.max(1)))
-            .map(|(x, q)| quantize_i16(x, q))
-            .collect();
-        Activations::Int16 { quants, scales }
-    }
-}
-
-/// Symmetric per-vector int16 quantization: `x[j] ~ scale * q[j]`; `q` past `x.len()` is 0.
-pub(crate) fn quantize_i16(x: &[f32], q: &mut [i16]) -> f32 {
-    let max_abs = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    if max_abs == 0.0 || !max_abs.is_finite() {
-        q.fill(0);
-        return if max_abs == 0.0 { 0.0 } else { f32::NAN };
-    }
-    let inverse = 32767.0 / max_abs;
-    for (q, &v) in q.iter_mut().zip(x) {
-        *q = (v * inverse).round().clamp(-32767.0, 32767.0) as i16;
-    }
-    q[x.len()..].fill(0);
-    max_abs / 32767.0
-}
-
 /// One row of `W x` with `kernel`: the scalar reference reads `x`, every other path the int16
 /// activations `x_q16` (whole blocks) and their scale.
 #[inline(always)]
-fn dot_q8(
+pub(crate) fn dot_q8(
     kernel: DenseKernel,
     quants: &[i8],
     scales: &[f32],

@@ -2,8 +2,8 @@
 
 use binllm_kernels::lut::LutMatrix;
 use binllm_kernels::Lut3Matrix;
-use binllm_kernels::{gemm_dense_with, gemm_q8_with, gemv_q8_with, Q8Matrix};
-use binllm_kernels::{gemm_q4_with, gemv_q4_with, Q4Matrix};
+use binllm_kernels::{gemm_dense_with, gemm_q8_rows, gemm_q8_with, gemv_q8_with, Q8Matrix};
+use binllm_kernels::{gemm_q4_rows, gemm_q4_with, gemv_q4_with, Q4Matrix};
 use binllm_kernels::{
     gemm_with, gemv_f16_with, gemv_f32_with, gemv_with, pack_signs, scalar, DenseKernel, Kernel,
     PackedMatrix, PreparedMatrix,
@@ -46,6 +46,37 @@ fn random_matrix(rng: &mut Rng, rows: usize, cols: usize) -> PackedMatrix {
     let values: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
     let scales: Vec<f32> = (0..rows).map(|_| rng.unit() * 0.1).collect();
     PackedMatrix::from_signs_and_scales(&values, rows, cols, scales)
+}
+
+/// `rows` cut into `parts` contiguous ranges of about equal size, the way a runtime gives each
+/// of its threads a matrix's rows.
+fn row_parts(rows: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let per = rows.div_ceil(parts.max(1)).max(1);
+    (0..rows)
+        .step_by(per)
+        .map(|s| s..(s + per).min(rows))
+        .collect()
+}
+
+/// The `n x rows` outputs of a product computed part by part: `product(range, out)` fills the
+/// `n x range.len()` outputs of the rows `range`.
+fn by_row_parts(
+    rows: usize,
+    n: usize,
+    parts: usize,
+    product: impl Fn(std::ops::Range<usize>, &mut [f32]),
+) -> Vec<f32> {
+    let mut ys = vec![f32::NAN; n * rows];
+    for range in row_parts(rows, parts) {
+        let width = range.len();
+        let mut part = vec![f32::NAN; n * width];
+        product(range.clone(), &mut part);
+        for t in 0..n {
+            ys[t * rows + range.start..t * rows + range.end]
+                .copy_from_slice(&part[t * width..(t + 1) * width]);
+        }
+    }
+    ys
 }
 
 fn reference_gemv(m: &PackedMatrix, x: &[f32]) -> Vec<f32> {
@@ -154,7 +185,7 @@ fn every_kernel_matches_reference() {
             let mags = magnitudes(&m, &x);
             for &kernel in &kernels {
                 let mut y = vec![f32::NAN; rows];
-                gemv_with(kernel, &m, &x, &mut y, 1);
+                gemv_with(kernel, &m, &x, &mut y);
                 assert_close(&y, &want, &mags, &format!("{kernel} {rows}x{cols}"));
             }
         }
@@ -186,7 +217,7 @@ fn integer_inputs_are_exact_on_every_kernel() {
             .filter(|k| !k.is_approximate())
         {
             let mut y = vec![0.0; rows];
-            gemv_with(kernel, &m, &x, &mut y, 1);
+            gemv_with(kernel, &m, &x, &mut y);
             assert_eq!(y, want, "{kernel} cols {cols}");
         }
     }
@@ -206,7 +237,7 @@ fn lut_paths_are_bit_identical() {
             .iter()
             .map(|&k| {
                 let mut y = vec![0.0; m.rows];
-                gemv_with(k, &m, &x, &mut y, 1);
+                gemv_with(k, &m, &x, &mut y);
                 y
             })
             .collect();
@@ -233,7 +264,7 @@ fn lut3_paths_are_bit_identical_to_their_scalar_reference() {
                     .iter()
                     .map(|&k| {
                         let mut y = vec![f32::NAN; n * rows];
-                        gemm_with(k, &m, &xs[..n * cols], n, &mut y, 1);
+                        gemm_with(k, &m, &xs[..n * cols], n, &mut y);
                         y
                     })
                     .collect();
@@ -246,7 +277,7 @@ fn lut3_paths_are_bit_identical_to_their_scalar_reference() {
 }
 
 #[test]
-fn thread_counts_give_identical_results() {
+fn row_splits_give_identical_results() {
     let mut rng = Rng(6);
     for &(rows, cols) in &[(1usize, 576usize), (61, 65), (200, 576), (577, 100)] {
         let m = random_matrix(&mut rng, rows, cols);
@@ -256,16 +287,19 @@ fn thread_counts_give_identical_results() {
         for kernel in Kernel::available() {
             let prepared = PreparedMatrix::new(m.clone(), kernel);
             let mut y1 = vec![0.0; rows];
-            prepared.gemv(&x, &mut y1, 1);
+            prepared.gemv(&x, &mut y1);
             let mut ys1 = vec![0.0; n * rows];
-            prepared.gemm(&xs, n, &mut ys1, 1);
-            for threads in [2, 3, 7, 64] {
-                let mut y = vec![f32::NAN; rows];
-                prepared.gemv(&x, &mut y, threads);
-                assert_eq!(y, y1, "{kernel} gemv {rows}x{cols} threads {threads}");
-                let mut ys = vec![f32::NAN; n * rows];
-                prepared.gemm(&xs, n, &mut ys, threads);
-                assert_eq!(ys, ys1, "{kernel} gemm {rows}x{cols} threads {threads}");
+            prepared.gemm(&xs, n, &mut ys1);
+            // Each part its own prepared matrix of its rows, as each runtime thread holds one.
+            for parts in [2, 3, 7, 64] {
+                let y = by_row_parts(rows, 1, parts, |range, y| {
+                    PreparedMatrix::new(m.rows_slice(range), kernel).gemv(&x, y)
+                });
+                assert_eq!(y, y1, "{kernel} gemv {rows}x{cols} parts {parts}");
+                let ys = by_row_parts(rows, n, parts, |range, ys| {
+                    PreparedMatrix::new(m.rows_slice(range), kernel).gemm(&xs, n, ys)
+                });
+                assert_eq!(ys, ys1, "{kernel} gemm {rows}x{cols} parts {parts}");
             }
         }
     }
@@ -280,11 +314,11 @@ fn gemm_equals_gemv_per_vector() {
             let xs = rng.activations(n * cols);
             for kernel in Kernel::available() {
                 let mut ys = vec![f32::NAN; n * rows];
-                gemm_with(kernel, &m, &xs, n, &mut ys, 2);
+                gemm_with(kernel, &m, &xs, n, &mut ys);
                 for v in 0..n {
                     let x = &xs[v * cols..(v + 1) * cols];
                     let mut y = vec![0.0; rows];
-                    gemv_with(kernel, &m, x, &mut y, 1);
+                    gemv_with(kernel, &m, x, &mut y);
                     // Tiling over vectors must not change any vector's summation order.
                     assert_eq!(
                         &ys[v * rows..(v + 1) * rows],
@@ -326,8 +360,8 @@ fn padding_bits_and_memory_past_x_never_matter() {
         let xs = &xs_buffer[..n * cols];
         for kernel in Kernel::available() {
             let (mut y_clean, mut y_dirty) = (vec![0.0; rows], vec![0.0; rows]);
-            gemv_with(kernel, &clean, x, &mut y_clean, 1);
-            gemv_with(kernel, &dirty, x, &mut y_dirty, 2);
+            gemv_with(kernel, &clean, x, &mut y_clean);
+            gemv_with(kernel, &dirty, x, &mut y_dirty);
             assert!(
                 y_clean.iter().all(|v| v.is_finite()),
                 "{kernel} cols {cols}: read past x"
@@ -337,8 +371,8 @@ fn padding_bits_and_memory_past_x_never_matter() {
                 "{kernel} cols {cols}: padding bits changed the result"
             );
             let (mut ys_clean, mut ys_dirty) = (vec![0.0; n * rows], vec![0.0; n * rows]);
-            gemm_with(kernel, &clean, xs, n, &mut ys_clean, 1);
-            gemm_with(kernel, &dirty, xs, n, &mut ys_dirty, 2);
+            gemm_with(kernel, &clean, xs, n, &mut ys_clean);
+            gemm_with(kernel, &dirty, xs, n, &mut ys_dirty);
             assert!(
                 ys_clean.iter().all(|v| v.is_finite()),
                 "{kernel} cols {cols}: gemm read past xs"
@@ -356,14 +390,14 @@ fn degenerate_shapes() {
     for kernel in Kernel::available() {
         let empty = pack_signs(&[], 0, 10);
         let mut y: Vec<f32> = vec![];
-        gemv_with(kernel, &empty, &[1.0; 10], &mut y, 2);
-        gemm_with(kernel, &empty, &[], 0, &mut [], 2);
+        gemv_with(kernel, &empty, &[1.0; 10], &mut y);
+        gemm_with(kernel, &empty, &[], 0, &mut []);
         let no_cols = pack_signs(&[], 3, 0);
         let mut y = vec![f32::NAN; 3];
-        gemv_with(kernel, &no_cols, &[], &mut y, 1);
+        gemv_with(kernel, &no_cols, &[], &mut y);
         assert_eq!(y, vec![0.0; 3], "{kernel}");
         let m = pack_signs(&[1.0; 6], 2, 3);
-        gemm_with(kernel, &m, &[], 0, &mut [], 1);
+        gemm_with(kernel, &m, &[], 0, &mut []);
     }
 }
 
@@ -371,7 +405,7 @@ fn degenerate_shapes() {
 #[should_panic(expected = "x.len() != cols")]
 fn wrong_input_length_panics() {
     let m = pack_signs(&[1.0; 6], 2, 3);
-    gemv_with(Kernel::Scalar, &m, &[1.0; 4], &mut [0.0; 2], 1);
+    gemv_with(Kernel::Scalar, &m, &[1.0; 4], &mut [0.0; 2]);
 }
 
 #[test]
@@ -416,7 +450,7 @@ fn int8_paths_are_exact_integer_and_within_quantization_error() {
                 .iter()
                 .map(|&k| {
                     let mut y = vec![f32::NAN; rows];
-                    gemv_with(k, &m, &x, &mut y, 2);
+                    gemv_with(k, &m, &x, &mut y);
                     y
                 })
                 .collect();
@@ -451,7 +485,7 @@ fn int8_paths_are_exact_integer_and_within_quantization_error() {
         .collect();
     for &k in &i8_kernels {
         let mut y = vec![0.0; rows];
-        gemv_with(k, &m, &x, &mut y, 1);
+        gemv_with(k, &m, &x, &mut y);
         assert_eq!(y, want, "{k}");
     }
 }
@@ -491,27 +525,43 @@ fn dense_kernels_match_reference() {
         let mags16 = dense_magnitudes(&w16_as_f32, rows, cols, x);
         for kernel in DenseKernel::available() {
             let mut y1 = vec![0.0; rows];
-            gemv_f32_with(kernel, &w32, rows, cols, x, &mut y1, 1);
+            gemv_f32_with(kernel, &w32, rows, cols, x, &mut y1);
             assert_close(
                 &y1,
                 &want32,
                 &mags32,
                 &format!("f32 {} cols {cols}", kernel.name()),
             );
-            let mut y2 = vec![f32::NAN; rows];
-            gemv_f32_with(kernel, &w32, rows, cols, x, &mut y2, 3);
-            assert_eq!(y1, y2, "f32 {} threads", kernel.name());
+            let y2 = by_row_parts(rows, 1, 3, |r, y| {
+                gemv_f32_with(
+                    kernel,
+                    &w32[r.start * cols..r.end * cols],
+                    r.len(),
+                    cols,
+                    x,
+                    y,
+                )
+            });
+            assert_eq!(y1, y2, "f32 {} row parts", kernel.name());
             let mut y1 = vec![0.0; rows];
-            gemv_f16_with(kernel, &w16, rows, cols, x, &mut y1, 1);
+            gemv_f16_with(kernel, &w16, rows, cols, x, &mut y1);
             assert_close(
                 &y1,
                 &want16,
                 &mags16,
                 &format!("f16 {} cols {cols}", kernel.name()),
             );
-            let mut y2 = vec![f32::NAN; rows];
-            gemv_f16_with(kernel, &w16, rows, cols, x, &mut y2, 2);
-            assert_eq!(y1, y2, "f16 {} threads", kernel.name());
+            let y2 = by_row_parts(rows, 1, 2, |r, y| {
+                gemv_f16_with(
+                    kernel,
+                    &w16[r.start * cols..r.end * cols],
+                    r.len(),
+                    cols,
+                    x,
+                    y,
+                )
+            });
+            assert_eq!(y1, y2, "f16 {} row parts", kernel.name());
         }
     }
 }
@@ -568,7 +618,7 @@ fn q8_head_gemv_matches_dequantized_reference() {
             .filter(|k| !k.int8_activations())
         {
             let mut y1 = vec![0.0; rows];
-            gemv_q8_with(kernel, &m, x, &mut y1, 1);
+            gemv_q8_with(kernel, &m, x, &mut y1);
             let simd = kernel != DenseKernel::Scalar;
             for r in 0..rows {
                 let x_part = if simd { x_error[r] * 1.01 } else { 0.0 };
@@ -581,15 +631,14 @@ fn q8_head_gemv_matches_dequantized_reference() {
                     want[r]
                 );
             }
-            let mut y2 = vec![f32::NAN; rows];
-            gemv_q8_with(kernel, &m, x, &mut y2, 3);
-            assert_eq!(y1, y2, "q8 {} threads", kernel.name());
+            let y2 = by_row_parts(rows, 1, 3, |r, y| gemm_q8_rows(kernel, &m, r, x, 1, y));
+            assert_eq!(y1, y2, "q8 {} row parts", kernel.name());
         }
     }
 }
 
 /// The multi-vector dense products (the LM head over many positions) give exactly what one
-/// GEMV per vector gives, for every kernel, thread count and shape (row counts across the
+/// GEMV per vector gives, for every kernel, split of the rows and shape (row counts across the
 /// 64-row tile boundary, widths that are not whole blocks).
 #[test]
 fn dense_and_q8_gemm_equal_gemv_per_vector() {
@@ -601,9 +650,9 @@ fn dense_and_q8_gemm_equal_gemv_per_vector() {
         for n in [1usize, 2, 5] {
             let xs = rng.activations(n * cols);
             for kernel in DenseKernel::available() {
-                for threads in [1, 3] {
+                for parts in [1, 3] {
                     let what = format!(
-                        "{} rows {rows} cols {cols} n {n} threads {threads}",
+                        "{} rows {rows} cols {cols} n {n} parts {parts}",
                         kernel.name()
                     );
                     let per_vector = |gemv: &dyn Fn(&[f32], &mut [f32])| -> Vec<f32> {
@@ -613,18 +662,23 @@ fn dense_and_q8_gemm_equal_gemv_per_vector() {
                         }
                         ys
                     };
-                    let mut ys = vec![f32::NAN; n * rows];
-                    gemm_q8_with(kernel, &q8, &xs, n, &mut ys, threads);
+                    let ys = by_row_parts(rows, n, parts, |r, ys| {
+                        gemm_q8_rows(kernel, &q8, r, &xs, n, ys)
+                    });
                     assert_eq!(
                         ys,
-                        per_vector(&|x, y| gemv_q8_with(kernel, &q8, x, y, 1)),
+                        per_vector(&|x, y| gemv_q8_with(kernel, &q8, x, y)),
                         "q8 {what}"
                     );
-                    gemm_dense_with(kernel, &w16, cols, &xs, &mut ys, threads);
-                    let want = per_vector(&|x, y| gemv_f16_with(kernel, &w16, rows, cols, x, y, 1));
+                    let ys = by_row_parts(rows, n, parts, |r, ys| {
+                        gemm_dense_with(kernel, &w16[r.start * cols..r.end * cols], cols, &xs, ys)
+                    });
+                    let want = per_vector(&|x, y| gemv_f16_with(kernel, &w16, rows, cols, x, y));
                     assert_eq!(ys, want, "f16 {what}");
-                    gemm_dense_with(kernel, &w, cols, &xs, &mut ys, threads);
-                    let want = per_vector(&|x, y| gemv_f32_with(kernel, &w, rows, cols, x, y, 1));
+                    let ys = by_row_parts(rows, n, parts, |r, ys| {
+                        gemm_dense_with(kernel, &w[r.start * cols..r.end * cols], cols, &xs, ys)
+                    });
+                    let want = per_vector(&|x, y| gemv_f32_with(kernel, &w, rows, cols, x, y));
                     assert_eq!(ys, want, "f32 {what}");
                 }
             }
@@ -650,7 +704,7 @@ const HEAD_SHAPES: [(usize, usize); 11] = [
 
 /// The 4-bit head: quantization round trip, every kernel exactly equal to the integer reference
 /// (`Scalar`), all within the int16 activation error of an f64 product of the dequantized
-/// weights, and GEMM equal to per-vector GEMVs for every thread count.
+/// weights, and GEMM equal to per-vector GEMVs for every split of the rows.
 #[test]
 fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
     let mut rng = Rng(31);
@@ -680,7 +734,7 @@ fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
             buffer.extend([f32::NAN; 40]);
             let xs = &buffer[..n * cols];
             let mut reference = vec![f32::NAN; n * rows];
-            gemm_q4_with(DenseKernel::Scalar, &m, xs, n, &mut reference, 1);
+            gemm_q4_with(DenseKernel::Scalar, &m, xs, n, &mut reference);
             for t in 0..n {
                 let x = &xs[t * cols..(t + 1) * cols];
                 let max_abs = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
@@ -700,17 +754,22 @@ fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
                 .into_iter()
                 .filter(|k| !k.int8_activations())
             {
-                for threads in [1, 3] {
-                    let mut ys = vec![f32::NAN; n * rows];
-                    gemm_q4_with(kernel, &m, xs, n, &mut ys, threads);
+                for parts in [1, 3] {
+                    let ys = by_row_parts(rows, n, parts, |r, ys| {
+                        gemm_q4_rows(kernel, &m, r, xs, n, ys)
+                    });
                     assert_eq!(
                         ys,
                         reference,
-                        "q4 {} rows {rows} cols {cols} n {n} threads {threads}",
+                        "q4 {} rows {rows} cols {cols} n {n} parts {parts}",
                         kernel.name()
                     );
+                    let y = by_row_parts(rows, 1, parts, |r, y| {
+                        gemm_q4_rows(kernel, &m, r, &xs[..cols], 1, y)
+                    });
+                    assert_eq!(y, reference[..rows], "q4 gemv {}", kernel.name());
                     let mut y = vec![f32::NAN; rows];
-                    gemv_q4_with(kernel, &m, &xs[..cols], &mut y, threads);
+                    gemv_q4_with(kernel, &m, &xs[..cols], &mut y);
                     assert_eq!(y, reference[..rows], "q4 gemv {}", kernel.name());
                 }
             }
@@ -722,10 +781,10 @@ fn q4_head_is_exact_against_its_reference_and_close_to_f64() {
 /// llama.cpp's arithmetic for those formats): the lane-by-lane references are within the int8
 /// rounding of the activations (half a step of each block's `max|x| / 127`) of an f64 product
 /// of the dequantized weights, and every int8 kernel this CPU has equals them bit for bit for
-/// every width (odd block counts, partial blocks, one row), thread count and batch.
+/// every width (odd block counts, partial blocks, one row), split of the rows and batch.
 #[test]
 fn int8_activation_heads_match_their_references_and_f64() {
-    use binllm_kernels::head_i8::{dot_q4_reference, dot_q8_reference, HeadFormat, I8Activations};
+    use binllm_kernels::head_i8::{dot_q4_reference, dot_q8_reference, I8Activations};
     let int8_kernels: Vec<DenseKernel> = DenseKernel::available()
         .into_iter()
         .filter(|k| k.int8_activations())
@@ -744,8 +803,8 @@ fn int8_activation_heads_match_their_references_and_f64() {
             let mut want_q4 = vec![0f32; n * rows];
             for t in 0..n {
                 let x = &xs[t * cols..(t + 1) * cols];
-                let act_q8 = I8Activations::new(x, blocks, HeadFormat::Q8_0);
-                let act_q4 = I8Activations::new(x, blocks, HeadFormat::Q4_0);
+                let act_q8 = I8Activations::for_q8_0(x, blocks);
+                let act_q4 = I8Activations::for_q4_0(x, blocks);
                 // Each activation moves by at most half its block's step.
                 let half_steps: Vec<f32> = (0..cols)
                     .map(|j| {
@@ -777,18 +836,30 @@ fn int8_activation_heads_match_their_references_and_f64() {
                     }
                 }
             }
-            for (&kernel, threads) in int8_kernels.iter().flat_map(|k| [(k, 1), (k, 3)]) {
+            for (&kernel, parts) in int8_kernels.iter().flat_map(|k| [(k, 1), (k, 3)]) {
                 let what = format!(
-                    "{} rows {rows} cols {cols} n {n} threads {threads}",
+                    "{} rows {rows} cols {cols} n {n} parts {parts}",
                     kernel.name()
                 );
-                let mut ys = vec![f32::NAN; n * rows];
-                gemm_q8_with(kernel, &q8, xs, n, &mut ys, threads);
+                let ys = by_row_parts(rows, n, parts, |r, ys| {
+                    gemm_q8_rows(kernel, &q8, r, xs, n, ys)
+                });
                 assert_eq!(ys, want_q8, "q8 {what}");
-                gemm_q4_with(kernel, &q4, xs, n, &mut ys, threads);
+                let ys = by_row_parts(rows, n, parts, |r, ys| {
+                    gemm_q4_rows(kernel, &q4, r, xs, n, ys)
+                });
                 assert_eq!(ys, want_q4, "q4 {what}");
+                let mut ys = vec![f32::NAN; n * rows];
+                gemm_q8_with(kernel, &q8, xs, n, &mut ys);
+                assert_eq!(ys, want_q8, "q8 {what}");
+                gemm_q4_with(kernel, &q4, xs, n, &mut ys);
+                assert_eq!(ys, want_q4, "q4 {what}");
+                let y = by_row_parts(rows, 1, parts, |r, y| {
+                    gemm_q8_rows(kernel, &q8, r, &xs[..cols], 1, y)
+                });
+                assert_eq!(y, want_q8[..rows], "q8 gemv {what}");
                 let mut y = vec![f32::NAN; rows];
-                gemv_q8_with(kernel, &q8, &xs[..cols], &mut y, threads);
+                gemv_q8_with(kernel, &q8, &xs[..cols], &mut y);
                 assert_eq!(y, want_q8[..rows], "q8 gemv {what}");
             }
         }
@@ -797,5 +868,5 @@ fn int8_activation_heads_match_their_references_and_f64() {
     let q8 = Q8Matrix::quantize(&[0.5f32; 64], 1, 64);
     let mut x = vec![1.0f32; 64];
     x[40] = f32::NAN;
-    assert!(dot_q8_reference(&q8, 0, &I8Activations::new(&x, 2, HeadFormat::Q8_0)).is_nan());
+    assert!(dot_q8_reference(&q8, 0, &I8Activations::for_q8_0(&x, 2)).is_nan());
 }

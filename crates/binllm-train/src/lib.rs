@@ -1,7 +1,20 @@
 //! binllm-train: the libtorch engine (through `tch`). It owns the LLaMA-family model on
 //! CPU and CUDA, the binarized linear layers and their weight forms, generation with a KV
-//! cache, and (in later modules) the conversion itself: Stage 1, Stage 2, baselines,
+//! cache, and the conversion itself (`docs/METHOD.md`): Stage 1, Stage 2, baselines,
 //! distillation, data and checkpoints.
+//!
+//! | module | holds |
+//! |---|---|
+//! | [`model`] | the decoder on libtorch, top to bottom |
+//! | [`linear`] | the block linear and its weight forms: `F(x, t)` ([`linear::progressive_sign`]), Stage 1's binarized form, the sign form, the baselines' |
+//! | [`convert`] | a conversion run, start to finish |
+//! | [`config`], [`plan`] | its settings and presets; how the budget maps onto steps and phases |
+//! | [`trainer`] | the training loop: Stage 1, Stage 2, the metrics log, checkpoints in the background |
+//! | [`method`], [`schedule`], [`loss`], [`optim`] | what each method trains, `t` and learning-rate schedules, losses, AdamW |
+//! | [`data`], [`chat_data`], [`teacher`] | training text, teacher chat data, teacher samples |
+//! | [`summary`], [`plot`], [`chat_score`] | what a finished run reports |
+//! | [`sign_model`], [`checkpoint`], [`scorer`], [`generate`] | the packed sign model, checkpoints, the eval scorer, generation |
+//! | [`device`], [`shim`], [`progress`] | CUDA and libtorch plumbing, progress bars |
 
 pub mod device;
 pub mod generate;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use binllm_format::synthetic::relative_l2;
+use binllm_testing::synthetic::relative_l2;
 use binllm_train::linear::{progressive_sign, sign_pm1, ScaleMode, WeightForm};
 use binllm_train::method::{self, Method};
 use binllm_train::schedule::exp_t;

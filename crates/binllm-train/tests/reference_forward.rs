@@ -3,9 +3,9 @@
 
 mod common;
 
-use binllm_format::synthetic::{read_reference_fixture, relative_l2, write_hf_dir};
 use binllm_format::{LoadOptions, PretrainedModel};
 use binllm_infer::sampling::SamplingParams;
+use binllm_testing::synthetic::{read_reference_fixture, relative_l2, write_hf_dir};
 use binllm_train::generate::{generate, GenerateOptions};
 use binllm_train::{KvCache, Llama};
 use common::*;
@@ -18,7 +18,7 @@ const TINY: [&str; 4] = [
     "tiny_qwen3_qknorm_tied",
 ];
 
-fn tiny_model(name: &str) -> (binllm_format::synthetic::ReferenceFixture, Llama) {
+fn tiny_model(name: &str) -> (binllm_testing::synthetic::ReferenceFixture, Llama) {
     let path = repo_root().join(format!("tests/fixtures/reference/{name}.safetensors"));
     let fixture = read_reference_fixture(&path).unwrap();
     let dir = tempfile::tempdir().unwrap();

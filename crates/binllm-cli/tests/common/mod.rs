@@ -8,7 +8,7 @@
 use binllm_format::packed::{PackedModel, QuantTensors};
 use binllm_infer::generate::{generate, GenerateOptions};
 use binllm_infer::sampling::SamplingParams;
-use binllm_infer::{DenseKernel, KvCache, LoadOptions, Model};
+use binllm_infer::{DenseKernel, KvCache, Model, RuntimeOptions};
 use tch::{Device, Kind, Tensor};
 
 pub const PROMPTS: [&str; 3] = [
@@ -43,7 +43,7 @@ pub fn compare_ids(
     let runtime = Model::new(
         packed,
         q8,
-        &LoadOptions {
+        &RuntimeOptions {
             threads: 2,
             // A quantized head with int16 activations, on every CPU: the VNNI default's int8
             // activations are held against their own reference in binllm-kernels' tests.

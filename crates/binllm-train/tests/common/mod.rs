@@ -1,32 +1,12 @@
 //! Shared helpers for the libtorch engine's integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-
-use binllm_format::{LoadOptions, PretrainedModel};
 use binllm_train::Llama;
 use tch::{Device, Kind, Tensor};
 
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `../shared` beside the repository (CI has it there).
-pub fn shared(rel: &str) -> PathBuf {
-    repo_root().join("../shared").join(rel)
-}
-
-pub fn smollm2_gguf() -> PathBuf {
-    repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-pub fn stories260k() -> PretrainedModel {
-    PretrainedModel::load(
-        &shared("models/stories260K/stories260K.bin"),
-        &LoadOptions::default(),
-    )
-    .expect("stories260K loads")
-}
+// Each test binary uses its own share of these.
+#[allow(unused_imports)]
+pub use binllm_testing::shared::{repo_root, shared, smollm2_gguf, stories260k};
 
 /// Full logits `[len, vocab]` (f32, CPU) for one sequence.
 pub fn logits_of(model: &Llama, ids: &[u32]) -> Vec<f32> {

@@ -1,5 +1,5 @@
-//! Test support: deterministic synthetic weights for tiny models, and the reader for the
-//! reference fixtures in `tests/fixtures/reference/`.
+//! Deterministic synthetic weights for tiny models, and the reader for the reference fixtures
+//! in `tests/fixtures/reference/`.
 //!
 //! binllm commits no weights, not even random tiny ones. A tiny model is its `config.json`
 //! plus this generator: [`write_hf_dir`] recreates the Hugging Face directory that
@@ -29,10 +29,9 @@ use std::path::Path;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 
-use crate::hf::parse_config;
-use crate::names::expected_tensors;
-use crate::tensor::{HostTensor, TensorMap};
-use crate::ModelConfig;
+use binllm_format::hf::{le_values, parse_config};
+use binllm_format::names::expected_tensors;
+use binllm_format::{HostTensor, ModelConfig, TensorMap};
 
 /// Recorded in fixtures; bump it (in the Python script too) if the definition changes.
 pub const GENERATOR_ID: &str = "binllm-synthetic-v1";
@@ -117,7 +116,7 @@ pub fn synthetic_tensor(name: &str, shape: &[usize]) -> HostTensor {
     HostTensor::from_f32(shape.to_vec(), values)
 }
 
-/// Every tensor `config` calls for (see [`crate::names::expected_tensors`]), synthetic.
+/// Every tensor `config` calls for (see [`binllm_format::names::expected_tensors`]), synthetic.
 pub fn synthetic_tensors(config: &ModelConfig) -> TensorMap {
     expected_tensors(config)
         .into_iter()
@@ -453,15 +452,15 @@ fn tensor_bytes<'a>(
 
 fn read_f32(st: &safetensors::SafeTensors<'_>, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     let (shape, bytes) = tensor_bytes(st, name, safetensors::Dtype::F32)?;
-    Ok((shape, crate::hf::le_values(bytes, f32::from_le_bytes)))
+    Ok((shape, le_values(bytes, f32::from_le_bytes)))
 }
 
 fn read_f64(st: &safetensors::SafeTensors<'_>, name: &str) -> Result<(Vec<usize>, Vec<f64>)> {
     let (shape, bytes) = tensor_bytes(st, name, safetensors::Dtype::F64)?;
-    Ok((shape, crate::hf::le_values(bytes, f64::from_le_bytes)))
+    Ok((shape, le_values(bytes, f64::from_le_bytes)))
 }
 
 fn read_i64(st: &safetensors::SafeTensors<'_>, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
     let (shape, bytes) = tensor_bytes(st, name, safetensors::Dtype::I64)?;
-    Ok((shape, crate::hf::le_values(bytes, i64::from_le_bytes)))
+    Ok((shape, le_values(bytes, i64::from_le_bytes)))
 }

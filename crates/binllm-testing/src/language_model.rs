@@ -1,10 +1,10 @@
-//! Test support that engines reuse: a deterministic [`BigramModel`] whose every number can
-//! be recomputed independently, a character tokenizer for it, and
-//! [`check_language_model`], the consistency check any engine's test can call:
+//! A language model for tests of the evaluation panel and of engines: a deterministic
+//! [`BigramModel`] whose every number can be recomputed independently, a character tokenizer
+//! for it, and [`check_language_model`], the consistency check any engine's test can call:
 //!
 //! ```ignore
 //! let mut engine = MyEngine::load(".../stories260K.bin")?;
-//! binllm_eval::testing::check_language_model(&mut engine, &["Once upon a time"], 1e-3)?;
+//! binllm_testing::language_model::check_language_model(&mut engine, &["Once upon a time"], 1e-3)?;
 //! let ppl = binllm_eval::run_perplexity(
 //!     &mut engine,
 //!     &"file:../shared/data/corpus/tinystories/tinystories_val.txt.gz".parse()?,
@@ -14,10 +14,9 @@
 //! ```
 
 use anyhow::{bail, ensure, Result};
+use binllm_eval::{LanguageModel, ScoreRequest, TokenScore};
 use binllm_format::TextTokenizer;
 use serde_json::json;
-
-use crate::lm::{LanguageModel, ScoreRequest, TokenScore};
 
 pub const UNK: u32 = 0;
 pub const BOS: u32 = 1;
