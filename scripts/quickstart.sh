@@ -28,6 +28,7 @@ fi
 
 bash scripts/setup.sh
 cargo build --release -p binllm-cli
+mkdir -p bin && ln -sfn ../target/release/binllm bin/binllm   # as scripts/install.sh does
 binllm=./target/release/binllm
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 run=${RUN:-runs/smollm2-binaryllm}

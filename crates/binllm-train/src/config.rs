@@ -223,7 +223,13 @@ impl ConvertConfig {
                 distill: Distill::Kd,
                 chat_tokens: 3_000_000,
                 chat_share: 0.2,
-                sign_fraction: 0.04,
+                // The sign stage is binaryllm's; the baselines train their final form
+                // throughout.
+                sign_fraction: if method == Method::Binaryllm {
+                    0.04
+                } else {
+                    0.0
+                },
                 ..base
             },
             Preset::Smoke => ConvertConfig {
