@@ -40,7 +40,7 @@ enum Command {
     /// Generate text from a full-precision model on libtorch (CPU or CUDA), streaming tokens.
     #[cfg(feature = "torch")]
     Generate(generate::Args),
-    /// Write the deployment file: input scales folded where exact, f16 (or q8_0 head).
+    /// Write the deployment file: input scales folded where exact; an f16, q8_0 or q4_0 head.
     Export(export::Args),
     /// Run a packed 1-bit model (pure Rust): complete a prompt or chat, streaming tokens.
     Run(run::Args),
