@@ -166,9 +166,35 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// How many transformer blocks `tensors` holds tensors for (1 + the largest layer index).
+fn layers_present(tensors: &TensorMap) -> usize {
+    tensors
+        .keys()
+        .filter_map(|name| {
+            name.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .map(|i| i + 1)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Checks that `tensors` holds exactly what `config` calls for, with the right shapes.
 /// The error names the first disagreement; the caller adds the file name.
 pub fn check_tensors(config: &ModelConfig, tensors: &TensorMap) -> Result<()> {
+    // Before listing what the config calls for: a corrupt layer count (millions) would
+    // otherwise make that list itself take gigabytes.
+    let present = layers_present(tensors);
+    if config.num_layers > present {
+        bail!(
+            "config calls for tensor '{}', which the file does not have: num_layers = {}, but the file holds tensors for {present} layers",
+            attn_norm(present),
+            config.num_layers
+        );
+    }
     let expected = expected_tensors(config);
     for (name, shape) in &expected {
         match tensors.get(name) {

@@ -181,6 +181,28 @@ fn hf_config_absurd_sizes() {
 }
 
 #[test]
+fn hf_config_with_millions_of_layers_fails_at_once() {
+    // A layer count far beyond the tensors must be refused before anything is listed or
+    // allocated per layer (it grew to 5.5 GB before).
+    let dir = hf_dir();
+    let config = dir.path().join("config.json");
+    let mut json = tiny_config();
+    json["num_hidden_layers"] = json!(16_000_000);
+    write_config(dir.path(), &json);
+    let started = std::time::Instant::now();
+    assert_error(
+        dir.path(),
+        &config,
+        &["num_layers = 16000000", "tensors for 2 layers"],
+    );
+    assert!(
+        started.elapsed().as_secs_f64() < 1.0,
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn hf_unsupported_architecture() {
     let dir = hf_dir();
     let config = dir.path().join("config.json");
