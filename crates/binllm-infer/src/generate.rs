@@ -114,6 +114,14 @@ pub fn decode(
     let mut stats = GenerationStats::default();
     let started = Instant::now();
     for _ in 0..options.max_tokens {
+        // A NaN or inf would be sampled as some token and print garbage: stop instead.
+        if let Some(bad) = logits.iter().position(|l| !l.is_finite()) {
+            anyhow::bail!(
+                "the model produced a non-finite logit ({} for token {bad}) after {} generated tokens: its weights or activations overflow",
+                logits[bad],
+                stats.generated_tokens
+            );
+        }
         let next = sampler.sample(&mut logits, &history);
         if options.stop_tokens.contains(&next) {
             break;
@@ -176,6 +184,40 @@ mod tests {
         )
         .unwrap();
         (emitted, forwards, stats)
+    }
+
+    #[test]
+    fn non_finite_logits_stop_generation_with_an_error() {
+        let options = GenerateOptions {
+            max_tokens: 10,
+            sampling: SamplingParams::default(),
+            stop_tokens: Vec::new(),
+        };
+        let mut emitted = Vec::new();
+        let err = decode(
+            &options,
+            &[0],
+            pointing_at(1),
+            100,
+            |t| {
+                emitted.push(t);
+                Ok(true)
+            },
+            |t| {
+                let mut logits = pointing_at(t + 1);
+                if t == 2 {
+                    logits[5] = f32::NAN;
+                }
+                Ok(logits)
+            },
+        )
+        .unwrap_err();
+        assert_eq!(emitted, [1, 2], "nothing is emitted from the bad logits");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("non-finite logit") && msg.contains("token 5") && msg.contains("after 2"),
+            "{msg}"
+        );
     }
 
     #[test]
