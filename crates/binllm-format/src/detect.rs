@@ -35,6 +35,15 @@ impl PretrainedModel {
                 config_file.display()
             )
         })?;
+        // NaN or inf weights would load and generate garbage ("$$$$"): refuse them by name.
+        for (name, tensor) in &model.tensors {
+            if let Some((index, value)) = tensor.first_non_finite() {
+                bail!(
+                    "{}: tensor '{name}' holds {value} at element {index}: the weights are damaged",
+                    path.display()
+                );
+            }
+        }
         if let Some(tok) = &model.tokenizer {
             if tok.vocab_size() > model.config.vocab_size {
                 bail!(

@@ -43,6 +43,21 @@ impl HostTensor {
         }
     }
 
+    /// The index and value of the first NaN or infinity, if any.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        match &self.data {
+            TensorData::F32(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i])),
+            TensorData::F16(v) => v
+                .iter()
+                .position(|x| !x.is_finite())
+                .map(|i| (i, v[i].to_f32())),
+            TensorData::BF16(v) => v
+                .iter()
+                .position(|x| !x.is_finite())
+                .map(|i| (i, v[i].to_f32())),
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

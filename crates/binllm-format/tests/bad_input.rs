@@ -278,6 +278,39 @@ fn hf_weights_truncated() {
     assert_error(dir.path(), &weights, &["12 bytes follow the last tensor"]);
 }
 
+/// Writes `value` (as the tensor's own dtype, f32/f16/bf16) over element `index` of tensor
+/// `name` in a safetensors file.
+fn poke(path: &Path, name: &str, index: usize, value: f32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let entry = &header[name];
+    let start = 8 + header_len + entry["data_offsets"][0].as_u64().unwrap() as usize;
+    let encoded: Vec<u8> = match entry["dtype"].as_str().unwrap() {
+        "F32" => value.to_le_bytes().to_vec(),
+        "F16" => half::f16::from_f32(value).to_le_bytes().to_vec(),
+        "BF16" => half::bf16::from_f32(value).to_le_bytes().to_vec(),
+        other => panic!("poke: dtype {other}"),
+    };
+    let at = start + index * encoded.len();
+    bytes[at..at + encoded.len()].copy_from_slice(&encoded);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn hf_non_finite_weights_are_refused_by_name() {
+    for value in [f32::NAN, f32::INFINITY] {
+        let dir = hf_dir();
+        let weights = dir.path().join("model.safetensors");
+        poke(&weights, "model.layers.1.mlp.up_proj.weight", 7, value);
+        let err = load_error(dir.path(), &LoadOptions::default());
+        assert!(
+            err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("element 7"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn hf_weights_corrupt_header() {
     let dir = hf_dir();
