@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use binllm_eval::{
     compare_files, compare_with_reference, parse_benchmarks, render_markdown, run_benchmarks,
-    Benchmark, EvalSettings, LanguageModel, ReferenceFile,
+    Benchmark, EvalSettings, LanguageModel, PerplexitySet, ReferenceFile,
 };
 
 use crate::options::{Dtype, RuntimeArgs};
@@ -51,7 +51,8 @@ pub struct RunArgs {
     /// reference of the teacher's greedy answers); `all` is the paper's panel (no chat).
     #[arg(long, default_value = "all")]
     pub tasks: String,
-    /// Score only the first N examples of each task.
+    /// Score only the first N examples of each task, and the first N windows of each
+    /// perplexity set (a quick look, not the published figure).
     #[arg(long)]
     pub limit: Option<usize>,
     /// Perplexity window in tokens (default: min(2048, the model's context)).
@@ -122,7 +123,13 @@ pub fn run(args: Args) -> Result<()> {
         .or_else(|| std::env::var_os("BINLLM_EVAL_DATA").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("../shared/data/eval"));
     // A chat reference carries its own prompts; every other benchmark reads the data dir.
-    let needs_data = benchmarks.iter().any(|b| !matches!(b, Benchmark::Chat(_)));
+    // Chat references and file: texts name their own files; the rest read the data sets.
+    let needs_data = benchmarks.iter().any(|b| {
+        !matches!(
+            b,
+            Benchmark::Chat(_) | Benchmark::Perplexity(PerplexitySet::TextFile(_))
+        )
+    });
     if needs_data && !data_dir.is_dir() {
         bail!(
             "{}: evaluation data directory not found (set --data-dir or BINLLM_EVAL_DATA)",

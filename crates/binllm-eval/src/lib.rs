@@ -138,6 +138,7 @@ pub fn run_benchmarks(
     let ppl_options = PerplexityOptions {
         ctx: settings.ctx,
         stride: settings.stride,
+        limit: settings.limit,
         show_progress: settings.show_progress,
     };
     let task_options = TaskOptions {

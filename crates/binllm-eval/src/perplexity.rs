@@ -212,6 +212,8 @@ pub struct PerplexityOptions {
     pub ctx: Option<usize>,
     /// Sliding stride; `None`: non-overlapping windows.
     pub stride: Option<usize>,
+    /// Score only the first N windows (`--limit`); `None`: all.
+    pub limit: Option<usize>,
     pub show_progress: bool,
 }
 
@@ -290,7 +292,11 @@ pub fn run_perplexity(
     let tokens = &all_tokens[..set
         .max_tokens(ctx)
         .map_or(all_tokens.len(), |m| m.min(all_tokens.len()))];
-    let windows = perplexity_windows(tokens.len(), ctx, options.stride)?;
+    let mut windows = perplexity_windows(tokens.len(), ctx, options.stride)?;
+    let all_windows = windows.len();
+    if let Some(limit) = options.limit {
+        windows.truncate(limit.max(1));
+    }
     if windows.is_empty() {
         bail!(
             "{}: {} tokens do not fill one window of {ctx}",
@@ -311,7 +317,12 @@ pub fn run_perplexity(
             all_tokens.len()
         ));
     }
-    if covered < tokens.len() {
+    if windows.len() < all_windows {
+        notes.push(format!(
+            "--limit: only the first {} of {all_windows} windows scored (not the published figure)",
+            windows.len()
+        ));
+    } else if covered < tokens.len() {
         notes.push(format!(
             "final partial window of {} tokens dropped, as GPTQ does",
             tokens.len() - covered

@@ -95,6 +95,7 @@ fn perplexity_equals_a_float64_loop() {
             &PerplexityOptions {
                 ctx: Some(ctx),
                 stride,
+                limit: None,
                 show_progress: false,
             },
         )
@@ -159,4 +160,38 @@ fn shared_texts_follow_gptq() {
     let (c4, how) = PerplexitySet::C4.text(&dir).unwrap();
     assert!(how.contains("first 1100 documents"), "{how}");
     assert!(c4.starts_with("We offer valet parking"));
+}
+
+#[test]
+fn limit_scores_only_the_first_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("text.txt");
+    std::fs::write(&path, TEXT).unwrap();
+    let set: PerplexitySet = format!("file:{}", path.display()).parse().unwrap();
+    let mut model = BigramModel::new(7, 64, 2);
+    let tokens = model.tokenizer().encode(TEXT, true).unwrap();
+    let result = run_perplexity(
+        &mut model,
+        &set,
+        dir.path(),
+        &PerplexityOptions {
+            ctx: Some(16),
+            stride: None,
+            limit: Some(2),
+            show_progress: false,
+        },
+    )
+    .unwrap();
+    let windows = perplexity_windows(tokens.len(), 16, None).unwrap();
+    assert!(windows.len() > 2);
+    let positions = scored(&windows[..2]);
+    let expected = f64_nll(&model, &tokens, &positions);
+    assert_eq!(result.windows, 2);
+    assert_eq!(result.scored_tokens, positions.len());
+    assert!((result.nll_sum - expected).abs() / expected < 1e-6);
+    assert!(
+        result.notes.iter().any(|n| n.contains("--limit")),
+        "{:?}",
+        result.notes
+    );
 }
