@@ -288,3 +288,45 @@ fn gguf_file_open_names_the_file() {
         "{err}"
     );
 }
+
+/// A block count of u32::MAX in a file that holds one layer: refused at once, naming the
+/// field, before anything is listed or allocated per layer.
+#[test]
+fn huge_block_count_is_refused_at_once() {
+    let tiny = tiny_fixture();
+    let file = {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        std::fs::write(&path, &tiny).unwrap();
+        GgufFile::open(&path)
+            .unwrap()
+            .get("llama.block_count")
+            .cloned()
+    };
+    let layers = file.and_then(|v| v.as_u64()).unwrap();
+    // The value sits right after its key and type id (4 = u32) in the header.
+    let key = b"llama.block_count";
+    let at = tiny.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    assert_eq!(&tiny[at..at + 4], &4u32.to_le_bytes());
+    assert_eq!(&tiny[at + 4..at + 8], &(layers as u32).to_le_bytes());
+    let mut bytes = tiny.clone();
+    bytes[at + 4..at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge-block-count.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let started = std::time::Instant::now();
+    let err = PretrainedModel::load(&path, &LoadOptions::default()).unwrap_err();
+    let message = format!("{err:#}");
+    for part in [
+        path.display().to_string(),
+        "num_layers = 4294967295".into(),
+        format!("tensors for {layers} layers"),
+    ] {
+        assert!(message.contains(&part), "error lacks {part:?}: {message}");
+    }
+    assert!(
+        started.elapsed().as_secs_f64() < 1.0,
+        "took {:?}",
+        started.elapsed()
+    );
+}

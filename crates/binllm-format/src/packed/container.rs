@@ -1,6 +1,6 @@
 //! The container: a [`PackedModel`] as one safetensors file, its metadata (format name and
 //! version, config, provenance, precision, bits per weight, tokenizer, chat template), the
-//! checks on what is read and written, and [`is_packed_file`].
+//! checks on what is read and written (a damaged file's error says where the damage is).
 //!
 //! How each stored thing becomes safetensors tensors is [`super::blocks`]'s.
 
@@ -349,11 +349,19 @@ impl PackedModel {
     pub fn read_parts(path: &Path) -> Result<(Self, QuantTensors)> {
         let file = std::fs::File::open(path)
             .with_context(|| format!("{}: cannot open packed model", path.display()))?;
+        if !crate::detect::is_packed_file(path) {
+            bail!(
+                "{}: {}, not a binllm packed model (.b1); `binllm export --ptq {} --out model.b1` makes one from a pretrained model",
+                path.display(),
+                crate::detect::describe_other_format(path),
+                path.display()
+            );
+        }
         // SAFETY: read-only map, dropped before returning.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("{}: cannot map", path.display()))?;
         Self::from_bytes_parts(&mmap)
-            .with_context(|| format!("{}: not a valid binllm packed model", path.display()))
+            .with_context(|| format!("{}: damaged binllm packed file", path.display()))
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
@@ -361,6 +369,7 @@ impl PackedModel {
     }
 
     pub fn from_bytes_parts(bytes: &[u8]) -> Result<(Self, QuantTensors)> {
+        check_layout(bytes)?;
         let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| anyhow!("bad safetensors header (truncated or corrupt file?): {e}"))?;
         let st = safetensors::SafeTensors::deserialize(bytes)
@@ -496,32 +505,35 @@ impl PackedModel {
     }
 }
 
-/// Whether `path` is a file whose safetensors header says it is a binllm packed model
-/// (reads the header only).
-pub fn is_packed_file(path: &Path) -> bool {
-    use std::io::Read;
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut len = [0u8; 8];
-    if file.read_exact(&mut len).is_err() {
-        return false;
-    }
-    let len = u64::from_le_bytes(len);
-    if len > 100_000_000 {
-        return false;
-    }
-    let mut header = vec![0u8; len as usize];
-    if file.read_exact(&mut header).is_err() {
-        return false;
-    }
-    serde_json::from_slice::<serde_json::Value>(&header)
-        .ok()
-        .and_then(|h| {
-            h.get("__metadata__")?
-                .get("binllm.format")?
-                .as_str()
-                .map(|f| f == FORMAT_NAME)
-        })
-        .unwrap_or(false)
+/// Names the damage in a packed file's layout (safetensors: an 8-byte header length, the
+/// JSON header, then the tensor data) before safetensors parses it, whose own messages do
+/// not say where the file ends short.
+fn check_layout(bytes: &[u8]) -> Result<()> {
+    let size = bytes.len() as u64;
+    ensure!(
+        size >= 8,
+        "the file has {size} bytes; a packed file starts with an 8-byte header length (truncated)"
+    );
+    let mut header_len = [0u8; 8];
+    header_len.copy_from_slice(&bytes[..8]);
+    let header_end = 8u64.saturating_add(u64::from_le_bytes(header_len));
+    ensure!(
+        header_end <= size,
+        "header ends at byte {header_end}, the file has {size} bytes (truncated)"
+    );
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..header_end as usize])
+        .map_err(|e| anyhow!("header (bytes 8..{header_end}) is not valid JSON: {e}"))?;
+    let data_end = header
+        .as_object()
+        .into_iter()
+        .flat_map(|tensors| tensors.values())
+        .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    let needed = header_end.saturating_add(data_end);
+    ensure!(
+        needed <= size,
+        "tensor data ends at byte {needed}, the file has {size} bytes (truncated)"
+    );
+    Ok(())
 }

@@ -18,6 +18,8 @@ pub mod blocks;
 pub mod container;
 pub mod export;
 
+/// Sniffing a path lives with the other formats' in [`crate::detect`].
+pub use crate::detect::is_packed_file;
 pub use binllm_kernels::{Q4Matrix, Q8Matrix};
 pub use blocks::{
     pack_signs, q4_bits_per_weight, q8_bits_per_weight, unpack_signs, words_per_row, PackedLinear,
@@ -25,7 +27,7 @@ pub use blocks::{
     Q8_BLOCK, Q8_SCALE_SUFFIX, Q8_STORED_AS, Q8_SUFFIX,
 };
 pub use container::{
-    is_packed_file, BitsPerWeight, PackedModel, Precision, Provenance, FORMAT_NAME, FORMAT_VERSION,
+    BitsPerWeight, PackedModel, Precision, Provenance, FORMAT_NAME, FORMAT_VERSION,
     FORMAT_VERSION_WITHOUT_Q4, READABLE_VERSIONS,
 };
 pub use export::{export, fold_input_scales, ExportOptions, Exported, FoldReport, HeadFormat};
