@@ -200,5 +200,8 @@ fn task_names_parse() {
     assert_eq!(list.len(), 5);
     assert_eq!(binllm_eval::parse_benchmarks("all").unwrap().len(), 10);
     assert!(binllm_eval::parse_benchmarks("wikitext2,nope").is_err());
-    let _ = tasks::TaskOptions::default();
+    // Defaults: every example, no progress bar (the CLI turns it on).
+    let defaults = tasks::TaskOptions::default();
+    assert_eq!(defaults.limit, None);
+    assert!(!defaults.show_progress);
 }

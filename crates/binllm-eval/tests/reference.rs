@@ -78,20 +78,55 @@ fn hashes_are_those_python_writes() {
     assert_eq!(tokens_sha16(&[1, 2], &[3]), sha16("[[1, 2], [3]]"));
 }
 
-/// Token-level agreement needs the SmolLM2 tokenizer, which binllm cannot read from the
-/// GGUF yet: export it once (`AutoTokenizer.from_pretrained(dir, gguf_file=...)
-/// .save_pretrained(out)`) and point BINLLM_EVAL_TOKENIZER_JSON at out/tokenizer.json.
+/// Token-level agreement with lm-eval's requests, with the SmolLM2 tokenizer read from the
+/// default GGUF (installed by `scripts/setup.sh`, which `scripts/test.sh` runs first).
 #[test]
-fn tokens_match_the_reference_when_the_tokenizer_is_given() {
-    let Ok(path) = std::env::var("BINLLM_EVAL_TOKENIZER_JSON") else {
-        eprintln!("BINLLM_EVAL_TOKENIZER_JSON not set: token-level check skipped");
-        return;
-    };
-    let tokenizer = TextTokenizer::from_json_file(path.as_ref()).unwrap();
+fn tokens_match_the_reference() {
+    let path = binllm_testing::shared::smollm2_gguf();
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/setup.sh",
+        path.display()
+    );
+    let gguf = binllm_format::gguf::GgufFile::open(&path).unwrap();
+    let tokenizer = binllm_format::gguf::tokenizer::from_metadata(&gguf)
+        .unwrap()
+        .tokenizer
+        .expect("the GGUF carries a tokenizer");
     let reference = reference();
+    // The reference tokenized with transformers' reading of the GGUF, which ignores
+    // `tokenizer.ggml.pre`: it does not isolate digits first, as SmolLM2's own tokenizer,
+    // llama.cpp and binllm do. SmolLM2's vocabulary has no token joining a space and a
+    // digit, so the two agree everywhere except a run of several spaces before a digit
+    // ("a    1": "    " + "1" isolated, "   " + " " + "1" not). Those examples are set aside.
+    let spaces_before_digit = |requests: &[(String, String)]| {
+        requests.iter().any(|(ctx, cont)| {
+            let chars: Vec<char> = ctx.chars().chain(cont.chars()).collect();
+            chars
+                .windows(3)
+                .any(|w| w[0].is_whitespace() && w[1].is_whitespace() && w[2].is_numeric())
+        })
+    };
     for task in Task::ALL {
         let ours = binllm_eval::tasks::load_examples(task, &common::data_dir(), Some(200)).unwrap();
-        let problems = token_mismatches(&tokenizer, &ours, &reference.tasks[task.name()]).unwrap();
+        let theirs = &reference.tasks[task.name()];
+        let (ours, their_examples): (Vec<_>, Vec<_>) = ours
+            .into_iter()
+            .zip(theirs.examples.iter().cloned())
+            .filter(|(example, _)| !spaces_before_digit(&example.requests))
+            .unzip();
+        assert!(
+            ours.len() * 10 >= theirs.examples.len() * 9,
+            "{}: only {} of {} examples without spaces before a digit",
+            task.name(),
+            ours.len(),
+            theirs.examples.len()
+        );
+        let theirs = binllm_eval::reference::ReferenceTask {
+            examples: their_examples,
+            ..theirs.clone()
+        };
+        let problems = token_mismatches(&tokenizer, &ours, &theirs).unwrap();
         assert!(
             problems.is_empty(),
             "{}: {} token mismatches, first: {:?}",
@@ -103,10 +138,21 @@ fn tokens_match_the_reference_when_the_tokenizer_is_given() {
     for (name, theirs) in &reference.perplexity {
         let set: PerplexitySet = name.parse().unwrap();
         let (text, _) = set.text(&common::data_dir()).unwrap();
-        assert_eq!(
-            tokenizer.encode(&text, true).unwrap().len(),
-            theirs.tokens,
-            "{name}"
+        // Each site where the two tokenizers may differ saves binllm at most one token.
+        let chars: Vec<char> = text.chars().collect();
+        let sites = chars
+            .windows(3)
+            .filter(|w| w[0].is_whitespace() && w[1].is_whitespace() && w[2].is_numeric())
+            .count();
+        let ours = tokenizer.encode(&text, true).unwrap().len();
+        assert!(
+            ours <= theirs.tokens && theirs.tokens - ours <= sites,
+            "{name}: {ours} tokens, reference {}, {sites} runs of spaces before a digit",
+            theirs.tokens
+        );
+        eprintln!(
+            "{name}: {ours} tokens, reference {}, {sites} runs of spaces before a digit",
+            theirs.tokens
         );
     }
 }

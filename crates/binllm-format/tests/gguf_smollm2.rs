@@ -13,22 +13,19 @@ use rayon::prelude::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// The model, loaded once for all tests; `None` (with a notice) when setup.sh has not run.
-fn model() -> Option<&'static PretrainedModel> {
-    static MODEL: OnceLock<Option<PretrainedModel>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = binllm_testing::shared::smollm2_gguf();
-            if !path.exists() {
-                eprintln!(
-                    "SKIPPED: {} is missing (run scripts/setup.sh)",
-                    path.display()
-                );
-                return None;
-            }
-            Some(PretrainedModel::load(&path, &LoadOptions::default()).unwrap())
-        })
-        .as_ref()
+/// The model, loaded once for all tests. `scripts/test.sh` runs `scripts/setup.sh` first,
+/// which installs it: a missing file is a failure, not a skip.
+fn model() -> &'static PretrainedModel {
+    static MODEL: OnceLock<PretrainedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = binllm_testing::shared::smollm2_gguf();
+        assert!(
+            path.exists(),
+            "{} is missing: run scripts/setup.sh (scripts/test.sh does)",
+            path.display()
+        );
+        PretrainedModel::load(&path, &LoadOptions::default()).unwrap()
+    })
 }
 
 fn reference(name: &str) -> Value {
@@ -62,7 +59,7 @@ fn u32s(v: &Value) -> Vec<u32> {
 
 #[test]
 fn smollm2_config_and_tensor_types() {
-    let Some(model) = model() else { return };
+    let model = model();
     let c = &model.config;
     assert_eq!(c.architecture.name(), "llama");
     assert_eq!(c.num_layers, 30);
@@ -126,7 +123,7 @@ fn smollm2_config_and_tensor_types() {
 
 #[test]
 fn smollm2_tensors_match_transformers_bit_for_bit() {
-    let Some(model) = model() else { return };
+    let model = model();
     let expected = reference("smollm2_reference.json");
     let tensors = expected["tensors"].as_object().unwrap();
     assert_eq!(
@@ -176,7 +173,7 @@ fn smollm2_tensors_match_transformers_bit_for_bit() {
 
 #[test]
 fn smollm2_token_ids_match_the_reference() {
-    let Some(model) = model() else { return };
+    let model = model();
     let tok = model.tokenizer().unwrap();
     assert_eq!(tok.bos_id, Some(1));
     assert_eq!(tok.eos_ids, vec![2]);
@@ -202,7 +199,7 @@ fn smollm2_token_ids_match_the_reference() {
 
 #[test]
 fn smollm2_chat_template_renders_like_transformers() {
-    let Some(model) = model() else { return };
+    let model = model();
     let expected = reference("smollm2_tokenizer.json");
     for (name, chat) in expected["chats"].as_object().unwrap() {
         let messages: Vec<ChatMessage> = chat["messages"]
