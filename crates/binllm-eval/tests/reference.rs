@@ -17,7 +17,6 @@ use binllm_eval::{
     compare_with_reference, EvalReport, PerplexityResult, PerplexitySet, ReferenceFile, RunInfo,
     Task, TaskResult,
 };
-use binllm_format::TextTokenizer;
 
 const FIXTURE: &str = "smollm2-135m-instruct-q4_1.reference.json";
 
