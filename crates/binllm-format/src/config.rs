@@ -69,6 +69,13 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// Largest accepted RMSNorm epsilon (models use 1e-6 to 1e-5).
+pub const MAX_RMS_NORM_EPS: f64 = 0.1;
+/// Largest accepted RoPE base (models use 1e4 to about 1e7).
+pub const MAX_ROPE_THETA: f64 = 1e10;
+/// Largest accepted number of attention heads.
+pub const MAX_HEADS: usize = 4096;
+
 impl ModelConfig {
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
@@ -105,8 +112,29 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             bail!("head_dim ({}) must be even for RoPE", self.head_dim);
         }
-        if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
-            bail!("rms_norm_eps and rope_theta must be positive");
+        // Ranges every released Llama/Qwen/Mistral sits well inside; a value outside is a
+        // damaged file, and would load and compute garbage without a word.
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps <= MAX_RMS_NORM_EPS) {
+            bail!(
+                "rms_norm_eps = {:e} is outside (0, {MAX_RMS_NORM_EPS}]",
+                self.rms_norm_eps
+            );
+        }
+        if !(self.rope_theta > 1.0 && self.rope_theta <= MAX_ROPE_THETA) {
+            bail!(
+                "rope_theta = {:e} is outside (1, {MAX_ROPE_THETA:e}]",
+                self.rope_theta
+            );
+        }
+        if self.num_heads > MAX_HEADS {
+            bail!("num_heads = {} is more than {MAX_HEADS}", self.num_heads);
+        }
+        let ids = self.bos_token_id.iter().chain(&self.eos_token_ids);
+        if let Some(id) = ids.copied().find(|&id| id as usize >= self.vocab_size) {
+            bail!(
+                "special token id {id} (bos/eos) is beyond the vocabulary of {}",
+                self.vocab_size
+            );
         }
         Ok(())
     }

@@ -121,8 +121,12 @@ fn parse_checkpoint(bytes: &[u8]) -> Result<(ModelConfig, TensorMap)> {
         tie_word_embeddings: shared_classifier,
         attention_bias: false,
         qk_norm: false,
-        bos_token_id: Some(BOS),
-        eos_token_ids: vec![EOS],
+        // llama2.c's fixed ids, where the vocabulary has them.
+        bos_token_id: Some(BOS).filter(|&id| (id as usize) < vocab),
+        eos_token_ids: [EOS]
+            .into_iter()
+            .filter(|&id| (id as usize) < vocab)
+            .collect(),
     };
     let kv_dim = kv_heads * head_dim;
     let per_layer = [

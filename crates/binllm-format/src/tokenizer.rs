@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +48,21 @@ impl std::fmt::Debug for TextTokenizer {
     }
 }
 
+/// SentencePiece's compiled character map (`Precompiled` normalizer, Unigram models such as
+/// T5) is no model binllm runs, and the tokenizers crate panics on a damaged one.
+fn refuse_precompiled_normalizer(value: &serde_json::Value) -> Result<()> {
+    match value {
+        serde_json::Value::Object(map) => {
+            if map.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
+                bail!("a Precompiled normalizer (SentencePiece character map) is not supported");
+            }
+            map.values().try_for_each(refuse_precompiled_normalizer)
+        }
+        serde_json::Value::Array(items) => items.iter().try_for_each(refuse_precompiled_normalizer),
+        _ => Ok(()),
+    }
+}
+
 impl TextTokenizer {
     pub fn new(
         inner: tokenizers::Tokenizer,
@@ -72,7 +87,18 @@ impl TextTokenizer {
     }
 
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("{e}"))?;
+        // Parsed here first: the tokenizers crate panics on some malformed documents (a
+        // syntax error inside the decoder, a damaged Precompiled normalizer) instead of
+        // returning an error. From a parsed value its deserialisers cannot meet the first;
+        // the second is refused below; anything else it panics on is caught.
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| anyhow!("not JSON: {e}"))?;
+        refuse_precompiled_normalizer(&value)?;
+        let inner = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serde_json::from_value::<tokenizers::Tokenizer>(value)
+        }))
+        .map_err(|_| anyhow!("the tokenizers library failed on it (it panicked)"))?
+        .map_err(|e| anyhow!("{e}"))?;
         let kind = match inner.get_model() {
             tokenizers::models::ModelWrapper::BPE(bpe) if bpe.byte_fallback => {
                 TokenizerKind::SentencePieceBpe

@@ -702,3 +702,76 @@ fn llama2c_vocabulary_too_small_for_bos() {
         ],
     );
 }
+
+#[test]
+fn hf_config_values_out_of_range() {
+    let dir = hf_dir();
+    let config = dir.path().join("config.json");
+    for (key, value, problem) in [
+        (
+            "rms_norm_eps",
+            json!(1e30),
+            "rms_norm_eps = 1e30 is outside",
+        ),
+        (
+            "rms_norm_eps",
+            json!(-1e-5),
+            "rms_norm_eps = -1e-5 is outside",
+        ),
+        ("rope_theta", json!(1e30), "rope_theta = 1e30 is outside"),
+        ("rope_theta", json!(0.5), "rope_theta = 5e-1 is outside"),
+        (
+            "bos_token_id",
+            json!(64),
+            "special token id 64 (bos/eos) is beyond the vocabulary of 64",
+        ),
+        ("eos_token_id", json!([2, 1000]), "special token id 1000"),
+    ] {
+        let mut json = tiny_config();
+        json[key] = value;
+        write_config(dir.path(), &json);
+        assert_error(dir.path(), &config, &["inconsistent model config", problem]);
+    }
+}
+
+/// A tokenizer.json for the tiny HF directory: a byte-level BPE over a few tokens.
+fn tiny_tokenizer_json() -> Value {
+    let tokenizer = binllm_testing::language_model::char_tokenizer();
+    serde_json::from_str(&tokenizer.to_json().unwrap()).unwrap()
+}
+
+/// Two tokenizer.json files the `tokenizers` crate panicked on (fuzzing found the first):
+/// a syntax error inside the decoder and a damaged Precompiled normalizer. Both are
+/// errors naming the file now.
+#[test]
+fn tokenizer_json_that_made_the_tokenizers_crate_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config();
+    config["vocab_size"] = json!(128);
+    write_hf_dir(&config, dir.path()).unwrap();
+    let path = dir.path().join("tokenizer.json");
+    let mut good = tiny_tokenizer_json();
+    good["decoder"] = json!({"type": "Fuse"});
+    let text = serde_json::to_string(&good).unwrap();
+    let syntax = text.replacen(r#""decoder":{"type""#, r#""decoder":{btype""#, 1);
+    assert_ne!(syntax, text, "the decoder is where the damage goes");
+    std::fs::write(&path, syntax).unwrap();
+    assert_error(
+        dir.path(),
+        &path,
+        &["not a valid tokenizer.json", "not JSON"],
+    );
+
+    let mut precompiled = good.clone();
+    precompiled["normalizer"] = json!({"type": "Precompiled", "precompiled_charsmap": 5});
+    std::fs::write(&path, precompiled.to_string()).unwrap();
+    assert_error(
+        dir.path(),
+        &path,
+        &["Precompiled normalizer", "not supported"],
+    );
+
+    // The undamaged one loads: the damage, not the file, is refused.
+    std::fs::write(&path, good.to_string()).unwrap();
+    PretrainedModel::load(dir.path(), &LoadOptions::default()).unwrap();
+}

@@ -89,7 +89,8 @@ impl PackedModel {
         let Some(json) = &self.tokenizer_json else {
             return Ok(None);
         };
-        let mut tok = TextTokenizer::from_json_bytes(json.as_bytes())?;
+        let mut tok = TextTokenizer::from_json_bytes(json.as_bytes())
+            .context("metadata 'binllm.tokenizer': the embedded tokenizer.json is damaged")?;
         tok.bos_id = self.config.bos_token_id;
         tok.eos_ids = self.config.eos_token_ids.clone();
         Ok(Some(tok))
