@@ -47,7 +47,7 @@ say "building the fuzz targets (release, --sanitizer none)"
 logs="$root/fuzz/logs"
 mkdir -p "$logs"
 summary="$logs/summary.tsv"
-printf 'target\tseconds\texecutions\texec_per_s\tcorpus\tfindings\n' >"$summary"
+header=$'target\tseconds\texecutions\texec_per_s\tcorpus\tfindings'
 failed=0
 for target in "${targets[@]}"; do
   corpus="$root/fuzz/corpus/$target"
@@ -66,13 +66,15 @@ for target in "${targets[@]}"; do
   rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$logs/$target.log" | grep -o '[0-9]*$' | tail -1)
   found=$(( $(find "$artifacts" -type f | wc -l) - before ))
   size=$(find "$corpus" -type f | wc -l)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$seconds" "${execs:-0}" "${rate:-0}" "$size" "$found" >>"$summary"
+  # One row per target, so runs of different targets side by side share the summary.
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$seconds" "${execs:-0}" "${rate:-0}" "$size" "$found" >"$logs/$target.tsv"
   if [[ $status -ne 0 || $found -ne 0 ]]; then
     say "$target: FINDING (exit $status); see $logs/$target.log and $artifacts"
     tail -30 "$logs/$target.log" >&2
     failed=1
   fi
 done
+{ echo "$header"; for t in "${all_targets[@]}"; do if [[ -f "$logs/$t.tsv" ]]; then cat "$logs/$t.tsv"; fi; done; } >"$summary"
 column -t -s $'\t' "$summary" 2>/dev/null || cat "$summary"
 python3 - "$summary" >"$logs/summary.json" <<'PY'
 import csv, json, sys

@@ -330,3 +330,39 @@ fn huge_block_count_is_refused_at_once() {
         started.elapsed()
     );
 }
+
+/// A tensor's type id changed to one of another byte size: refused at open (it loaded
+/// without a word before), as llama.cpp refuses it.
+#[test]
+fn a_changed_tensor_type_is_refused() {
+    let tiny = tiny_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("tiny.gguf");
+    std::fs::write(&good, &tiny).unwrap();
+    let file = GgufFile::open(&good).unwrap();
+    let first = &file.tensors[0];
+    assert!(file.tensors.len() > 1, "a tensor follows the changed one");
+    // Its info: name (u64 length + bytes), n_dims (u32), dims (u64 each), type id (u32).
+    let mut name = (first.name.len() as u64).to_le_bytes().to_vec();
+    name.extend(first.name.as_bytes());
+    let at = tiny
+        .windows(name.len())
+        .position(|w| w == name.as_slice())
+        .unwrap()
+        + name.len()
+        + 4
+        + 8 * first.dims.len();
+    let old_type = u32::from_le_bytes(tiny[at..at + 4].try_into().unwrap());
+    // F32 <-> F16: both readable, of different sizes.
+    let new_type: u32 = if old_type == 0 { 1 } else { 0 };
+    let mut bytes = tiny.clone();
+    bytes[at..at + 4].copy_from_slice(&new_type.to_le_bytes());
+    let second = &file.tensors[1].name;
+    let (message, path, _dir) = read_error(&bytes);
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(
+        message.contains(&format!("tensor '{second}' (index 1"))
+            && message.contains("does not match the bytes"),
+        "{message}"
+    );
+}

@@ -562,6 +562,28 @@ fn parse_header(bytes: &[u8]) -> Result<Header> {
 
     let data_offset = (cur.pos as u64).next_multiple_of(alignment);
     let file_len = bytes.len() as u64;
+    // ggml writes the tensors back to back in the order of their infos, each padded to the
+    // alignment, and llama.cpp refuses any other layout. Checking it catches what no bound
+    // can: a tensor type or shape changed to one of another byte size.
+    let mut expected_offset = 0u64;
+    for (index, t) in tensors.iter().enumerate() {
+        if t.offset != expected_offset {
+            bail!(
+                "tensor '{}' (index {index}, {} {:?}) starts at data offset {}, but the tensors \
+                 before it end at {expected_offset}: its type or shape does not match the bytes \
+                 stored",
+                t.name,
+                t.ggml_type,
+                t.dims,
+                t.offset
+            );
+        }
+        expected_offset = t
+            .n_bytes
+            .checked_next_multiple_of(alignment)
+            .and_then(|padded| expected_offset.checked_add(padded))
+            .with_context(|| format!("tensor '{}': data offsets overflow", t.name))?;
+    }
     for t in &tensors {
         if t.offset % alignment != 0 {
             bail!(
