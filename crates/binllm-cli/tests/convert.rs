@@ -327,6 +327,75 @@ fn kill_minus_nine_then_resume_reproduces_the_uninterrupted_run() {
     assert_eq!(a["phases"], b["phases"], "per-phase reports must match");
 }
 
+/// A disk that fills while a checkpoint is written (RLIMIT_FSIZE stands in for it: any write
+/// past 1 MiB fails with EFBIG, as ENOSPC would): the run stops with an error naming the
+/// checkpoint, leaves no partial file, and a resume then ends exactly where an
+/// uninterrupted run does.
+#[test]
+fn a_full_disk_during_a_checkpoint_loses_nothing() {
+    use std::os::unix::process::CommandExt;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = shared("data/corpus/tinystories/tinystories.txt.gz");
+    let data = data.to_str().unwrap();
+    let straight = dir.path().join("straight");
+    // Half the usual steps: the failure comes at the first checkpoint anyway.
+    let shorter = [("--steps", "40")];
+    run_ok(&small_run_args(straight.to_str().unwrap(), data, &shorter));
+
+    let full = dir.path().join("full");
+    let mut cmd = binllm(&small_run_args(full.to_str().unwrap(), data, &shorter));
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 20,
+                rlim_max: 1 << 20,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Without this the kernel kills the writer with SIGXFSZ instead of failing the write.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let failed = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("checkpoint") && stderr.contains("disk full?"),
+        "{stderr}"
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(&full)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|name| name.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
+
+    let resumed = run_ok(&[
+        "convert",
+        "--out",
+        full.to_str().unwrap(),
+        "--resume",
+        "--device",
+        "cpu",
+    ]);
+    assert!(resumed.status.success());
+    assert_eq!(
+        last_training_loss(&straight),
+        last_training_loss(&full),
+        "the final training loss must match the uninterrupted run's exactly"
+    );
+    assert_eq!(
+        summary(&straight)["validation"]["final_sign_form"],
+        summary(&full)["validation"]["final_sign_form"]
+    );
+}
+
 #[test]
 fn bad_input_gives_clear_errors() {
     let _serial = serial();

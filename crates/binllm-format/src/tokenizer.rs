@@ -48,19 +48,45 @@ impl std::fmt::Debug for TextTokenizer {
     }
 }
 
-/// SentencePiece's compiled character map (`Precompiled` normalizer, Unigram models such as
-/// T5) is no model binllm runs, and the tokenizers crate panics on a damaged one.
-fn refuse_precompiled_normalizer(value: &serde_json::Value) -> Result<()> {
+/// Refuses what the tokenizers crate reads without complaint but panics on later (fuzzing
+/// found both): SentencePiece's compiled character map (`Precompiled` normalizer, Unigram
+/// models such as T5, no model binllm runs), and a `TemplateProcessing` post-processor
+/// naming a special token its own table lacks (a panic at the first encode).
+fn refuse_known_panics(value: &serde_json::Value) -> Result<()> {
     match value {
         serde_json::Value::Object(map) => {
-            if map.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
-                bail!("a Precompiled normalizer (SentencePiece character map) is not supported");
+            match map.get("type").and_then(|t| t.as_str()) {
+                Some("Precompiled") => {
+                    bail!("a Precompiled normalizer (SentencePiece character map) is not supported")
+                }
+                Some("TemplateProcessing") => check_template_processing(map)?,
+                _ => {}
             }
-            map.values().try_for_each(refuse_precompiled_normalizer)
+            map.values().try_for_each(refuse_known_panics)
         }
-        serde_json::Value::Array(items) => items.iter().try_for_each(refuse_precompiled_normalizer),
+        serde_json::Value::Array(items) => items.iter().try_for_each(refuse_known_panics),
         _ => Ok(()),
     }
+}
+
+fn check_template_processing(map: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let defined = map.get("special_tokens").and_then(|t| t.as_object());
+    let pieces = ["single", "pair"]
+        .iter()
+        .filter_map(|key| map.get(*key)?.as_array())
+        .flatten();
+    for piece in pieces {
+        let Some(id) = piece.get("SpecialToken").and_then(|t| t.get("id")) else {
+            continue;
+        };
+        let id = id.as_str().unwrap_or_default();
+        if !defined.is_some_and(|d| d.contains_key(id)) {
+            bail!(
+                "post_processor TemplateProcessing uses special token {id:?}, which its special_tokens do not define"
+            );
+        }
+    }
+    Ok(())
 }
 
 impl TextTokenizer {
@@ -88,12 +114,13 @@ impl TextTokenizer {
 
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Self> {
         // Parsed here first: the tokenizers crate panics on some malformed documents (a
-        // syntax error inside the decoder, a damaged Precompiled normalizer) instead of
-        // returning an error. From a parsed value its deserialisers cannot meet the first;
-        // the second is refused below; anything else it panics on is caught.
+        // syntax error inside the decoder, a damaged Precompiled normalizer, a template
+        // naming an undefined special token) instead of returning an error. From a parsed
+        // value its deserialisers cannot meet the first; the others are refused by
+        // `refuse_known_panics`; anything else it panics on is caught.
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| anyhow!("not JSON: {e}"))?;
-        refuse_precompiled_normalizer(&value)?;
+        refuse_known_panics(&value)?;
         let inner = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             serde_json::from_value::<tokenizers::Tokenizer>(value)
         }))
@@ -121,16 +148,16 @@ impl TextTokenizer {
     /// Encodes `text`. With `add_special_tokens` the tokenizer's post-processor runs (for
     /// Llama-style tokenizers it prepends BOS), exactly as transformers' `tokenizer(text)`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
+        // The tokenizers crate panics on some documents it accepted: an error here, not a crash.
+        let encoding = std::panic::catch_unwind(|| self.inner.encode(text, add_special_tokens))
+            .map_err(|_| anyhow!("tokenizing failed: the tokenizers library panicked"))?
             .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
+        std::panic::catch_unwind(|| self.inner.decode(ids, skip_special_tokens))
+            .map_err(|_| anyhow!("detokenizing failed: the tokenizers library panicked"))?
             .map_err(|e| anyhow!("detokenizing failed: {e}"))
     }
 

@@ -740,9 +740,9 @@ fn tiny_tokenizer_json() -> Value {
     serde_json::from_str(&tokenizer.to_json().unwrap()).unwrap()
 }
 
-/// Two tokenizer.json files the `tokenizers` crate panicked on (fuzzing found the first):
-/// a syntax error inside the decoder and a damaged Precompiled normalizer. Both are
-/// errors naming the file now.
+/// tokenizer.json files the `tokenizers` crate panicked on (fuzzing found the first and the
+/// third): a syntax error inside the decoder, a damaged Precompiled normalizer, a template
+/// naming an undefined special token. Each is an error naming the file now.
 #[test]
 fn tokenizer_json_that_made_the_tokenizers_crate_panic() {
     let dir = tempfile::tempdir().unwrap();
@@ -769,6 +769,20 @@ fn tokenizer_json_that_made_the_tokenizers_crate_panic() {
         dir.path(),
         &path,
         &["Precompiled normalizer", "not supported"],
+    );
+
+    let mut template = good.clone();
+    template["post_processor"] = json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<zz>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [],
+        "special_tokens": {}
+    });
+    std::fs::write(&path, template.to_string()).unwrap();
+    assert_error(
+        dir.path(),
+        &path,
+        &["special token \"<zz>\"", "do not define"],
     );
 
     // The undamaged one loads: the damage, not the file, is refused.
