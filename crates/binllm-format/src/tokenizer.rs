@@ -49,9 +49,10 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 /// Refuses what the tokenizers crate reads without complaint but panics on later (fuzzing
-/// found both): SentencePiece's compiled character map (`Precompiled` normalizer, Unigram
-/// models such as T5, no model binllm runs), and a `TemplateProcessing` post-processor
-/// naming a special token its own table lacks (a panic at the first encode).
+/// found these): SentencePiece's compiled character map (`Precompiled` normalizer, Unigram
+/// models such as T5, no model binllm runs), a `TemplateProcessing` post-processor naming a
+/// special token its own table lacks (a panic at the first encode), and a `Strip` decoder
+/// cutting characters at the end (a panic decoding an empty token).
 fn refuse_known_panics(value: &serde_json::Value) -> Result<()> {
     match value {
         serde_json::Value::Object(map) => {
@@ -60,6 +61,13 @@ fn refuse_known_panics(value: &serde_json::Value) -> Result<()> {
                     bail!("a Precompiled normalizer (SentencePiece character map) is not supported")
                 }
                 Some("TemplateProcessing") => check_template_processing(map)?,
+                // Llama's tokenizers strip one leading space (start 1, stop 0); cutting at
+                // the end indexes past an empty token.
+                Some("Strip") if map.get("stop").and_then(|v| v.as_u64()) != Some(0) => bail!(
+                    "a Strip decoder that cuts at the end (stop = {}) is not supported",
+                    map.get("stop")
+                        .map_or_else(|| "missing".into(), |v| v.to_string())
+                ),
                 _ => {}
             }
             map.values().try_for_each(refuse_known_panics)

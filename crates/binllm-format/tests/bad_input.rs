@@ -740,9 +740,10 @@ fn tiny_tokenizer_json() -> Value {
     serde_json::from_str(&tokenizer.to_json().unwrap()).unwrap()
 }
 
-/// tokenizer.json files the `tokenizers` crate panicked on (fuzzing found the first and the
-/// third): a syntax error inside the decoder, a damaged Precompiled normalizer, a template
-/// naming an undefined special token. Each is an error naming the file now.
+/// tokenizer.json files the `tokenizers` crate panicked on (fuzzing found the first, third
+/// and fourth): a syntax error inside the decoder, a damaged Precompiled normalizer, a template
+/// naming an undefined special token, a Strip decoder cutting at the end. Each is an error
+/// naming the file now.
 #[test]
 fn tokenizer_json_that_made_the_tokenizers_crate_panic() {
     let dir = tempfile::tempdir().unwrap();
@@ -784,6 +785,11 @@ fn tokenizer_json_that_made_the_tokenizers_crate_panic() {
         &path,
         &["special token \"<zz>\"", "do not define"],
     );
+
+    let mut strip = good.clone();
+    strip["decoder"] = json!({"type": "Strip", "content": " ", "start": 0, "stop": 1});
+    std::fs::write(&path, strip.to_string()).unwrap();
+    assert_error(dir.path(), &path, &["Strip decoder", "stop = 1"]);
 
     // The undamaged one loads: the damage, not the file, is refused.
     std::fs::write(&path, good.to_string()).unwrap();
