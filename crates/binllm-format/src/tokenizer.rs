@@ -56,19 +56,25 @@ impl std::fmt::Debug for TextTokenizer {
 fn refuse_known_panics(value: &serde_json::Value) -> Result<()> {
     match value {
         serde_json::Value::Object(map) => {
-            match map.get("type").and_then(|t| t.as_str()) {
-                Some("Precompiled") => {
-                    bail!("a Precompiled normalizer (SentencePiece character map) is not supported")
-                }
-                Some("TemplateProcessing") => check_template_processing(map)?,
-                // Llama's tokenizers strip one leading space (start 1, stop 0); cutting at
-                // the end indexes past an empty token.
-                Some("Strip") if map.get("stop").and_then(|v| v.as_u64()) != Some(0) => bail!(
+            // The crate also reads components without (or with a damaged) "type" by their
+            // fields alone, so each is recognised by its type or by its fields.
+            let kind = map.get("type").and_then(|t| t.as_str());
+            let has = |keys: &[&str]| keys.iter().all(|k| map.contains_key(*k));
+            if kind == Some("Precompiled") || has(&["precompiled_charsmap"]) {
+                bail!("a Precompiled normalizer (SentencePiece character map) is not supported");
+            }
+            if kind == Some("TemplateProcessing") || has(&["single", "special_tokens"]) {
+                check_template_processing(map)?;
+            }
+            // Llama's tokenizers strip one leading space (start 1, stop 0); cutting at the
+            // end indexes past an empty token.
+            let strip = kind == Some("Strip") || has(&["content", "start", "stop"]);
+            if strip && map.get("stop").and_then(|v| v.as_u64()) != Some(0) {
+                bail!(
                     "a Strip decoder that cuts at the end (stop = {}) is not supported",
                     map.get("stop")
                         .map_or_else(|| "missing".into(), |v| v.to_string())
-                ),
-                _ => {}
+                );
             }
             map.values().try_for_each(refuse_known_panics)
         }

@@ -790,6 +790,10 @@ fn tokenizer_json_that_made_the_tokenizers_crate_panic() {
     strip["decoder"] = json!({"type": "Strip", "content": " ", "start": 0, "stop": 1});
     std::fs::write(&path, strip.to_string()).unwrap();
     assert_error(dir.path(), &path, &["Strip decoder", "stop = 1"]);
+    // The same with a damaged "type" key: the crate still reads it as a Strip by its fields.
+    strip["decoder"] = json!({"tyxe": "Strip", "content": " ", "start": 0, "stop": 2});
+    std::fs::write(&path, strip.to_string()).unwrap();
+    assert_error(dir.path(), &path, &["Strip decoder", "stop = 2"]);
 
     // The undamaged one loads: the damage, not the file, is refused.
     std::fs::write(&path, good.to_string()).unwrap();
