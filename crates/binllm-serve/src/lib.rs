@@ -177,7 +177,16 @@ impl Server {
             .build()
             .context("cannot start the signal watcher")?;
         let which = signals.block_on(termination_signal())?;
-        eprintln!("[serve] {which}: finishing the requests in flight, then stopping");
+        eprintln!(
+            "[serve] {which}: finishing the requests in flight, then stopping (again to stop at once)"
+        );
+        // A second signal does not wait for the requests in flight.
+        std::thread::spawn(move || {
+            if let Ok(which) = signals.block_on(termination_signal()) {
+                eprintln!("[serve] {which} again: stopping now");
+                std::process::exit(130);
+            }
+        });
         self.stop()
     }
 

@@ -488,3 +488,36 @@ fn beyond_the_slots_requests_wait_then_a_full_queue_gets_429() {
     assert_eq!(reply.json()["usage"]["completion_tokens"], 3);
     server.stop().unwrap();
 }
+
+#[test]
+fn a_client_that_leaves_before_a_whole_answer_frees_its_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = stories_packed(dir.path(), true);
+    let server = start(&model, |_| {});
+    let addr = server.addr();
+    let body = json!({"model": "stories-endless", "prompt": PROMPT, "max_tokens": 1_000_000, "temperature": 0});
+    let stream = send(addr, "POST", "/v1/completions", &[], &body.to_string());
+    wait_for_health(addr, Duration::from_secs(5), |h| h["active_sequences"] == 1);
+    drop(stream);
+    wait_for_health(addr, Duration::from_secs(5), |h| h["active_sequences"] == 0);
+    server.stop().unwrap();
+}
+
+#[test]
+fn stopping_lets_a_stream_in_flight_finish_then_refuses_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = stories_packed(dir.path(), true);
+    let server = start(&model, |_| {});
+    let addr = server.addr();
+    let body = json!({"model": "stories-endless", "prompt": PROMPT, "max_tokens": 400, "stream": true, "temperature": 0});
+    let stream = send(addr, "POST", "/v1/completions", &[], &body.to_string());
+    wait_for_health(addr, Duration::from_secs(5), |h| h["active_sequences"] == 1);
+    let stopping = std::thread::spawn(move || server.stop());
+    let reply = read_reply(stream);
+    let events = reply.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    stopping.join().unwrap().unwrap();
+    assert!(std::net::TcpStream::connect(addr).is_err());
+}
