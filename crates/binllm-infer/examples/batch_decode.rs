@@ -13,7 +13,7 @@ fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let path = args
         .next()
-        .context("usage: batch_decode MODEL.b1 [THREADS] [STEPS] [B,...]")?;
+        .context("usage: batch_decode MODEL.b1 [THREADS] [STEPS] [B,...] [KERNEL]")?;
     let threads: usize = args.next().map_or(Ok(0), |a| a.parse())?;
     let steps: usize = args.next().map_or(Ok(64), |a| a.parse())?;
     let batches: Vec<usize> = args
@@ -22,13 +22,17 @@ fn main() -> Result<()> {
         .split(',')
         .map(|b| b.parse())
         .collect::<Result<_, _>>()?;
-    let (model, _) = Model::load(
-        std::path::Path::new(&path),
-        &RuntimeOptions {
-            threads,
-            ..Default::default()
-        },
-    )?;
+    let kernel = args
+        .next()
+        .map(|k| k.parse::<binllm_infer::Kernel>())
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let options = RuntimeOptions {
+        threads,
+        kernel,
+        ..Default::default()
+    };
+    let (model, _) = Model::load(std::path::Path::new(&path), &options)?;
     println!(
         "{path}: {} threads, kernel {}, {steps} steps",
         model.threads(),
