@@ -9,7 +9,8 @@
 //! back. Per round, all streams start together; the figure is the tokens received between each
 //! stream's first token and the round's last token over that time (decode only: the prompts'
 //! prefill is left out), and the end-to-end rate (all tokens over the whole round) beside it.
-//! The median of `--reps` rounds is printed, with the best in brackets. A std-only HTTP client,
+//! The median of `--reps` rounds is printed, with the best in brackets; rounds interleave the
+//! stream counts. A std-only HTTP client,
 //! so the figures include no client library's cost.
 
 use std::io::{BufRead, BufReader, Write};
@@ -182,22 +183,27 @@ fn main() -> Result<()> {
     );
     println!("| streams | aggregate decode tok/s, median (best) | per stream | end-to-end tok/s | tokens/round |");
     println!("|---:|---:|---:|---:|---:|");
-    for &n in &args.streams {
-        let mut decode = Vec::new();
-        let mut e2e = Vec::new();
-        let mut tokens = 0;
-        for _ in 0..args.reps.max(1) {
+    // Rounds interleave the stream counts (1, 4, 16, 1, 4, 16, ...): on a shared machine the
+    // load from other processes then moves every count alike.
+    let mut decode = vec![Vec::new(); args.streams.len()];
+    let mut e2e = vec![Vec::new(); args.streams.len()];
+    let mut tokens = vec![0; args.streams.len()];
+    for _ in 0..args.reps.max(1) {
+        for (i, &n) in args.streams.iter().enumerate() {
             let (d, e, t) = round(&args, n)?;
-            decode.push(d);
-            e2e.push(e);
-            tokens = t;
+            decode[i].push(d);
+            e2e[i].push(e);
+            tokens[i] = t;
         }
-        let best = decode.iter().copied().fold(0.0, f64::max);
-        let med = median(decode);
+    }
+    for (i, &n) in args.streams.iter().enumerate() {
+        let best = decode[i].iter().copied().fold(0.0, f64::max);
+        let med = median(decode[i].clone());
         println!(
-            "| {n} | {med:.1} ({best:.1}) | {:.1} | {:.1} | {tokens} |",
+            "| {n} | {med:.1} ({best:.1}) | {:.1} | {:.1} | {} |",
             med / n as f64,
-            median(e2e)
+            median(e2e[i].clone()),
+            tokens[i]
         );
     }
     Ok(())
