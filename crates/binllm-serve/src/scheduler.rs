@@ -157,7 +157,7 @@ impl Scheduler {
         }));
         let mut sequence = Sequence::new(job, cache, tokenizer, context);
         match outcome {
-            Ok(Ok((logits, _))) => sequence.advance(logits),
+            Ok(Ok((logits, _))) => advance_guarded(&mut sequence, logits),
             Ok(Err(err)) => sequence.fail(format!("the prompt failed: {err:#}")),
             Err(_) => sequence.fail("the engine panicked on the prompt".into()),
         }
@@ -183,7 +183,7 @@ impl Scheduler {
         match outcome {
             Ok(Ok(logits)) => {
                 for (sequence, logits) in active.iter_mut().zip(logits) {
-                    sequence.advance(logits);
+                    advance_guarded(sequence, logits);
                 }
             }
             Ok(Err(err)) => {
@@ -194,5 +194,13 @@ impl Scheduler {
                 .iter_mut()
                 .for_each(|s| s.fail("the engine panicked in a decode step".into())),
         }
+    }
+}
+
+/// [`Sequence::advance`], with a panic (a bug in sampling or detokenising) failing that one
+/// request instead of ending the scheduler thread and with it every other request.
+fn advance_guarded(sequence: &mut Sequence, logits: Vec<f32>) {
+    if catch_unwind(AssertUnwindSafe(|| sequence.advance(logits))).is_err() {
+        sequence.fail("the server failed choosing the next token (a bug: please report it)".into());
     }
 }
