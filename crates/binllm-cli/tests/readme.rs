@@ -3,8 +3,10 @@
 //! Every ```sh block in README.md carries a marker on the line before it:
 //! `<!-- readme-test: cpu -->` blocks run here, line by line, with this build's `binllm` first
 //! on the PATH, in a scratch directory that sees the repository's `models/` and `../shared`
-//! where the README expects them. `gpu` blocks need a GPU and `setup` blocks are what CI and
-//! the set-up already do; both are listed, not run. A block without a marker fails the test.
+//! where the README expects them. `gpu` blocks need a GPU, `setup` blocks are what CI and
+//! the set-up already do, and `server` blocks start `binllm serve`, which runs until stopped
+//! (binllm-serve's tests and `serve_cli.rs` run it as those blocks do); all three are listed,
+//! not run. A block without a marker fails the test.
 #![cfg(feature = "torch")]
 
 use std::path::{Path, PathBuf};
@@ -114,8 +116,8 @@ fn every_shell_block_of_the_readme_is_marked() {
     );
     for b in &blocks {
         assert!(
-            ["cpu", "gpu", "setup"].contains(&b.kind.as_str()),
-            "README.md line {}: a ```sh block needs a `<!-- readme-test: cpu|gpu|setup ... -->` line before it (found {:?})",
+            ["cpu", "gpu", "setup", "server"].contains(&b.kind.as_str()),
+            "README.md line {}: a ```sh block needs a `<!-- readme-test: cpu|gpu|setup|server ... -->` line before it (found {:?})",
             b.line,
             b.kind
         );

@@ -119,6 +119,15 @@ impl KvCache {
     }
 }
 
+/// Which positions of a forward pass get logits (the LM head is the largest product).
+#[derive(Debug, Clone, Copy)]
+enum LogitRows {
+    /// Every token (a batched decode step; `forward_all`).
+    All,
+    /// Only the last token (a prompt).
+    Last,
+}
+
 fn dense_f32(packed: &PackedModel, name: &str) -> Result<Vec<f32>> {
     Ok(packed
         .dense
@@ -248,6 +257,51 @@ impl Model {
         self.forward_chunks(cache, tokens, true)
     }
 
+    /// One decode step of several independent sequences at once: `tokens[i]` continues
+    /// `caches[i]` (at its own position) and is cached there. Returns the logits after each
+    /// token, one vector per sequence. The products take the sequences as the columns of one
+    /// GEMM, so the weights stream from memory once per step rather than once per sequence;
+    /// each sequence attends over its own cache only.
+    pub fn forward_batch(
+        &self,
+        caches: &mut [&mut KvCache],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        ensure!(
+            caches.len() == tokens.len(),
+            "{} caches for {} tokens: a batched step takes one token per sequence",
+            caches.len(),
+            tokens.len()
+        );
+        ensure!(!tokens.is_empty(), "no tokens to process");
+        self.check_input(tokens)?;
+        for cache in caches.iter() {
+            self.check_cache(cache)?;
+        }
+        let slots: Vec<usize> = (0..tokens.len()).collect();
+        let logits = self.forward_rows(caches, tokens, &slots, LogitRows::All);
+        Ok(logits
+            .chunks_exact(self.config.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+
+    fn check_input(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the vocabulary ({vocab})");
+        }
+        Ok(())
+    }
+
+    fn check_cache(&self, cache: &KvCache) -> Result<()> {
+        ensure!(
+            cache.kv_dim == self.config.kv_dim() && cache.keys.len() == self.layers.len(),
+            "the KV cache belongs to another model"
+        );
+        Ok(())
+    }
+
     fn forward_chunks(
         &self,
         cache: &mut KvCache,
@@ -255,19 +309,18 @@ impl Model {
         all_logits: bool,
     ) -> Result<Vec<f32>> {
         ensure!(!tokens.is_empty(), "no tokens to process");
-        let vocab = self.config.vocab_size;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            bail!("token id {bad} is outside the vocabulary ({vocab})");
-        }
-        ensure!(
-            cache.kv_dim == self.config.kv_dim() && cache.keys.len() == self.layers.len(),
-            "the KV cache belongs to another model"
-        );
+        self.check_input(tokens)?;
+        self.check_cache(cache)?;
         // Long prompts in chunks, to bound the activations held at once.
         const CHUNK: usize = 256;
         let mut logits = Vec::new();
+        let which = if all_logits {
+            LogitRows::All
+        } else {
+            LogitRows::Last
+        };
         for chunk in tokens.chunks(CHUNK) {
-            let out = self.forward_chunk(cache, chunk, all_logits);
+            let out = self.forward_rows(&mut [&mut *cache], chunk, &vec![0; chunk.len()], which);
             if all_logits {
                 logits.extend_from_slice(&out);
             } else {
@@ -277,16 +330,34 @@ impl Model {
         Ok(logits)
     }
 
-    /// The forward pass for `n` new tokens at positions `cache.len()..`. Products and
-    /// attention run on the team (each member its rows / heads); the small element-wise steps
-    /// run on the calling thread between them.
-    fn forward_chunk(&self, cache: &mut KvCache, tokens: &[u32], all_logits: bool) -> Vec<f32> {
+    /// The forward pass for `n` new tokens: token `t` continues `caches[slots[t]]`, after the
+    /// positions that cache held before and the earlier tokens of the same slot (a prompt is
+    /// `n` tokens of one slot; a batched decode step one token in each of `n` slots). Products
+    /// and attention run on the team (each member its rows / heads); the small element-wise
+    /// steps run on the calling thread between them.
+    fn forward_rows(
+        &self,
+        caches: &mut [&mut KvCache],
+        tokens: &[u32],
+        slots: &[usize],
+        which: LogitRows,
+    ) -> Vec<f32> {
         let c = &self.config;
         let (n, h, inter) = (tokens.len(), c.hidden_size, c.intermediate_size);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let eps = c.rms_norm_eps as f32;
-        let start = cache.len();
         let team = &self.team;
+        // Each token's position in its own sequence.
+        let positions: Vec<usize> = {
+            let mut next: Vec<usize> = caches.iter().map(|cache| cache.len()).collect();
+            slots
+                .iter()
+                .map(|&slot| {
+                    next[slot] += 1;
+                    next[slot] - 1
+                })
+                .collect()
+        };
 
         // Embedding lookup.
         let mut x = vec![0f32; n * h];
@@ -303,12 +374,12 @@ impl Model {
         let mut out = vec![0f32; n * h];
         let (mut gate, mut up) = (vec![0f32; n * inter], vec![0f32; n * inter]);
         let rope: Vec<(Vec<f32>, Vec<f32>)> =
-            (start..start + n).map(|p| self.rope_angles(p)).collect();
+            positions.iter().map(|&p| self.rope_angles(p)).collect();
         // The same (token, head) items in every layer, so the same runs.
         let attention_runs = {
             let items = n * c.num_heads;
             balanced_runs(items, team.size().min(items), |index| {
-                start + index / c.num_heads + 1
+                positions[index / c.num_heads] + 1
             })
         };
 
@@ -335,18 +406,23 @@ impl Model {
                 rotate_half(&mut q[t * q_dim..(t + 1) * q_dim], cos, sin);
                 rotate_half(&mut k[t * kv_dim..(t + 1) * kv_dim], cos, sin);
             }
-            cache.keys[l].extend_from_slice(&k);
-            cache.values[l].extend_from_slice(&v);
-            attention(
-                c,
-                team,
-                &attention_runs,
-                &q,
-                &cache.keys[l],
-                &cache.values[l],
-                start,
-                &mut attn,
-            );
+            for (t, &slot) in slots.iter().enumerate() {
+                let cache = &mut *caches[slot];
+                cache.keys[l].extend_from_slice(&k[t * kv_dim..(t + 1) * kv_dim]);
+                cache.values[l].extend_from_slice(&v[t * kv_dim..(t + 1) * kv_dim]);
+            }
+            {
+                let kv: Vec<(&[f32], &[f32])> = caches
+                    .iter()
+                    .map(|cache| (&cache.keys[l][..], &cache.values[l][..]))
+                    .collect();
+                let seen: Vec<(usize, usize)> = slots
+                    .iter()
+                    .zip(&positions)
+                    .map(|(&slot, &p)| (slot, p + 1))
+                    .collect();
+                attention(c, team, &attention_runs, &q, &kv, &seen, &mut attn);
+            }
             // Output projection and residual.
             let ox = layer.o.scaled_input(&attn);
             {
@@ -391,10 +467,15 @@ impl Model {
             }
             x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
         }
-        cache.tokens.extend_from_slice(tokens);
+        for (&token, &slot) in tokens.iter().zip(slots) {
+            caches[slot].tokens.push(token);
+        }
 
         // Final norm and LM head (only the last position unless every one is asked for).
-        let rows = if all_logits { 0..n } else { n - 1..n };
+        let rows = match which {
+            LogitRows::All => 0..n,
+            LogitRows::Last => n - 1..n,
+        };
         let head = self.head();
         let mut normed = vec![0f32; rows.len() * h];
         rms_norm(
@@ -448,23 +529,22 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Causal multi-head attention of `n` new queries (positions `start..start + n`) over the
-/// cached keys and values (positions `0..start + n`); query head `h` reads kv head
+/// Causal multi-head attention of `n` new queries over cached keys and values: query `t`
+/// reads the first `seen[t].1` positions of `kv[seen[t].0]` (its own sequence's keys and
+/// values, up to and including its own position); query head `h` reads kv head
 /// `h / (heads / kv_heads)`. Softmax of `q.k / sqrt(head_dim)`, as scaled_dot_product_attention.
 ///
 /// Part `p` takes the (token, head) items `runs[p]..runs[p + 1]` (from [`balanced_runs`], by
 /// the positions each item sees), and consecutive heads of a run that share a kv head are
 /// attended together: each cached key and value row then comes from memory once per kv head
 /// rather than once per query head.
-#[allow(clippy::too_many_arguments)]
 fn attention(
     c: &ModelConfig,
     team: &Team,
     runs: &[usize],
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    start: usize,
+    kv: &[(&[f32], &[f32])],
+    seen: &[(usize, usize)],
     out: &mut [f32],
 ) {
     let (heads, hd, kv_dim) = (c.num_heads, c.head_dim, c.kv_dim());
@@ -479,6 +559,8 @@ fn attention(
             let run = (group - h % group).min(runs[part + 1] - index);
             // SAFETY: each (token, head) item belongs to exactly one part.
             let out = unsafe { shared.slice(index * hd, run * hd) };
+            let (slot, positions) = seen[t];
+            let (keys, values) = kv[slot];
             attend(
                 &q[index * hd..(index + run) * hd],
                 hd,
@@ -486,7 +568,7 @@ fn attention(
                 values,
                 kv_dim,
                 (h / group) * hd,
-                start + t + 1,
+                positions,
                 out,
             );
             index += run;

@@ -492,3 +492,45 @@ fn scorer_log_probabilities_match_a_float64_log_softmax() {
     .unwrap();
     assert!(consistency.positions > 10);
 }
+
+#[test]
+fn a_batched_step_matches_each_sequence_stepped_alone() {
+    // Three sequences at different positions, each with its own cache, advanced together.
+    let pretrained = stories();
+    let packed = ptq_sign_model(&pretrained, InputScales::Independent { seed: 3 }).unwrap();
+    let model = runtime(&packed, 2);
+    let prompts: Vec<Vec<u32>> = [
+        "Once upon a time, there was a little girl named Lily.",
+        "The cat",
+        "Tom and his dog went to the park. They",
+    ]
+    .iter()
+    .map(|p| prompt_ids(&pretrained, p))
+    .collect();
+    let next_tokens = [[10u32, 11, 12], [20, 21, 22], [30, 31, 32]];
+    let mut alone: Vec<KvCache> = Vec::new();
+    let mut batched: Vec<KvCache> = Vec::new();
+    for ids in &prompts {
+        let mut cache = KvCache::new(&model.config);
+        model.forward(&mut cache, ids).unwrap();
+        alone.push(cache.clone());
+        batched.push(cache);
+    }
+    for step in 0..3 {
+        let tokens: Vec<u32> = next_tokens.iter().map(|t| t[step]).collect();
+        let mut refs: Vec<&mut KvCache> = batched.iter_mut().collect();
+        let together = model.forward_batch(&mut refs, &tokens).unwrap();
+        assert_eq!(together.len(), 3);
+        for (s, cache) in alone.iter_mut().enumerate() {
+            let single = model.forward(cache, &[tokens[s]]).unwrap();
+            let err = relative_l2(&together[s], &single);
+            assert!(err < 1e-5, "step {step}, sequence {s}: relative L2 {err}");
+        }
+    }
+    for (a, b) in alone.iter().zip(&batched) {
+        assert_eq!(a.tokens(), b.tokens());
+    }
+    // Mismatched lengths are an error, not a panic.
+    let mut refs: Vec<&mut KvCache> = batched.iter_mut().collect();
+    assert!(model.forward_batch(&mut refs, &[1, 2]).is_err());
+}
