@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 root=$PWD
 seconds=${1:-60}
 shift || true
-all_targets=(gguf packed hf_dir llama2c llama2c_tokenizer hf_tokenizer chat_template)
+all_targets=(gguf packed hf_dir llama2c llama2c_tokenizer hf_tokenizer chat_template serve_request)
 targets=("${@:-${all_targets[@]}}")
 [[ $# -gt 0 ]] || targets=("${all_targets[@]}")
 
@@ -40,6 +40,9 @@ if [[ ! -s "$seed_dir/packed/stories.b1" ]]; then
     "$shared/models/stories260K/stories260K.bin" --tokenizer "$shared/models/stories260K/tok512.bin" \
     --head q8 --out "$seed_dir/packed/stories.b1" >/dev/null
 fi
+
+# serve_request runs a server on this model inside the fuzzer.
+export BINLLM_FUZZ_SERVE_MODEL="$seed_dir/packed/stories.b1"
 
 say "building the fuzz targets (release, --sanitizer none)"
 (cd fuzz && cargo fuzz build --sanitizer none --release >&2)

@@ -1,7 +1,7 @@
 //! Writes the seed corpora that are not plain copies of files for the fuzz targets
 //! (`fuzz/`): tiny Hugging Face directories (config + safetensors joined as the `hf_dir`
-//! target reads them), tokenizer.json files rebuilt from the GGUF fixtures' tokenizers, and
-//! chat templates with a message. `tools/fuzz/run.sh` runs this; nothing is committed.
+//! target reads them), tokenizer.json files rebuilt from the GGUF fixtures' tokenizers,
+//! chat templates with a message, and `binllm serve` request bodies. `tools/fuzz/run.sh` runs this; nothing is committed.
 //!
 //! Usage: cargo run -p binllm-testing --example fuzz_seeds -- OUT_DIR
 
@@ -95,6 +95,35 @@ fn main() -> Result<()> {
         "simple",
         &join_two(simple.as_bytes(), b"Hi {{ there }}"),
     )?;
+    // serve_request: the first byte picks the route (even: completion, odd: chat).
+    let requests = out.join("serve_request");
+    let bodies = [
+        (
+            0u8,
+            json!({"model": "fuzz", "prompt": "Once upon a time", "max_tokens": 8}),
+        ),
+        (
+            0,
+            json!({"model": "fuzz", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0.7,
+                   "top_p": 0.9, "seed": 7, "stop": ["\n", "."], "stream": true,
+                   "stream_options": {"include_usage": true}}),
+        ),
+        (
+            1,
+            json!({"model": "fuzz", "messages": [{"role": "system", "content": "Be brief."},
+                   {"role": "user", "content": "Hi"}], "max_tokens": 6}),
+        ),
+        (
+            1,
+            json!({"model": "fuzz", "messages": [{"role": "user", "content": "Hi"}],
+                   "stream": true, "n": 1, "max_tokens": 3}),
+        ),
+    ];
+    for (i, (route, body)) in bodies.iter().enumerate() {
+        let mut seed = vec![*route];
+        seed.extend(body.to_string().as_bytes());
+        write(&requests, &format!("request-{i}"), &seed)?;
+    }
     println!("seeds written under {}", out.display());
     Ok(())
 }
