@@ -83,6 +83,45 @@ fn refuse_known_panics(value: &serde_json::Value) -> Result<()> {
     }
 }
 
+/// Every BPE merge must make a token of the vocabulary. The tokenizers crate checks this
+/// too, but only after copying the pair into a buffer as long as the longest token, which
+/// panics when the pair is longer (fuzzing found it).
+fn check_bpe_merges(model: &serde_json::Value) -> Result<()> {
+    let (Some(vocab), Some(merges)) = (
+        model.get("vocab").and_then(|v| v.as_object()),
+        model.get("merges").and_then(|m| m.as_array()),
+    ) else {
+        return Ok(());
+    };
+    let prefix = model
+        .get("continuing_subword_prefix")
+        .and_then(|p| p.as_str())
+        .unwrap_or("");
+    for (index, merge) in merges.iter().enumerate() {
+        let (first, second) = match merge {
+            serde_json::Value::String(pair) => match pair.split_once(' ') {
+                Some(parts) => parts,
+                None => continue,
+            },
+            serde_json::Value::Array(pair) => match (pair.first(), pair.get(1)) {
+                (Some(serde_json::Value::String(a)), Some(serde_json::Value::String(b))) => {
+                    (a.as_str(), b.as_str())
+                }
+                _ => continue,
+            },
+            _ => continue,
+        };
+        let Some(rest) = second.strip_prefix(prefix) else {
+            bail!("merge {index} ({first:?}, {second:?}): the second part lacks the continuing_subword_prefix {prefix:?}");
+        };
+        let merged = format!("{first}{rest}");
+        if !vocab.contains_key(&merged) {
+            bail!("merge {index} ({first:?}, {second:?}) makes {merged:?}, which is not in the vocabulary");
+        }
+    }
+    Ok(())
+}
+
 fn check_template_processing(map: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
     let defined = map.get("special_tokens").and_then(|t| t.as_object());
     let pieces = ["single", "pair"]
@@ -134,6 +173,9 @@ impl TextTokenizer {
         // `refuse_known_panics`; anything else it panics on is caught.
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| anyhow!("not JSON: {e}"))?;
+        if let Some(model) = value.get("model") {
+            check_bpe_merges(model).context("its model")?;
+        }
         // Only the pipeline's components: the model's vocabulary is a map whose keys are
         // words ("start", "stop", "content"...), not fields.
         for component in ["normalizer", "pre_tokenizer", "post_processor", "decoder"] {

@@ -742,7 +742,8 @@ fn tiny_tokenizer_json() -> Value {
 
 /// tokenizer.json files the `tokenizers` crate panicked on (fuzzing found the first, third
 /// and fourth): a syntax error inside the decoder, a damaged Precompiled normalizer, a template
-/// naming an undefined special token, a Strip decoder cutting at the end. Each is an error
+/// naming an undefined special token, a Strip decoder cutting at the end, a BPE merge longer
+/// than any token. Each is an error
 /// naming the file now.
 #[test]
 fn tokenizer_json_that_made_the_tokenizers_crate_panic() {
@@ -794,6 +795,17 @@ fn tokenizer_json_that_made_the_tokenizers_crate_panic() {
     strip["decoder"] = json!({"tyxe": "Strip", "content": " ", "start": 0, "stop": 2});
     std::fs::write(&path, strip.to_string()).unwrap();
     assert_error(dir.path(), &path, &["Strip decoder", "stop = 2"]);
+
+    // A merge longer than every token of the vocabulary (fuzzing: the crate copied it into
+    // a buffer as long as the longest token).
+    let mut merge = good.clone();
+    merge["model"]["merges"] = json!([["ab", "cd"]]);
+    std::fs::write(&path, merge.to_string()).unwrap();
+    assert_error(
+        dir.path(),
+        &path,
+        &["merge 0", "\"abcd\", which is not in the vocabulary"],
+    );
 
     // The undamaged one loads: the damage, not the file, is refused.
     std::fs::write(&path, good.to_string()).unwrap();
