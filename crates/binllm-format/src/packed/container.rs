@@ -345,8 +345,13 @@ impl PackedModel {
     }
 
     /// [`PackedModel::read`], plus the q8_0 tensors exactly as stored (the runtime computes
-    /// with those; `dense` holds their dequantized values for every other consumer).
+    /// with those; `dense` holds their dequantized values for every other consumer). A GGUF
+    /// file whose block linears are 1-bit (`binllm export --format gguf`) is read too
+    /// ([`crate::gguf::read_packed`]).
     pub fn read_parts(path: &Path) -> Result<(Self, QuantTensors)> {
+        if crate::gguf::is_sign_gguf(path) {
+            return crate::gguf::read_packed(path);
+        }
         let file = std::fs::File::open(path)
             .with_context(|| format!("{}: cannot open packed model", path.display()))?;
         // SAFETY: read-only map, dropped before returning.
@@ -496,9 +501,13 @@ impl PackedModel {
     }
 }
 
-/// Whether `path` is a file whose safetensors header says it is a binllm packed model
-/// (reads the header only).
+/// Whether `path` is a file whose safetensors header says it is a binllm packed model, or a
+/// GGUF whose block linears are 1-bit, which [`PackedModel::read_parts`] reads as one (reads
+/// the header only).
 pub fn is_packed_file(path: &Path) -> bool {
+    if crate::gguf::is_sign_gguf(path) {
+        return true;
+    }
     use std::io::Read;
     let Ok(mut file) = std::fs::File::open(path) else {
         return false;
