@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use super::export::{interleaved_to_rotate_half_order, permute_rows, rope_heads};
 use super::file::{GgufFile, TensorInfo};
 use super::mapping::{gguf_linear_name, model_config};
-use super::sign_blocks::{decode_signs, SignBlockType};
+use super::sign_blocks::{decode_signs, DecodedSigns, SignBlockType};
 use super::tokenizer;
 use crate::names::{self, BlockLinear};
 use crate::packed::{
@@ -122,6 +122,33 @@ fn dense_matrix(
     })
 }
 
+/// A float matrix whose rows are each `±scale` of one scale, as sign bits and row scales.
+fn signs_from_floats(values: &[f32], rows: usize, cols: usize) -> Result<DecodedSigns> {
+    let wpr = crate::packed::words_per_row(cols);
+    let mut sign_bits = vec![0u64; rows * wpr];
+    let mut row_scale = Vec::with_capacity(rows);
+    for (r, row) in values.chunks_exact(cols).enumerate() {
+        let scale = row[0].abs();
+        if let Some(c) = row.iter().position(|v| v.abs() != scale) {
+            bail!(
+                "row {r} is not ±one scale (|w[{r}, 0]| = {scale}, |w[{r}, {c}]| = {}): not a \
+                 sign matrix",
+                row[c].abs()
+            );
+        }
+        row_scale.push(scale);
+        for (c, v) in row.iter().enumerate() {
+            if v.is_sign_positive() {
+                sign_bits[r * wpr + c / 64] |= 1u64 << (c % 64);
+            }
+        }
+    }
+    Ok(DecodedSigns {
+        sign_bits,
+        row_scale,
+    })
+}
+
 fn block_linear(
     file: &GgufFile,
     layer: usize,
@@ -133,23 +160,30 @@ fn block_linear(
     let info = tensor(file, &name)?;
     let [rows, cols] = which.shape(config);
     check_shape(file, info, &[rows, cols])?;
-    let sign_type = SignBlockType::readable(info.ggml_type).ok_or_else(|| {
-        anyhow!(
+    let context = || {
+        format!(
+            "{}: tensor '{name}' ({})",
+            file.path.display(),
+            info.ggml_type
+        )
+    };
+    let signs = match (SignBlockType::readable(info.ggml_type), info.ggml_type.name) {
+        (Some(sign_type), _) => {
+            decode_signs(sign_type, file.tensor_bytes(info)?, rows, cols).with_context(context)?
+        }
+        // What `write_gguf` writes for rows no sign block type fits (e.g. 172 columns).
+        (None, "F16" | "F32") => {
+            signs_from_floats(&file.read_tensor(info)?.to_f32_vec(), rows, cols)
+                .with_context(context)?
+        }
+        (None, _) => bail!(
             "{}: tensor '{name}' is {}, not a 1-bit type (Q1_0, Q2_0, TQ1_0, TQ2_0); the \
              packed engine reads GGUF files whose block linears are all 1-bit (for another \
              GGUF, `binllm export --ptq` binarises it)",
             file.path.display(),
             info.ggml_type
-        )
-    })?;
-    let signs =
-        decode_signs(sign_type, file.tensor_bytes(info)?, rows, cols).with_context(|| {
-            format!(
-                "{}: tensor '{name}' ({})",
-                file.path.display(),
-                info.ggml_type
-            )
-        })?;
+        ),
+    };
     let bias_name = format!("{base}.bias");
     let bias = match file.tensor_info(&bias_name) {
         Some(_) => Some(floats(file, &bias_name, &[rows])?),
