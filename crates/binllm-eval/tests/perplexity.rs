@@ -96,6 +96,7 @@ fn perplexity_equals_a_float64_loop() {
                 ctx: Some(ctx),
                 stride,
                 limit: None,
+                llama_cpp: false,
                 show_progress: false,
             },
         )
