@@ -191,10 +191,27 @@ fn llama_cpp_scores_and_completes_the_exported_gguf_as_binllm_does() {
         "--threads",
         "1",
     ]);
+    // llama-completion sometimes loses the end of its output at exit: compare what it printed.
     let squash = |s: &str| s.split_whitespace().collect::<String>();
-    assert_eq!(
+    let (theirs, ours) = (
         squash(&theirs),
         squash(&String::from_utf8_lossy(&ours.stdout)),
-        "greedy completions differ"
     );
+    assert!(
+        theirs.len() > "Onceuponatime".len() && ours.starts_with(&theirs),
+        "greedy completions differ: llama.cpp {theirs:?}, binllm {ours:?}"
+    );
+
+    // Requantized by llama-quantize, the file keeps binllm's metadata key but not its 1-bit
+    // types: binllm reads it as an ordinary (float) GGUF again.
+    let requantized = dir.path().join("requantized.gguf");
+    let quantize = Command::new(llama_cpp_tool("llama-quantize"))
+        .args(["--allow-requantize", gguf.to_str().unwrap()])
+        .args([requantized.to_str().unwrap(), "Q8_0"])
+        .output()
+        .unwrap();
+    assert!(quantize.status.success(), "{}", text(&quantize));
+    let inspect = binllm(&["inspect", requantized.to_str().unwrap()]);
+    assert!(inspect.status.success(), "{}", text(&inspect));
+    assert!(!text(&inspect).contains("1-bit"), "{}", text(&inspect));
 }

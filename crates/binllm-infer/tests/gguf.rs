@@ -230,3 +230,39 @@ fn widths_of_multiples_of_128_are_all_q1_0_and_read_back() {
     let got = logits(&read, &quantized, &ids);
     assert!(max_abs_diff(&want, &got) <= 1e-6);
 }
+
+#[test]
+fn a_damaged_q1_0_tensor_is_refused_naming_file_and_tensor() {
+    let sign = ptq_sign_model(&wide_model(), InputScales::None).unwrap();
+    let exported = export(&sign, &ExportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wide.gguf");
+    write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let info = file.tensor_info("blk.1.ffn_up.weight").unwrap().clone();
+    let at = (file.data_offset + info.offset) as usize;
+    drop(file);
+
+    // The second block of row 0 gets another scale: not one scale per row.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at + 18..at + 20].copy_from_slice(&half::f16::from_f32(123.0).to_le_bytes());
+    let varying = dir.path().join("varying.gguf");
+    std::fs::write(&varying, &bytes).unwrap();
+    let err = format!("{:#}", read_packed(&varying).unwrap_err());
+    assert!(err.contains("varying.gguf"), "{err}");
+    assert!(err.contains("blk.1.ffn_up.weight"), "{err}");
+    assert!(err.contains("vary within row 0"), "{err}");
+    // The float path still reads it (dequantised, per-block scales and all).
+    let floats = binllm_format::PretrainedModel::load(&varying, &Default::default()).unwrap();
+    let up = floats.tensors[&names::linear_weight(1, BlockLinear::Up)].to_f32_vec();
+    assert_eq!(up[128].abs(), 123.0);
+
+    // Cut inside the tensor data: the file and a tensor are named, no panic.
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..at + 100]).unwrap();
+    let err = format!("{:#}", read_packed(&cut).unwrap_err());
+    assert!(
+        err.contains("cut.gguf") && err.contains("runs past the end"),
+        "{err}"
+    );
+}

@@ -189,6 +189,8 @@ fn model_metadata(w: &mut GgufWriter, model: &PackedModel, arch: &str) -> Result
         &format!("binllm 1-bit {}", model.provenance.source_model),
     );
     w.set_u32("general.quantization_version", 2);
+    // Marks the file as binllm's 1-bit export even when no block type fits its rows (F16).
+    w.set(super::packed::ONE_BIT_KEY, MetaValue::Bool(true));
     w.set(&key("context_length"), count(c.max_position_embeddings)?);
     w.set(&key("embedding_length"), count(c.hidden_size)?);
     w.set(&key("block_count"), count(c.num_layers)?);

@@ -24,8 +24,12 @@ use crate::packed::{
 };
 use crate::tensor::{HostTensor, TensorData, TensorMap};
 
-/// Whether `path` is a GGUF file whose first block linear is of a type binllm reads as sign
-/// bits (reads the header only). The rest is checked when it is read.
+/// Metadata key `write_gguf` sets on every file it writes.
+pub const ONE_BIT_KEY: &str = "binllm.one_bit";
+
+/// Whether `path` is a GGUF file written by `write_gguf` or whose first block linear is of a
+/// type binllm reads as sign bits (reads the header only). The rest is checked when it is
+/// read.
 pub fn is_sign_gguf(path: &Path) -> bool {
     let mut magic = [0u8; 4];
     let is_gguf = std::fs::File::open(path)
@@ -34,8 +38,13 @@ pub fn is_sign_gguf(path: &Path) -> bool {
         && &magic == b"GGUF";
     is_gguf
         && GgufFile::open(path).is_ok_and(|f| {
-            f.tensor_info("blk.0.attn_q.weight")
-                .is_some_and(|t| SignBlockType::readable(t.ggml_type).is_some())
+            let marked = f.get(ONE_BIT_KEY).and_then(|v| v.as_bool()) == Some(true);
+            f.tensor_info("blk.0.attn_q.weight").is_some_and(|t| {
+                SignBlockType::readable(t.ggml_type).is_some()
+                    // F16 rows of ±scale, only in binllm's own export (a file requantized by
+                    // llama-quantize keeps the key but not the types, and reads as floats).
+                    || (marked && matches!(t.ggml_type.name, "F16" | "F32"))
+            })
         })
 }
 
