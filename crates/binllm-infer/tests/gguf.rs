@@ -147,15 +147,25 @@ fn input_scales_that_cannot_fold_are_refused() {
 
 /// A Llama with every width a multiple of 128, synthetic weights.
 fn wide_model() -> PretrainedModel {
+    synthetic_model(256, 768, 4, 2, 64)
+}
+
+fn synthetic_model(
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> PretrainedModel {
     let config = ModelConfig {
         architecture: Architecture::Llama,
         vocab_size: 320,
-        hidden_size: 256,
-        intermediate_size: 768,
+        hidden_size,
+        intermediate_size,
         num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 64,
+        num_heads,
+        num_kv_heads,
+        head_dim,
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_scaling: None,
@@ -265,4 +275,25 @@ fn a_damaged_q1_0_tensor_is_refused_naming_file_and_tensor() {
         err.contains("cut.gguf") && err.contains("runs past the end"),
         "{err}"
     );
+}
+
+#[test]
+fn rows_of_a_multiple_of_32_only_are_q4_0_and_read_back() {
+    // Hidden 96 (3 x 32): q/k/v/o/gate/up rows fit neither Q1_0 nor Q2_0; down's 256 fit Q1_0.
+    let sign = ptq_sign_model(&synthetic_model(96, 256, 3, 1, 32), InputScales::None).unwrap();
+    let exported = export(&sign, &ExportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("narrow.gguf");
+    let report = write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+    let types: Vec<(&str, usize)> = report
+        .block_types
+        .iter()
+        .map(|t| (t.0.as_str(), t.1))
+        .collect();
+    assert_eq!(types, [("Q1_0", 2), ("Q4_0", 12)]);
+    let (read, quantized) = read_packed(&path).unwrap();
+    assert_eq!(read.linears, exported.model.linears);
+    let ids: Vec<u32> = (0..12).map(|i| (i * 53 % 320) as u32).collect();
+    let want = logits(&exported.model, &exported.quantized, &ids);
+    assert!(max_abs_diff(&want, &logits(&read, &quantized, &ids)) <= 1e-6);
 }

@@ -180,6 +180,10 @@ fn block_linear(
         (Some(sign_type), _) => {
             decode_signs(sign_type, file.tensor_bytes(info)?, rows, cols).with_context(context)?
         }
+        // What `write_gguf` writes for rows of a multiple of 32 but not 64: codes 7 and 9
+        // (any other code is refused, so an ordinary Q4_0 matrix is not taken for signs).
+        (None, "Q4_0") => decode_signs(SignBlockType::Q4_0, file.tensor_bytes(info)?, rows, cols)
+            .with_context(context)?,
         // What `write_gguf` writes for rows no sign block type fits (e.g. 172 columns).
         (None, "F16" | "F32") => {
             signs_from_floats(&file.read_tensor(info)?.to_f32_vec(), rows, cols)
