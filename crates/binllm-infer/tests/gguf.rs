@@ -297,3 +297,29 @@ fn rows_of_a_multiple_of_32_only_are_q4_0_and_read_back() {
     let want = logits(&exported.model, &exported.quantized, &ids);
     assert!(max_abs_diff(&want, &logits(&read, &quantized, &ids)) <= 1e-6);
 }
+
+#[test]
+fn qwen2_biases_and_qwen3_qk_norms_round_trip() {
+    for (architecture, attention_bias, qk_norm) in [
+        (Architecture::Qwen2, true, false),
+        (Architecture::Qwen3, false, true),
+    ] {
+        let mut model = wide_model();
+        model.config.architecture = architecture;
+        model.config.attention_bias = attention_bias;
+        model.config.qk_norm = qk_norm;
+        model.tensors = binllm_testing::synthetic::synthetic_tensors(&model.config);
+        let sign = ptq_sign_model(&model, InputScales::Foldable { seed: 9 }).unwrap();
+        let exported = export(&sign, &ExportOptions::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qwen.gguf");
+        write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+        let (read, quantized) = read_packed(&path).unwrap();
+        assert_eq!(read.config.architecture, architecture);
+        assert_eq!(read.linears, exported.model.linears, "{architecture:?}");
+        let ids: Vec<u32> = (0..16).map(|i| (i * 29 % 320) as u32).collect();
+        let want = logits(&exported.model, &exported.quantized, &ids);
+        let got = logits(&read, &quantized, &ids);
+        assert!(max_abs_diff(&want, &got) <= 1e-6, "{architecture:?}");
+    }
+}
