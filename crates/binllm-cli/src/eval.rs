@@ -61,6 +61,11 @@ pub struct RunArgs {
     /// Sliding-window stride for perplexity (default: non-overlapping windows, as GPTQ).
     #[arg(long)]
     pub stride: Option<usize>,
+    /// Perplexity the way llama.cpp's llama-perplexity computes it (non-overlapping windows
+    /// scoring their second half, BOS first in each): with a `file:` set, the figure
+    /// `llama-perplexity -f FILE -c CTX` prints for the same model.
+    #[arg(long, conflicts_with = "stride")]
+    pub llama_cpp_perplexity: bool,
     /// Evaluation data (default: $BINLLM_EVAL_DATA, else ../shared/data/eval).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -144,6 +149,7 @@ pub fn run(args: Args) -> Result<()> {
         ctx: a.ctx,
         stride: a.stride,
         limit: a.limit,
+        llama_cpp_perplexity: a.llama_cpp_perplexity,
         show_progress: true,
     };
     let report = run_benchmarks(engine.as_mut(), &benchmarks, &settings)?;

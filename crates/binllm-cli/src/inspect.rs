@@ -111,6 +111,15 @@ fn inspect_packed(args: &Args) -> Result<()> {
         .filter(|l| l.input_scale.is_some())
         .count();
     let size = std::fs::metadata(&args.model)?.len();
+    // A 1-bit GGUF is read into the same model; say what the file itself holds.
+    let format = if binllm_format::gguf::is_sign_gguf(&args.model) {
+        let types = model.provenance.details["gguf"]
+            .as_str()
+            .unwrap_or_default();
+        format!("GGUF with 1-bit block linears, read as sign bits ({types})")
+    } else {
+        "binllm packed 1-bit".to_string()
+    };
     let tokenizer = model.tokenizer()?;
     let mut dense_types = std::collections::BTreeMap::new();
     for t in model.dense.values() {
@@ -119,7 +128,7 @@ fn inspect_packed(args: &Args) -> Result<()> {
     if args.json {
         let report = serde_json::json!({
             "path": args.model,
-            "format": "binllm packed 1-bit",
+            "format": format,
             "file_bytes": size,
             "config": c,
             "precision": model.precision,
@@ -138,7 +147,7 @@ fn inspect_packed(args: &Args) -> Result<()> {
     }
     println!("model          {}", args.model.display());
     println!(
-        "format         binllm packed 1-bit ({:.2} MiB)",
+        "format         {format} ({:.2} MiB)",
         size as f64 / (1 << 20) as f64
     );
     println!("architecture   {}", c.architecture);
@@ -173,8 +182,15 @@ fn inspect_packed(args: &Args) -> Result<()> {
         );
     }
     println!(
-        "bits/weight    body {:.4}, embeddings+head {:.3}, whole model {:.4}",
-        bpw.body, bpw.embeddings_and_head, bpw.whole_model
+        "bits/weight    body {:.4}, embeddings+head {:.3}, whole model {:.4}{}",
+        bpw.body,
+        bpw.embeddings_and_head,
+        bpw.whole_model,
+        if format.starts_with("GGUF") {
+            " (as binllm holds it; the file's own block types are listed above)"
+        } else {
+            ""
+        }
     );
     println!(
         "provenance     {} from {}",

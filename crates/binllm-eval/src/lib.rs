@@ -31,7 +31,8 @@ pub use chat::{
 };
 pub use lm::{score_all, LanguageModel, ScoreRequest, TokenScore};
 pub use perplexity::{
-    perplexity_windows, run_perplexity, PerplexityOptions, PerplexityResult, PerplexitySet, Window,
+    llama_cpp_windows, perplexity_windows, run_perplexity, PerplexityOptions, PerplexityResult,
+    PerplexitySet, Window,
 };
 pub use reference::{compare_with_reference, AgreementSummary, ReferenceFile};
 pub use report::{compare, compare_files, render_markdown, EvalReport, RunInfo};
@@ -117,6 +118,8 @@ pub struct EvalSettings {
     pub stride: Option<usize>,
     /// First N examples of every task; `None`: all.
     pub limit: Option<usize>,
+    /// Perplexity under llama-perplexity's protocol (`perplexity::llama_cpp_windows`).
+    pub llama_cpp_perplexity: bool,
     pub show_progress: bool,
 }
 
@@ -139,6 +142,7 @@ pub fn run_benchmarks(
         ctx: settings.ctx,
         stride: settings.stride,
         limit: settings.limit,
+        llama_cpp: settings.llama_cpp_perplexity,
         show_progress: settings.show_progress,
     };
     let task_options = TaskOptions {

@@ -6,6 +6,12 @@
 //! windows of `ctx` tokens (a final partial window is dropped), every window predicts its
 //! positions 1..ctx, and ppl = exp(mean NLL over all predicted tokens).
 //!
+//! llama.cpp (`llama-perplexity`'s default): the same `len / ctx` non-overlapping windows,
+//! each scoring only its second half (targets `ctx / 2 + 1 .. ctx`, the logits of positions
+//! `ctx / 2 .. ctx - 1`), and, when the tokenizer adds BOS, every window's first token
+//! replaced by BOS. With the raw file as a `file:` set this is the number `llama-perplexity
+//! -f FILE -c CTX` prints, so the two engines can be compared on one protocol.
+//!
 //! Sliding (HF "Perplexity of fixed-length models"): windows of `ctx` start every `stride`
 //! tokens; each scores only the tokens the previous window did not (the first scores all),
 //! so every token from position 1 on is scored exactly once, each with up to `ctx - stride`
@@ -206,6 +212,22 @@ pub fn perplexity_windows(n: usize, ctx: usize, stride: Option<usize>) -> Result
     }
 }
 
+/// llama-perplexity's windows over `n` tokens: `n / ctx` non-overlapping windows, each
+/// scoring targets `ctx / 2 + 1 .. ctx` (the module documentation says why).
+pub fn llama_cpp_windows(n: usize, ctx: usize) -> Result<Vec<Window>> {
+    ensure!(
+        ctx >= 4,
+        "llama.cpp's protocol needs a window of at least 4 tokens (got {ctx})"
+    );
+    Ok((0..n / ctx)
+        .map(|i| Window {
+            start: i * ctx,
+            end: (i + 1) * ctx,
+            score_from: ctx / 2 + 1,
+        })
+        .collect())
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct PerplexityOptions {
     /// Window length; `None`: min(2048, model context).
@@ -214,6 +236,8 @@ pub struct PerplexityOptions {
     pub stride: Option<usize>,
     /// Score only the first N windows (`--limit`); `None`: all.
     pub limit: Option<usize>,
+    /// llama-perplexity's protocol instead of GPTQ's ([`llama_cpp_windows`]; no stride).
+    pub llama_cpp: bool,
     pub show_progress: bool,
 }
 
@@ -292,7 +316,15 @@ pub fn run_perplexity(
     let tokens = &all_tokens[..set
         .max_tokens(ctx)
         .map_or(all_tokens.len(), |m| m.min(all_tokens.len()))];
-    let mut windows = perplexity_windows(tokens.len(), ctx, options.stride)?;
+    ensure!(
+        !(options.llama_cpp && options.stride.is_some()),
+        "llama.cpp's protocol has no stride"
+    );
+    let mut windows = if options.llama_cpp {
+        llama_cpp_windows(tokens.len(), ctx)?
+    } else {
+        perplexity_windows(tokens.len(), ctx, options.stride)?
+    };
     let all_windows = windows.len();
     if let Some(limit) = options.limit {
         windows.truncate(limit.max(1));
@@ -304,6 +336,23 @@ pub fn run_perplexity(
             tokens.len()
         );
     }
+    // llama.cpp puts BOS first in every window when its tokenizer adds one.
+    let bos = model
+        .tokenizer()
+        .bos_id
+        .filter(|&b| all_tokens.first() == Some(&b));
+    let with_bos: Vec<u32>;
+    let tokens = match bos {
+        Some(bos) if options.llama_cpp => {
+            with_bos = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| if i % ctx == 0 { bos } else { t })
+                .collect();
+            &with_bos[..]
+        }
+        _ => tokens,
+    };
     let (nll_sum, scored) =
         perplexity_of_tokens(model, tokens, &windows, options.show_progress, &set.name())?;
     let covered = windows.last().map_or(0, |w| w.end);
@@ -336,7 +385,9 @@ pub fn run_perplexity(
         dataset: set.name(),
         file: set.file(data_dir),
         text: how,
-        protocol: if sliding {
+        protocol: if options.llama_cpp {
+            "llama.cpp (llama-perplexity: second half of each window, BOS first)".into()
+        } else if sliding {
             "sliding window (HF perplexity guide)".into()
         } else {
             "non-overlapping windows (GPTQ)".into()

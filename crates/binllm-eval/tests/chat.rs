@@ -537,6 +537,7 @@ fn the_chat_benchmark_reaches_the_report_markdown_and_comparison() {
         ctx: None,
         stride: None,
         limit: None,
+        llama_cpp_perplexity: false,
         show_progress: false,
     };
     let mut model = BigramModel::new(2, 128, 4);

@@ -127,6 +127,7 @@ fn a_benchmark_run_reports_every_number_and_renders() {
         ctx: Some(128),
         stride: None,
         limit: Some(6),
+        llama_cpp_perplexity: false,
         show_progress: false,
     };
     let report = run_benchmarks(&mut model, &benchmarks, &settings).unwrap();

@@ -96,6 +96,7 @@ fn perplexity_equals_a_float64_loop() {
                 ctx: Some(ctx),
                 stride,
                 limit: None,
+                llama_cpp: false,
                 show_progress: false,
             },
         )
@@ -178,6 +179,7 @@ fn limit_scores_only_the_first_windows() {
             ctx: Some(16),
             stride: None,
             limit: Some(2),
+            llama_cpp: false,
             show_progress: false,
         },
     )
@@ -194,4 +196,18 @@ fn limit_scores_only_the_first_windows() {
         "{:?}",
         result.notes
     );
+}
+
+#[test]
+fn llama_cpp_windows_score_the_second_half_of_each() {
+    use binllm_eval::perplexity::llama_cpp_windows;
+    // 10 tokens, windows of 4: two windows (the last 2 tokens unused), each scoring targets
+    // 3..4 of the window, as llama-perplexity scores the logits of positions 2..3.
+    let windows = llama_cpp_windows(10, 4).unwrap();
+    assert_eq!(windows.len(), 2);
+    assert_eq!((windows[1].start, windows[1].end), (4, 8));
+    assert!(windows.iter().all(|w| w.score_from == 3));
+    let scored: usize = windows.iter().map(|w| w.end - w.start - w.score_from).sum();
+    assert_eq!(scored, 2);
+    assert!(llama_cpp_windows(10, 2).is_err());
 }

@@ -80,7 +80,7 @@ pub fn detect_format(path: &Path) -> Result<SourceFormat> {
             dir.map_or_else(|| ".".into(), |d| d.display().to_string())
         );
     }
-    if is_packed_file(path) {
+    if is_packed_container(path) {
         bail!(
             "{}: a binllm packed model (.b1), not a pretrained model: this command takes a Hugging Face directory, a GGUF file or a llama2.c checkpoint (`binllm run`, `bench`, `eval` and `inspect` take packed files)",
             path.display()
@@ -102,9 +102,17 @@ pub fn detect_format(path: &Path) -> Result<SourceFormat> {
 /// How much of a packed file's header [`looks_packed`] searches for binllm's format key.
 const PACKED_SNIFF_BYTES: u64 = 64 << 20;
 
-/// Whether `path` is a binllm packed file: named `*.b1`, or its first bytes say so (see
-/// [`looks_packed`]). Either way its reader, not another format's, speaks about its damage.
+/// Whether [`crate::packed::PackedModel::read_parts`] takes `path`: a packed container (see
+/// [`is_packed_container`]) or a GGUF whose block linears are 1-bit (`binllm export --format
+/// gguf`).
 pub fn is_packed_file(path: &Path) -> bool {
+    crate::gguf::is_sign_gguf(path) || is_packed_container(path)
+}
+
+/// Whether `path` is binllm's packed container: named `*.b1`, or its first bytes say so
+/// (see [`looks_packed`]). Either way its reader, not another format's, speaks about its
+/// damage.
+pub fn is_packed_container(path: &Path) -> bool {
     let Ok(file) = std::fs::File::open(path) else {
         return false;
     };

@@ -46,7 +46,13 @@ fn u32s(v: &Value) -> Vec<u32> {
 fn dequantization_is_bit_exact_with_gguf_py() {
     let bytes = std::fs::read(fixture("quant_blocks.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    for name in dequant::SUPPORTED {
+    // The 1-bit types (Q1_0, Q2_0, TQ1_0, TQ2_0) are checked against bytes worked out from
+    // ggml's definitions in gguf_sign_blocks.rs; the gguf-py fixture predates them.
+    let sign_types = ["Q1_0", "Q2_0", "TQ1_0", "TQ2_0"];
+    for name in dequant::SUPPORTED
+        .iter()
+        .filter(|n| !sign_types.contains(n))
+    {
         let ty = GgmlType::from_name(name).unwrap();
         let raw = st.tensor(&format!("{name}.raw")).unwrap();
         let expected: Vec<u32> = st
@@ -85,7 +91,7 @@ fn dequantization_is_bit_exact_with_gguf_py() {
 
 #[test]
 fn unsupported_types_are_refused_by_name() {
-    for name in ["Q2_K", "Q3_K", "IQ2_XXS", "IQ4_NL", "TQ1_0", "Q8_K"] {
+    for name in ["Q2_K", "Q3_K", "IQ2_XXS", "IQ4_NL", "IQ1_S", "Q8_K"] {
         let ty = GgmlType::from_name(name).unwrap();
         assert!(!ty.is_supported());
         let raw = vec![0u8; ty.type_size];

@@ -10,6 +10,7 @@ use anyhow::{bail, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::sign_blocks::{self, SignBlockType};
 use crate::tensor::TensorData;
 
 /// One ggml tensor type: its id in GGUF files, its name, and how many elements one block of
@@ -62,6 +63,7 @@ const GGML_TYPES: &[GgmlType] = &[
     ty(39, "MXFP4", 32, 1 + 16),
     ty(40, "NVFP4", 64, 4 + 32),
     ty(41, "Q1_0", 128, 2 + 16),
+    ty(42, "Q2_0", 64, 2 + 16),
 ];
 
 const fn ty(id: u32, name: &'static str, block_size: usize, type_size: usize) -> GgmlType {
@@ -75,7 +77,8 @@ const fn ty(id: u32, name: &'static str, block_size: usize, type_size: usize) ->
 
 /// The types [`dequantize`] decodes.
 pub const SUPPORTED: &[&str] = &[
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q1_0",
+    "Q2_0", "TQ1_0", "TQ2_0",
 ];
 
 impl GgmlType {
@@ -144,6 +147,13 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Tenso
                     .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
                     .collect(),
             ))
+        }
+        // The low-bit types that can hold sign matrices live with their layouts.
+        "Q1_0" | "Q2_0" | "TQ1_0" | "TQ2_0" => {
+            let sign_type = SignBlockType::readable(ty).expect("a sign block type");
+            return Ok(TensorData::F32(sign_blocks::dequantize(
+                sign_type, bytes, n_elements,
+            )?));
         }
         "Q4_0" => dequantize_q4_0,
         "Q4_1" => dequantize_q4_1,

@@ -698,6 +698,7 @@ pub(super) fn file_type_name(id: u64) -> Option<&'static str> {
         38 => "MOSTLY_MXFP4_MOE",
         39 => "MOSTLY_NVFP4",
         40 => "MOSTLY_Q1_0",
+        41 => "MOSTLY_Q2_0",
         1024 => "GUESSED",
         _ => return None,
     })

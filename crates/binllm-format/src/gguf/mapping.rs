@@ -17,27 +17,8 @@ use crate::{Architecture, ModelConfig, TextTokenizer};
 /// Reads a llama / mistral / qwen2 / qwen3 GGUF into canonical names and layout.
 pub fn read_model(path: &Path, options: &LoadOptions) -> Result<PretrainedModel> {
     let file = GgufFile::open(path)?;
-    let arch_name = file
-        .get("general.architecture")
-        .and_then(MetaValue::as_str)
-        .ok_or_else(|| {
-            anyhow!(
-                "{}: GGUF metadata has no string 'general.architecture'",
-                path.display()
-            )
-        })?;
-    let architecture = match arch_name {
-        "llama" => Architecture::Llama,
-        "mistral" => Architecture::Mistral,
-        "qwen2" => Architecture::Qwen2,
-        "qwen3" => Architecture::Qwen3,
-        other => bail!(
-            "{}: GGUF architecture '{other}' is not supported (supported: llama, mistral, qwen2, qwen3)",
-            path.display()
-        ),
-    };
-    let mut config = read_config(&file, arch_name, architecture)
-        .with_context(|| format!("{}: unusable GGUF model metadata", path.display()))?;
+    let mut config = model_config(&file)?;
+    let architecture = config.architecture;
 
     let mut notes = vec![format!(
         "GGUF v{}, file type {}, {} tensors",
@@ -100,6 +81,32 @@ pub fn read_model(path: &Path, options: &LoadOptions) -> Result<PretrainedModel>
     })
 }
 
+/// The architecture (`general.architecture`) and the config from the `{arch}.*` metadata.
+pub(super) fn model_config(file: &GgufFile) -> Result<ModelConfig> {
+    let path = &file.path;
+    let arch_name = file
+        .get("general.architecture")
+        .and_then(MetaValue::as_str)
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: GGUF metadata has no string 'general.architecture'",
+                path.display()
+            )
+        })?;
+    let architecture = match arch_name {
+        "llama" => Architecture::Llama,
+        "mistral" => Architecture::Mistral,
+        "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
+        other => bail!(
+            "{}: GGUF architecture '{other}' is not supported (supported: llama, mistral, qwen2, qwen3)",
+            path.display()
+        ),
+    };
+    read_config(file, arch_name, architecture)
+        .with_context(|| format!("{}: unusable GGUF model metadata", path.display()))
+}
+
 fn read_external_tokenizer(path: &Path, vocab_size: usize) -> Result<TextTokenizer> {
     if path.extension().is_some_and(|e| e == "json") {
         TextTokenizer::from_json_file(path)
@@ -111,7 +118,7 @@ fn read_external_tokenizer(path: &Path, vocab_size: usize) -> Result<TextTokeniz
 /// llama.cpp's converter permutes q/k rows into the interleaved order its NORM RoPE
 /// expects for these architectures; qwen2/qwen3 use NEOX RoPE (rotate-half) and are stored
 /// as Hugging Face has them.
-fn permutes_qk(architecture: Architecture) -> bool {
+pub(super) fn permutes_qk(architecture: Architecture) -> bool {
     matches!(architecture, Architecture::Llama | Architecture::Mistral)
 }
 
@@ -232,6 +239,21 @@ fn read_config(file: &GgufFile, arch: &str, architecture: Architecture) -> Resul
         bos_token_id: token_id("bos_token_id")?,
         eos_token_ids,
     })
+}
+
+/// The GGUF name of a block linear's module in layer `layer` (`blk.N.attn_q`, ...), without
+/// the `.weight` / `.bias` suffix.
+pub(super) fn gguf_linear_name(layer: usize, which: BlockLinear) -> String {
+    let module = match which {
+        BlockLinear::Q => "attn_q",
+        BlockLinear::K => "attn_k",
+        BlockLinear::V => "attn_v",
+        BlockLinear::O => "attn_output",
+        BlockLinear::Gate => "ffn_gate",
+        BlockLinear::Up => "ffn_up",
+        BlockLinear::Down => "ffn_down",
+    };
+    format!("blk.{layer}.{module}")
 }
 
 /// Which RoPE permutation a tensor needs undone.

@@ -133,7 +133,7 @@ fn flag(file: &GgufFile, key: &str) -> Result<Option<bool>> {
 
 /// How llama.cpp splits text into words before BPE, per `tokenizer.ggml.pre`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PreSplit {
+pub(super) enum PreSplit {
     /// GPT-2's regex.
     Gpt2,
     /// Every digit on its own, then GPT-2's regex (starcoder, refact, smollm, ...).
@@ -189,7 +189,7 @@ fn byte_level(use_regex: bool) -> Value {
     json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex})
 }
 
-fn pre_tokenizer_json(split: PreSplit) -> Value {
+pub(super) fn pre_tokenizer_json(split: PreSplit) -> Value {
     let sequence = match split {
         // HF's ByteLevel regex is GPT-2's (with the trailing `|\s+`, which only matters for
         // text the other alternatives leave unmatched: llama.cpp keeps such text as a word

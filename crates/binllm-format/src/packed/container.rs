@@ -346,11 +346,16 @@ impl PackedModel {
     }
 
     /// [`PackedModel::read`], plus the q8_0 tensors exactly as stored (the runtime computes
-    /// with those; `dense` holds their dequantized values for every other consumer).
+    /// with those; `dense` holds their dequantized values for every other consumer). A GGUF
+    /// file whose block linears are 1-bit (`binllm export --format gguf`) is read too
+    /// ([`crate::gguf::read_packed`]).
     pub fn read_parts(path: &Path) -> Result<(Self, QuantTensors)> {
+        if crate::gguf::is_sign_gguf(path) {
+            return crate::gguf::read_packed(path);
+        }
         let file = std::fs::File::open(path)
             .with_context(|| format!("{}: cannot open packed model", path.display()))?;
-        if !crate::detect::is_packed_file(path) {
+        if !crate::detect::is_packed_container(path) {
             bail!(
                 "{}: {}, not a binllm packed model (.b1); `binllm export --ptq {} --out model.b1` makes one from a pretrained model",
                 path.display(),

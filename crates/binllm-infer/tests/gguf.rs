@@ -1,0 +1,325 @@
+//! `write_gguf` and the GGUF-to-sign-bits reader with the packed runtime: the round trip gives
+//! the packed file's logits, folding into the GGUF is exact against the unfolded model, what
+//! cannot fold is refused, and a model whose widths are multiples of 128 is all Q1_0.
+
+use binllm_format::gguf::{read_packed, write_gguf, GgufFile};
+use binllm_format::names::{self, BlockLinear};
+use binllm_format::packed::{export, ExportOptions, HeadFormat, PackedModel, QuantTensors};
+use binllm_format::{Architecture, ModelConfig, PretrainedModel, SourceFormat};
+use binllm_infer::ptq::{ptq_sign_model, InputScales};
+use binllm_infer::{KvCache, Model, RuntimeOptions};
+
+fn logits(packed: &PackedModel, quantized: &QuantTensors, ids: &[u32]) -> Vec<f32> {
+    let options = RuntimeOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    let model = Model::new(packed, quantized, &options).unwrap();
+    let mut cache = KvCache::new(&model.config);
+    model.forward_all(&mut cache, ids).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// stories260K's first tokens of a sentence (its SentencePiece tokenizer from tok512.bin).
+fn stories_ids(model: &PretrainedModel) -> Vec<u32> {
+    model
+        .tokenizer()
+        .unwrap()
+        .encode("Once upon a time, there was a dog named", true)
+        .unwrap()
+}
+
+#[test]
+fn gguf_round_trip_gives_the_packed_logits_and_tokenizer() {
+    let pretrained = binllm_testing::shared::stories260k_with_tok512_bin();
+    let ids = stories_ids(&pretrained);
+    let sign = ptq_sign_model(&pretrained, InputScales::Foldable { seed: 7 }).unwrap();
+    for head in [HeadFormat::F16, HeadFormat::Q8, HeadFormat::Q4] {
+        let exported = export(
+            &sign,
+            &ExportOptions {
+                head,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stories-1bit.gguf");
+        let report = write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+        // 64 columns are Q2_0; down_proj's 172 fit no block type and are F16.
+        let types: Vec<&str> = report.block_types.iter().map(|t| t.0.as_str()).collect();
+        assert_eq!(types, ["F16", "Q2_0"], "{report:?}");
+
+        let (read, quantized) = read_packed(&path).unwrap();
+        assert_eq!(read.linears, exported.model.linears, "head {head:?}");
+        assert_eq!(quantized, exported.quantized, "head {head:?}");
+        let want = logits(&exported.model, &exported.quantized, &ids);
+        let got = logits(&read, &quantized, &ids);
+        assert!(
+            max_abs_diff(&want, &got) <= 1e-6,
+            "head {head:?}: {}",
+            max_abs_diff(&want, &got)
+        );
+
+        // The tokenizer and template travel in the metadata and tokenize the same.
+        let text = "Lily saw a big, red ball in the park. 123";
+        let original = exported.model.tokenizer().unwrap().unwrap();
+        let again = read.tokenizer().unwrap().unwrap();
+        assert_eq!(
+            again.encode(text, true).unwrap(),
+            original.encode(text, true).unwrap()
+        );
+        assert_eq!(read.chat_template, exported.model.chat_template);
+        // The packed readers take the file like a .b1.
+        assert!(binllm_format::packed::is_packed_file(&path));
+        let (via_packed, _) = PackedModel::read_parts(&path).unwrap();
+        assert_eq!(via_packed.linears, read.linears);
+    }
+}
+
+/// Rounds to the nearest power of two, so that multiplying by it is exact in f16 and f32.
+fn power_of_two(v: f32) -> f32 {
+    2f32.powi(v.log2().round() as i32)
+}
+
+#[test]
+fn folding_into_the_gguf_is_exact_against_the_unfolded_model() {
+    let pretrained = binllm_testing::shared::stories260k_with_tok512_bin();
+    let ids = stories_ids(&pretrained);
+    // The unfolded reference: input scales applied at run time. Scales are powers of two and
+    // the other vectors f16 values, so folding them (products) loses nothing in f16: any
+    // difference would be a folding error, not rounding.
+    let mut sign = ptq_sign_model(&pretrained, InputScales::Foldable { seed: 3 }).unwrap();
+    let to_f16 = |v: &mut Vec<f32>| {
+        v.iter_mut()
+            .for_each(|x| *x = half::f16::from_f32(*x).to_f32())
+    };
+    for l in sign.linears.values_mut() {
+        to_f16(&mut l.row_scale);
+        if let Some(s) = &mut l.input_scale {
+            s.iter_mut().for_each(|x| *x = power_of_two(*x));
+        }
+    }
+    for t in sign.dense.values_mut() {
+        let mut v = t.to_f32_vec();
+        to_f16(&mut v);
+        *t = binllm_format::HostTensor::from_f32(t.shape.clone(), v);
+    }
+    assert!(sign.linears.values().all(|l| l.input_scale.is_some()));
+    let reference = logits(&sign, &Default::default(), &ids);
+
+    let exported = export(&sign, &ExportOptions::default()).unwrap();
+    assert_eq!(exported.report.folded.len(), 4 * sign.config.num_layers);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("folded.gguf");
+    write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+    let (read, quantized) = read_packed(&path).unwrap();
+    assert!(read.linears.values().all(|l| l.input_scale.is_none()));
+    let got = logits(&read, &quantized, &ids);
+    let spread = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = max_abs_diff(&reference, &got);
+    assert!(
+        diff <= 1e-5 * spread,
+        "folded GGUF logits differ from the unfolded model by {diff} (max |logit| {spread})"
+    );
+}
+
+#[test]
+fn input_scales_that_cannot_fold_are_refused() {
+    let pretrained = binllm_testing::shared::stories260k_with_tok512_bin();
+    let sign = ptq_sign_model(&pretrained, InputScales::Independent { seed: 1 }).unwrap();
+    let exported = export(&sign, &ExportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refused.gguf");
+    let err = write_gguf(&exported.model, &exported.quantized, &path).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(err.contains("did not fold"), "{err}");
+    assert!(err.contains("layer 0 self_attn.q_proj"), "{err}");
+    assert!(!path.exists());
+}
+
+/// A Llama with every width a multiple of 128, synthetic weights.
+fn wide_model() -> PretrainedModel {
+    synthetic_model(256, 768, 4, 2, 64)
+}
+
+fn synthetic_model(
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> PretrainedModel {
+    let config = ModelConfig {
+        architecture: Architecture::Llama,
+        vocab_size: 320,
+        hidden_size,
+        intermediate_size,
+        num_layers: 2,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 256,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        qk_norm: false,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    };
+    PretrainedModel {
+        tensors: binllm_testing::synthetic::synthetic_tensors(&config),
+        config,
+        tokenizer: None,
+        chat_template: None,
+        format: SourceFormat::HuggingFace,
+        path: "synthetic".into(),
+        notes: vec![],
+    }
+}
+
+#[test]
+fn widths_of_multiples_of_128_are_all_q1_0_and_read_back() {
+    let sign = ptq_sign_model(&wide_model(), InputScales::Foldable { seed: 5 }).unwrap();
+    let exported = export(
+        &sign,
+        &ExportOptions {
+            head: HeadFormat::Q8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wide.gguf");
+    let report = write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+    assert_eq!(report.block_types.len(), 1);
+    assert_eq!(report.block_types[0].0, "Q1_0");
+    assert_eq!(report.body_bits_per_weight, 1.125);
+    assert_eq!(report.head_type, "Q8_0");
+
+    let file = GgufFile::open(&path).unwrap();
+    for layer in 0..2 {
+        for (gguf, which) in [
+            ("attn_q", BlockLinear::Q),
+            ("attn_output", BlockLinear::O),
+            ("ffn_down", BlockLinear::Down),
+        ] {
+            let info = file
+                .tensor_info(&format!("blk.{layer}.{gguf}.weight"))
+                .unwrap();
+            assert_eq!(info.ggml_type.name, "Q1_0");
+            assert_eq!(info.shape(), which.shape(&sign.config));
+        }
+    }
+    assert_eq!(
+        file.tensor_info("output.weight").unwrap().ggml_type.name,
+        "Q8_0"
+    );
+    assert_eq!(
+        file.get("general.file_type").and_then(|v| v.as_u64()),
+        Some(40)
+    );
+
+    let (read, quantized) = read_packed(&path).unwrap();
+    assert_eq!(read.linears, exported.model.linears);
+    assert_eq!(
+        read.dense[names::LM_HEAD].to_f32_vec(),
+        exported.model.dense[names::LM_HEAD].to_f32_vec()
+    );
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 320) as u32).collect();
+    let want = logits(&exported.model, &exported.quantized, &ids);
+    let got = logits(&read, &quantized, &ids);
+    assert!(max_abs_diff(&want, &got) <= 1e-6);
+}
+
+#[test]
+fn a_damaged_q1_0_tensor_is_refused_naming_file_and_tensor() {
+    let sign = ptq_sign_model(&wide_model(), InputScales::None).unwrap();
+    let exported = export(&sign, &ExportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wide.gguf");
+    write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let info = file.tensor_info("blk.1.ffn_up.weight").unwrap().clone();
+    let at = (file.data_offset + info.offset) as usize;
+    drop(file);
+
+    // The second block of row 0 gets another scale: not one scale per row.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at + 18..at + 20].copy_from_slice(&half::f16::from_f32(123.0).to_le_bytes());
+    let varying = dir.path().join("varying.gguf");
+    std::fs::write(&varying, &bytes).unwrap();
+    let err = format!("{:#}", read_packed(&varying).unwrap_err());
+    assert!(err.contains("varying.gguf"), "{err}");
+    assert!(err.contains("blk.1.ffn_up.weight"), "{err}");
+    assert!(err.contains("vary within row 0"), "{err}");
+    // The float path still reads it (dequantised, per-block scales and all).
+    let floats = binllm_format::PretrainedModel::load(&varying, &Default::default()).unwrap();
+    let up = floats.tensors[&names::linear_weight(1, BlockLinear::Up)].to_f32_vec();
+    assert_eq!(up[128].abs(), 123.0);
+
+    // Cut inside the tensor data: the file and a tensor are named, no panic.
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..at + 100]).unwrap();
+    let err = format!("{:#}", read_packed(&cut).unwrap_err());
+    assert!(
+        err.contains("cut.gguf") && err.contains("runs past the end"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rows_of_a_multiple_of_32_only_are_q4_0_and_read_back() {
+    // Hidden 96 (3 x 32): q/k/v/o/gate/up rows fit neither Q1_0 nor Q2_0; down's 256 fit Q1_0.
+    let sign = ptq_sign_model(&synthetic_model(96, 256, 3, 1, 32), InputScales::None).unwrap();
+    let exported = export(&sign, &ExportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("narrow.gguf");
+    let report = write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+    let types: Vec<(&str, usize)> = report
+        .block_types
+        .iter()
+        .map(|t| (t.0.as_str(), t.1))
+        .collect();
+    assert_eq!(types, [("Q1_0", 2), ("Q4_0", 12)]);
+    let (read, quantized) = read_packed(&path).unwrap();
+    assert_eq!(read.linears, exported.model.linears);
+    let ids: Vec<u32> = (0..12).map(|i| (i * 53 % 320) as u32).collect();
+    let want = logits(&exported.model, &exported.quantized, &ids);
+    assert!(max_abs_diff(&want, &logits(&read, &quantized, &ids)) <= 1e-6);
+}
+
+#[test]
+fn qwen2_biases_and_qwen3_qk_norms_round_trip() {
+    for (architecture, attention_bias, qk_norm) in [
+        (Architecture::Qwen2, true, false),
+        (Architecture::Qwen3, false, true),
+    ] {
+        let mut model = wide_model();
+        model.config.architecture = architecture;
+        model.config.attention_bias = attention_bias;
+        model.config.qk_norm = qk_norm;
+        model.tensors = binllm_testing::synthetic::synthetic_tensors(&model.config);
+        let sign = ptq_sign_model(&model, InputScales::Foldable { seed: 9 }).unwrap();
+        let exported = export(&sign, &ExportOptions::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qwen.gguf");
+        write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+        let (read, quantized) = read_packed(&path).unwrap();
+        assert_eq!(read.config.architecture, architecture);
+        assert_eq!(read.linears, exported.model.linears, "{architecture:?}");
+        let ids: Vec<u32> = (0..16).map(|i| (i * 29 % 320) as u32).collect();
+        let want = logits(&exported.model, &exported.quantized, &ids);
+        let got = logits(&read, &quantized, &ids);
+        assert!(max_abs_diff(&want, &got) <= 1e-6, "{architecture:?}");
+    }
+}
