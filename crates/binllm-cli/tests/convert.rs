@@ -251,6 +251,25 @@ fn last_training_loss(run: &Path) -> f64 {
         .unwrap()
 }
 
+/// `convert --resume` of the run in `run` (its settings come from its config.toml).
+fn resume_args(run: &Path) -> [&str; 6] {
+    let out = run.to_str().unwrap();
+    ["convert", "--out", out, "--resume", "--device", "cpu"]
+}
+
+/// An interrupted and resumed run ends exactly where the uninterrupted one does.
+fn assert_same_end(uninterrupted: &Path, resumed: &Path) {
+    assert_eq!(
+        last_training_loss(uninterrupted),
+        last_training_loss(resumed),
+        "the final training loss must match the uninterrupted run's exactly"
+    );
+    assert_eq!(
+        summary(uninterrupted)["validation"]["final_sign_form"],
+        summary(resumed)["validation"]["final_sign_form"]
+    );
+}
+
 #[test]
 fn kill_minus_nine_then_resume_reproduces_the_uninterrupted_run() {
     let _serial = serial();
@@ -290,14 +309,7 @@ fn kill_minus_nine_then_resume_reproduces_the_uninterrupted_run() {
     assert!(!killed.join("summary.json").exists());
 
     let resume_started = std::time::Instant::now();
-    let resumed = run_ok(&[
-        "convert",
-        "--out",
-        killed.to_str().unwrap(),
-        "--resume",
-        "--device",
-        "cpu",
-    ]);
+    let resumed = run_ok(&resume_args(&killed));
     let resume_seconds = resume_started.elapsed().as_secs_f64();
     let log = String::from_utf8_lossy(&resumed.stderr);
     assert!(log.contains("resuming from step"), "{log}");
@@ -315,15 +327,7 @@ fn kill_minus_nine_then_resume_reproduces_the_uninterrupted_run() {
         a["validation"]["final_sign_form"],
         b["validation"]["final_sign_form"]
     );
-    assert_eq!(
-        last_training_loss(&straight),
-        last_training_loss(&killed),
-        "the final training loss must match exactly"
-    );
-    assert_eq!(
-        a["validation"]["final_sign_form"],
-        b["validation"]["final_sign_form"]
-    );
+    assert_same_end(&straight, &killed);
     assert_eq!(a["phases"], b["phases"], "per-phase reports must match");
 }
 
@@ -376,24 +380,9 @@ fn a_full_disk_during_a_checkpoint_loses_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
 
-    let resumed = run_ok(&[
-        "convert",
-        "--out",
-        full.to_str().unwrap(),
-        "--resume",
-        "--device",
-        "cpu",
-    ]);
+    let resumed = run_ok(&resume_args(&full));
     assert!(resumed.status.success());
-    assert_eq!(
-        last_training_loss(&straight),
-        last_training_loss(&full),
-        "the final training loss must match the uninterrupted run's exactly"
-    );
-    assert_eq!(
-        summary(&straight)["validation"]["final_sign_form"],
-        summary(&full)["validation"]["final_sign_form"]
-    );
+    assert_same_end(&straight, &full);
 }
 
 #[test]
@@ -475,14 +464,7 @@ fn bad_input_gives_clear_errors() {
     let newest = ckpts.iter().max().unwrap();
     let bytes = std::fs::read(newest).unwrap();
     std::fs::write(newest, &bytes[..bytes.len() / 2]).unwrap();
-    let err = run_err(&[
-        "convert",
-        "--out",
-        run.to_str().unwrap(),
-        "--resume",
-        "--device",
-        "cpu",
-    ]);
+    let err = run_err(&resume_args(&run));
     assert!(
         err.contains(newest.file_name().unwrap().to_str().unwrap()) && err.contains("corrupt"),
         "{err}"
@@ -844,14 +826,7 @@ fn resuming_before_the_first_checkpoint_says_so_and_logs_each_step_once() {
     // As if killed during Stage 1: settings and log lines exist, no checkpoint yet.
     std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
     std::fs::remove_file(run.join("summary.json")).unwrap();
-    let out = run_ok(&[
-        "convert",
-        "--out",
-        run.to_str().unwrap(),
-        "--resume",
-        "--device",
-        "cpu",
-    ]);
+    let out = run_ok(&resume_args(&run));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
         log.contains("no checkpoint yet") && log.contains("starting again from step 1"),

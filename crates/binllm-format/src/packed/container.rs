@@ -375,11 +375,14 @@ impl PackedModel {
     }
 
     pub fn from_bytes_parts(bytes: &[u8]) -> Result<(Self, QuantTensors)> {
-        check_layout(bytes)?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| anyhow!("bad safetensors header (truncated or corrupt file?): {e}"))?;
-        let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| anyhow!("truncated or corrupt safetensors data: {e}"))?;
+        let parsed = safetensors::SafeTensors::read_metadata(bytes)
+            .and_then(|(_, header)| Ok((header, safetensors::SafeTensors::deserialize(bytes)?)));
+        // safetensors' own messages do not say where a file ends short: on failure only, the
+        // layout is read again to name the damage.
+        let (header, st) = parsed.map_err(|e| match layout_damage(bytes) {
+            Some(damage) => anyhow!("{damage}"),
+            None => anyhow!("corrupt safetensors data: {e}"),
+        })?;
         let meta = header.metadata().clone().unwrap_or_default();
         let field = |key: &str| {
             meta.get(key)
@@ -511,24 +514,31 @@ impl PackedModel {
     }
 }
 
-/// Names the damage in a packed file's layout (safetensors: an 8-byte header length, the
-/// JSON header, then the tensor data) before safetensors parses it, whose own messages do
-/// not say where the file ends short.
-fn check_layout(bytes: &[u8]) -> Result<()> {
+/// The damage in a packed file's layout (safetensors: an 8-byte header length, the JSON
+/// header, then the tensor data), in words; `None` when the layout is whole.
+fn layout_damage(bytes: &[u8]) -> Option<String> {
     let size = bytes.len() as u64;
-    ensure!(
-        size >= 8,
-        "the file has {size} bytes; a packed file starts with an 8-byte header length (truncated)"
-    );
+    if size < 8 {
+        return Some(format!(
+            "the file has {size} bytes; a packed file starts with an 8-byte header length (truncated)"
+        ));
+    }
     let mut header_len = [0u8; 8];
     header_len.copy_from_slice(&bytes[..8]);
     let header_end = 8u64.saturating_add(u64::from_le_bytes(header_len));
-    ensure!(
-        header_end <= size,
-        "header ends at byte {header_end}, the file has {size} bytes (truncated)"
-    );
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..header_end as usize])
-        .map_err(|e| anyhow!("header (bytes 8..{header_end}) is not valid JSON: {e}"))?;
+    if header_end > size {
+        return Some(format!(
+            "header ends at byte {header_end}, the file has {size} bytes (truncated)"
+        ));
+    }
+    let header: serde_json::Value = match serde_json::from_slice(&bytes[8..header_end as usize]) {
+        Ok(header) => header,
+        Err(e) => {
+            return Some(format!(
+                "header (bytes 8..{header_end}) is not valid JSON: {e}"
+            ))
+        }
+    };
     let data_end = header
         .as_object()
         .into_iter()
@@ -537,9 +547,7 @@ fn check_layout(bytes: &[u8]) -> Result<()> {
         .max()
         .unwrap_or(0);
     let needed = header_end.saturating_add(data_end);
-    ensure!(
-        needed <= size,
-        "tensor data ends at byte {needed}, the file has {size} bytes (truncated)"
-    );
-    Ok(())
+    (needed > size).then(|| {
+        format!("tensor data ends at byte {needed}, the file has {size} bytes (truncated)")
+    })
 }
