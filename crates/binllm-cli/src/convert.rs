@@ -36,7 +36,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "binaryllm")]
     pub method: Method,
     /// Starting settings (every option below overrides them): `quality` (binllm's measured
-    /// one-GPU recipe: distillation, teacher chat data, 40M tokens; docs/RECIPE.md), `paper`
+    /// one-GPU recipe: distillation, teacher chat data, 80M tokens; docs/RECIPE.md), `paper`
     /// (seq 2048, 128 x 2048 tokens a step, lr 1e-4 -> 2e-6, cross-entropy) or `smoke` (a few
     /// CPU minutes on a tiny model). Default: `quality` on CUDA, `paper` on the CPU.
     #[arg(long, value_enum)]
@@ -71,6 +71,11 @@ pub struct Args {
     /// exported forward, straight-through backward), so the shipped form is trained last.
     #[arg(long)]
     pub sign_fraction: Option<f64>,
+    /// The sign stage's own peak learning rate (cosine to --min-lr over the stage; the main
+    /// schedule then ends where the sign stage begins). Unset: the sign stage runs at the
+    /// tail of the one schedule.
+    #[arg(long)]
+    pub sign_lr: Option<f64>,
     /// Number of Stage-2 phases (the paper: 20).
     #[arg(long)]
     pub phases: Option<usize>,
@@ -235,6 +240,9 @@ pub fn run(args: Args) -> Result<()> {
     );
     if args.t_max.is_some() {
         c.t_max = args.t_max;
+    }
+    if args.sign_lr.is_some() {
+        c.sign_lr = args.sign_lr;
     }
     if let Some(n) = args.profile {
         c.profile_steps = n;

@@ -40,6 +40,11 @@ pub struct ConvertConfig {
     /// the one trained last.
     #[serde(default)]
     pub sign_fraction: f64,
+    /// The sign stage's own peak learning rate, decayed by a cosine to `min_lr` over the
+    /// stage; the main schedule then ends where the sign stage begins. None: one schedule
+    /// spans every Stage-2 step, so the sign stage runs at its tail.
+    #[serde(default)]
+    pub sign_lr: Option<f64>,
     pub phases: usize,
     /// Stage-2 budget in tokens (rounded to whole steps per phase); `steps` wins if both.
     pub tokens: Option<usize>,
@@ -138,9 +143,9 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
     /// binllm's measured one-GPU recipe (docs/RECIPE.md): distillation from the FP teacher
-    /// at lr 2e-3, 3M tokens of the teacher's chat transcripts as 20% of the windows, 40M
-    /// Stage-2 tokens, the last 4% of steps on the sign form (SmolLM2-135M: 10.5 minutes on
-    /// one H200, WikiText-2 58.6).
+    /// at lr 2e-3, 3M tokens of the teacher's chat transcripts as 20% of the windows, 80M
+    /// Stage-2 tokens, the last 4% of steps on the sign form (SmolLM2-135M: 17.5 minutes on
+    /// one H200, WikiText-2 47.4).
     Quality,
     /// The paper's recipe: seq 2048, 128 sequences a step, lr 1e-4 -> 2e-6, AdamW 0.1.
     Paper,
@@ -177,6 +182,7 @@ impl ConvertConfig {
             schedule: TSchedule::Exp,
             t_max: None,
             sign_fraction: 0.0,
+            sign_lr: None,
             phases: 20,
             tokens: None,
             steps: None,
@@ -218,7 +224,7 @@ impl ConvertConfig {
             Preset::Paper => base,
             Preset::Quality => ConvertConfig {
                 batch_tokens: 16 * 2048,
-                tokens: Some(40_000_000),
+                tokens: Some(80_000_000),
                 lr: 2e-3,
                 distill: Distill::Kd,
                 chat_tokens: 3_000_000,
@@ -315,6 +321,10 @@ impl ConvertConfig {
         ensure!(
             self.sign_fraction == 0.0 || self.method == Method::Binaryllm,
             "--sign-fraction applies to binaryllm (the baselines train their final form throughout)"
+        );
+        ensure!(
+            self.sign_lr.is_none_or(|lr| lr > 0.0 && lr.is_finite()),
+            "--sign-lr must be a positive number"
         );
         ensure!(
             self.t_max.is_none_or(|t| t > 0.0 && t.is_finite()),

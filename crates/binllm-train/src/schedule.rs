@@ -88,6 +88,48 @@ pub fn learning_rate(
     }
 }
 
+/// Learning rate of Stage-2 step `k` of `steps`, whose last `sign_steps` train the sign
+/// form. With `--sign-lr` the sign stage restarts at that peak and decays by a cosine to
+/// the floor, and the main schedule ends where the sign stage begins: a sign stage at the
+/// tail of one cosine runs near the floor and can hardly move the signs it inherits.
+pub fn stage2_learning_rate(
+    config: &crate::config::ConvertConfig,
+    k: usize,
+    steps: usize,
+    sign_steps: usize,
+) -> f64 {
+    let main_steps = steps.saturating_sub(sign_steps);
+    match config.sign_lr {
+        Some(sign_peak) if sign_steps > 0 && k >= main_steps => learning_rate(
+            LrSchedule::Cosine,
+            k - main_steps,
+            sign_steps,
+            0,
+            0.0,
+            sign_peak,
+            config.min_lr,
+        ),
+        Some(_) if sign_steps > 0 => learning_rate(
+            config.lr_schedule,
+            k,
+            main_steps,
+            config.warmup_steps,
+            config.decay_fraction,
+            config.lr,
+            config.min_lr,
+        ),
+        _ => learning_rate(
+            config.lr_schedule,
+            k,
+            steps,
+            config.warmup_steps,
+            config.decay_fraction,
+            config.lr,
+            config.min_lr,
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +189,38 @@ mod tests {
         assert!((wsd(99) - 1e-5).abs() < 1e-15);
         let steps: Vec<f64> = (80..100).map(wsd).collect();
         assert!(steps.windows(2).all(|w| w[1] < w[0]));
+    }
+
+    #[test]
+    fn the_sign_stage_restarts_at_its_own_rate_only_when_asked() {
+        use crate::config::{ConvertConfig, Preset};
+        let mut c = ConvertConfig::preset(
+            Preset::Quality,
+            "m".into(),
+            vec!["d".into()],
+            crate::method::Method::Binaryllm,
+        );
+        let (steps, sign_steps) = (100, 10);
+        let lr = |c: &ConvertConfig, k| stage2_learning_rate(c, k, steps, sign_steps);
+        // Unset: one cosine over all 100 steps, the sign stage at its tail.
+        for k in 0..steps {
+            let one = learning_rate(c.lr_schedule, k, steps, 0, 0.2, c.lr, c.min_lr);
+            assert_eq!(lr(&c, k), one, "step {k}");
+        }
+        c.sign_lr = Some(5e-4);
+        // The main cosine reaches the floor at step 90, where the sign stage restarts.
+        assert_eq!(lr(&c, 0), c.lr);
+        let main_end = learning_rate(c.lr_schedule, 89, 90, 0, 0.2, c.lr, c.min_lr);
+        assert_eq!(lr(&c, 89), main_end);
+        assert!(lr(&c, 89) < 1e-5, "the main schedule ends near the floor");
+        assert_eq!(lr(&c, 90), 5e-4);
+        let tail: Vec<f64> = (90..steps).map(|k| lr(&c, k)).collect();
+        assert!(tail.windows(2).all(|w| w[1] < w[0]), "{tail:?}");
+        assert!(tail[9] > c.min_lr && tail[9] < 2e-5, "{}", tail[9]);
+        // No sign stage: the switch changes nothing.
+        for k in 0..steps {
+            let one = learning_rate(c.lr_schedule, k, steps, 0, 0.2, c.lr, c.min_lr);
+            assert_eq!(stage2_learning_rate(&c, k, steps, 0), one);
+        }
     }
 }

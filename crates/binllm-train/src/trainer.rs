@@ -19,7 +19,7 @@ use crate::model::Llama;
 use crate::optim::{AdamW, AdamWConfig, ParamGroup};
 use crate::plan::Plan;
 use crate::profile::SectionTimer;
-use crate::schedule::learning_rate;
+use crate::schedule::stage2_learning_rate;
 use crate::shim;
 use crate::summary::{PhaseReport, Stage1Report, Stage2Time};
 
@@ -336,15 +336,7 @@ impl Trainer<'_> {
             } else {
                 config.method.training_form(t)
             };
-            let lr = learning_rate(
-                config.lr_schedule,
-                k,
-                plan.stage2_steps,
-                config.warmup_steps,
-                config.decay_fraction,
-                config.lr,
-                config.min_lr,
-            );
+            let lr = stage2_learning_rate(config, k, plan.stage2_steps, plan.sign_steps);
             let global = plan.stage1_steps + k;
             // Profiled steps come after two warm-up steps (allocator, kernel selection).
             let profiled = (start + 2..start + 2 + config.profile_steps).contains(&k);
