@@ -16,8 +16,9 @@
 #   1. binllm convert (defaults on CUDA) -> runs/quality, wall-clock timed
 #   2. export with q8_0 and f16 heads; eval --tasks all of the f16-head file on CUDA
 #   3. binllm run --chat on the q8_0-head file (packed engine, CPU) for five plain questions
-#   4. comparison runs at 12M tokens: plain-text distillation (no chat data), then the
-#      recipe itself; each with WikiText-2 of its sign model
+#   0. (PROBE=1) two short runs timing a step with whole and chunked logits (--profile);
+#      the main run takes the faster
+#   4. (BUDGETS="12M ...") the recipe at other budgets, with WikiText-2/C4/PTB of each
 set -euo pipefail
 stage=${1:?stage}
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -74,7 +75,7 @@ b)
 c)
   cp "$pack/c/"*.gz "$work/"
   mkdir -p "$work/logs"
-  setsid nohup env QUALITY_ARGS="${QUALITY_ARGS:-}" SKIP_COMPARISONS="${SKIP_COMPARISONS:-}" \
+  setsid nohup env QUALITY_ARGS="${QUALITY_ARGS:-}" PROBE="${PROBE:-}" BUDGETS="${BUDGETS:-}" \
     bash "$repo/tools/gpu/quality.sh" "${PIPELINE:-pipeline}" > "$work/logs/pipeline.log" 2>&1 < /dev/null &
   sleep 20
   tail -5 "$work/logs/pipeline.log"
@@ -84,10 +85,40 @@ pipeline)
   mkdir -p runs evals
   data=(--data "$work/wikipedia_en.txt.gz" --data "$work/gutenberg_en.slice.txt.gz")
   timed() { local t0=$SECONDS; "$@"; say "($(( SECONDS - t0 )) s) ${*:0:3}"; }
-  say "1. the default GPU conversion (no preset given: quality on CUDA)"
+  main_args=(${QUALITY_ARGS:-})
+  loss_args=()
+  if [[ -n "${PROBE:-}" ]]; then
+    # Where a Stage-2 step's time goes, with whole and with chunked logits; the main run
+    # takes the faster.
+    say "0. speed probe: whole and chunked logits, --profile"
+    for name in speed-whole speed-chunked; do
+      extra=()
+      [[ $name == speed-chunked ]] && extra=(--loss-chunk-tokens 4096)
+      "$bin" convert --model "$model" "${data[@]}" --out "runs/$name" --device cuda --cache-dir "$work/cache" \
+        --tokens 1M --stage1-steps 2 --chat-tokens 0 --chat-share 0 --chat-eval-prompts 0 --val-windows 4 \
+        --profile 10 "${extra[@]}" > "logs/$name.log" 2>&1 || say "$name failed"
+      grep -A40 "Where a Stage-2" "runs/$name/summary.md" 2>/dev/null | head -40 || true
+    done
+    faster=$(python3 - <<'PY'
+import json
+speed = {}
+for name in ("speed-whole", "speed-chunked"):
+    try:
+        speed[name] = json.load(open(f"runs/{name}/summary.json"))["stage2_step_tokens_per_second"]
+    except Exception:
+        speed[name] = 0
+print(speed, flush=True, file=__import__("sys").stderr)
+print("chunked" if speed["speed-chunked"] > 1.02 * speed["speed-whole"] else "whole")
+PY
+)
+    say "faster loss: $faster"
+    [[ $faster == chunked ]] && loss_args=(--loss-chunk-tokens 4096)
+  fi
+  main_args+=("${loss_args[@]}")
+  say "1. the default GPU conversion (no preset given: quality on CUDA) ${main_args[*]}"
   t0=$SECONDS
   "$bin" convert --model "$model" "${data[@]}" --out runs/quality --device cuda --cache-dir "$work/cache" \
-    ${QUALITY_ARGS:-}
+    "${main_args[@]}"
   say "convert wall-clock $(( SECONDS - t0 )) s"
   say "2. export and the eval panel of the exported file"
   timed "$bin" export runs/quality --head q8 --out quality-q8.b1
@@ -101,17 +132,17 @@ pipeline)
     echo ">>> $q"
     "$bin" run --model quality-q8.b1 --chat --max-tokens 160 --threads 16 --prompt "$q" </dev/null || true
   done 2>&1 | tee evals/chat-transcript.txt
-  [[ -n "${SKIP_COMPARISONS:-}" ]] && { say "pipeline done"; exit 0; }
-  say "4. comparison runs at 12M tokens"
-  for name in plain-kd recipe-12m; do
-    extra=()
-    [[ $name == plain-kd ]] && extra=(--chat-tokens 0 --chat-share 0)
+  # 4. The default recipe at other budgets (BUDGETS, e.g. "12M 24M"; QUALITY_ARGS are the main
+  # run's alone), with the main run's chat transcripts: what more tokens buy. A 12M run takes
+  # about 6 minutes all in (loading, Stage 1, validation and the chat score included).
+  for budget in ${BUDGETS:-}; do
+    name="budget-$budget"
     mkdir -p "runs/$name"
-    # The same chat transcripts as the main run: no time spent generating them again.
-    [[ $name == recipe-12m ]] && cp runs/quality/teacher-chat.tok runs/quality/teacher-chat.json "runs/$name/"
+    cp runs/quality/teacher-chat.tok runs/quality/teacher-chat.json "runs/$name/"
+    say "4. the recipe at $budget tokens"
     t0=$SECONDS
     "$bin" convert --model "$model" "${data[@]}" --out "runs/$name" --device cuda --cache-dir "$work/cache" \
-      --tokens 12M "${extra[@]}" || { say "$name failed"; continue; }
+      "${loss_args[@]}" --tokens "$budget" || { say "$name failed"; continue; }
     say "$name convert wall-clock $(( SECONDS - t0 )) s"
     timed "$bin" eval --engine torch --model "runs/$name/sign-model.safetensors" --tasks wikitext2,c4,ptb \
       --device cuda --data-dir "$work/eval" --out "evals/$name.json"
