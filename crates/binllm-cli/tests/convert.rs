@@ -554,6 +554,8 @@ fn recipe_switches_chat_data_and_the_sign_stage_run_end_to_end() {
         "0.25",
         "--sign-fraction",
         "0.1",
+        "--sign-lr",
+        "5e-4",
         "--lr-schedule",
         "wsd",
         "--decay-fraction",
@@ -569,6 +571,7 @@ fn recipe_switches_chat_data_and_the_sign_stage_run_end_to_end() {
     assert_eq!(config["chat_tokens"].as_integer(), Some(3000));
     assert_eq!(config["chat_share"].as_float(), Some(0.25));
     assert_eq!(config["sign_fraction"].as_float(), Some(0.1));
+    assert_eq!(config["sign_lr"].as_float(), Some(5e-4));
     assert_eq!(config["lr_schedule"].as_str(), Some("wsd"));
     assert_eq!(config["decay_latent"].as_bool(), Some(false));
     assert_eq!(config["t_max"].as_float(), Some(50.0));
@@ -596,8 +599,9 @@ fn recipe_switches_chat_data_and_the_sign_stage_run_end_to_end() {
     assert!(run.join("chat-reference.json").exists());
     assert!(run.join("teacher-chat.tok").exists());
 
-    // The learning rate follows warm-up-free WSD: the peak for the first half of the 40
-    // steps, then a linear decay to the floor; t ends at 50.
+    // The learning rate follows warm-up-free WSD over the 36 steps before the sign stage:
+    // the peak for half of them, then a linear decay to the floor. The sign stage's 4 steps
+    // restart at --sign-lr and decay by a cosine. t ends at 50.
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let stage2: Vec<serde_json::Value> = metrics
         .lines()
@@ -606,13 +610,16 @@ fn recipe_switches_chat_data_and_the_sign_stage_run_end_to_end() {
         .collect();
     assert_eq!(stage2.len(), 40);
     let lr: Vec<f64> = stage2.iter().map(|v| v["lr"].as_f64().unwrap()).collect();
-    assert!(lr[..20].iter().all(|&x| x == lr[0]));
-    assert!(lr[20..].windows(2).all(|w| w[1] < w[0]));
+    assert!(lr[..18].iter().all(|&x| x == lr[0]), "{lr:?}");
+    assert!(lr[18..36].windows(2).all(|w| w[1] < w[0]), "{lr:?}");
     assert!(
-        (lr[39] - 1e-4).abs() < 1e-12,
-        "the smoke preset's floor: {}",
-        lr[39]
+        (lr[35] - 1e-4).abs() < 1e-12,
+        "the smoke preset's floor before the sign stage: {}",
+        lr[35]
     );
+    assert_eq!(lr[36], 5e-4, "the sign stage restarts at --sign-lr");
+    assert!(lr[36..].windows(2).all(|w| w[1] < w[0]), "{lr:?}");
+    assert!(lr[39] > 1e-4 && lr[39] < 2e-4, "{}", lr[39]);
     let t_last = stage2[39]["t"].as_f64().unwrap();
     assert!((t_last - 50.0).abs() < 1e-9, "t at the last step: {t_last}");
 
