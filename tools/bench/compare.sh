@@ -28,9 +28,10 @@ WORK=target/bench
 [[ -f "$GGUF" ]] || { echo "error: $GGUF not found" >&2; exit 1; }
 
 bash tools/bench/setup_llama_cpp.sh "$WORK" >&2
-cargo build -q --release -p binllm-cli --no-default-features >&2
+# The pure-Rust build has its own target directory: it must not replace the libtorch build.
+cargo build -q --release -p binllm-cli --no-default-features --target-dir target/pure-rust >&2
 BIN=$WORK/llama.cpp/build/bin
-BINLLM=target/release/binllm
+BINLLM=target/pure-rust/release/binllm
 mkdir -p "$WORK/models" "$WORK/results"
 for t in F16 Q8_0 Q4_0; do
   out="$WORK/models/smollm2-$t.gguf"

@@ -5,6 +5,10 @@
 #
 #   tools/gguf/compare_llama_cpp.sh MODEL.gguf [CHUNKS] [CTX]      (defaults: 8 chunks of 512)
 #
+# Environment: LLAMA_CPP_BIN (llama.cpp's bin folder; default: built by
+# tools/bench/setup_llama_cpp.sh), BINLLM (a binllm binary; default: the pure-Rust build in
+# target/pure-rust), TOKENS (greedy tokens, 32), THREADS (2).
+#
 # MODEL.gguf is read by both engines as is (binllm reads Q1_0 / Q2_0 block linears straight
 # into its sign bits). llama.cpp runs with an f32 KV cache (-ctk f32 -ctv f32), as binllm
 # keeps its cache; its Q1_0 / Q2_0 products still quantize activations to q8_0, binllm's do
@@ -17,14 +21,18 @@ CTX=${3:-512}
 TOKENS=${TOKENS:-32}
 THREADS=${THREADS:-2}
 WIKI=$(realpath "${WIKI:-../shared/data/eval/wikitext-2-raw/wiki.test.raw}")
-BIN=target/bench/llama.cpp/build/bin
-BINLLM=target/release/binllm
+BIN=${LLAMA_CPP_BIN:-target/bench/llama.cpp/build/bin}
+BINLLM_GIVEN=${BINLLM:-}
+BINLLM=${BINLLM:-target/pure-rust/release/binllm}
 OUT=target/gguf-compare
 mkdir -p "$OUT"
 name=$(basename "$MODEL" .gguf)
 
-bash tools/bench/setup_llama_cpp.sh >&2
-cargo build -q --release -p binllm-cli --no-default-features >&2
+# LLAMA_CPP_BIN and BINLLM name tools built elsewhere; otherwise they are built here.
+[[ -n "${LLAMA_CPP_BIN:-}" ]] || bash tools/bench/setup_llama_cpp.sh >&2
+# The pure-Rust build has its own target directory: it must not replace the libtorch build.
+[[ -n "$BINLLM_GIVEN" ]] || \
+  cargo build -q --release -p binllm-cli --no-default-features --target-dir target/pure-rust >&2
 
 # llama-perplexity logs from a thread and now and then exits (status 0) before its last lines
 # are out; such a run is repeated.
