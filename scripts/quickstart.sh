@@ -5,8 +5,8 @@
 #
 # On a machine whose Python has a CUDA build of torch, the conversion runs on that GPU with
 # binllm's `quality` recipe (docs/RECIPE.md): the teacher first writes 3M tokens of chat
-# transcripts, then 40M Stage-2 tokens of distillation on the corpus and those transcripts
-# (10.5 minutes on one H200; WikiText-2 58.6 against the teacher's 21.6). Otherwise it runs
+# transcripts, then 80M Stage-2 tokens of distillation on the corpus and those transcripts
+# (17.5 minutes on one H200; WikiText-2 47.4 against the teacher's 21.6). Otherwise it runs
 # on the CPU with the paper's settings and a small budget (STEPS, default 20 Stage-2 steps
 # of 2048 tokens, one a phase, after 5 Stage-1 steps) that shows every step but not the
 # method's quality. Run it again to resume an interrupted conversion; delete RUN to start
