@@ -181,7 +181,7 @@ fn open_engine(a: &RunArgs, model: &std::path::Path) -> Result<(Box<dyn Language
     match engine {
         Engine::Packed => packed_engine(a, model, packed),
         #[cfg(feature = "torch")]
-        Engine::Torch => torch_engine(a, model, packed),
+        Engine::Torch => torch_engine(a, model),
         #[cfg(not(feature = "torch"))]
         Engine::Torch => {
             bail!("this binllm was built without the libtorch engine (feature `torch`)")
@@ -222,16 +222,15 @@ fn packed_engine(
 }
 
 #[cfg(feature = "torch")]
-fn torch_engine(
-    a: &RunArgs,
-    model: &std::path::Path,
-    packed: bool,
-) -> Result<(Box<dyn LanguageModel>, String)> {
+fn torch_engine(a: &RunArgs, model: &std::path::Path) -> Result<(Box<dyn LanguageModel>, String)> {
     use binllm_format::{LoadOptions, PretrainedModel};
     use binllm_train::scorer::TorchScorer;
     let device = binllm_train::parse_device(&a.device)?;
     let kind = a.dtype.kind();
-    let (llama, tokenizer) = if packed {
+    // A 1-bit GGUF goes through the float loader: it dequantises every block type, so
+    // llama.cpp's Q1_0 files with a scale per block of 128 (which binllm's 1-bit kernels
+    // cannot take) are scored too.
+    let (llama, tokenizer) = if binllm_format::detect::is_packed_container(model) {
         let p = binllm_format::packed::PackedModel::read(model)?;
         let tok = crate::run::embedded_tokenizer(&p, model)?;
         (

@@ -219,3 +219,48 @@ fn llama_cpp_scores_and_completes_the_exported_gguf_as_binllm_does() {
         text(&inspect)
     );
 }
+
+/// The libtorch engine reads a 1-bit GGUF through the float loader (dequantised, so
+/// llama.cpp's Q1_0 files with a scale per block are read too): on binllm's own GGUF it
+/// scores what the packed engine scores.
+#[cfg(feature = "torch")]
+#[test]
+fn the_torch_engine_scores_a_1_bit_gguf_as_the_packed_engine_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = stories_gguf(dir.path());
+    let text_file = dir.path().join("story.txt");
+    std::fs::write(
+        &text_file,
+        "Once upon a time, there was a little girl named Lily. She loved to play outside in \
+         the park with her friends. One day, she saw a big red ball under a tree.\n"
+            .repeat(6),
+    )
+    .unwrap();
+    let ppl = |engine: &str| -> f64 {
+        let json = dir.path().join(format!("{engine}.json"));
+        let out = binllm(&[
+            "eval",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--engine",
+            engine,
+            "--device",
+            "cpu",
+            "--tasks",
+            &format!("file:{}", text_file.display()),
+            "--ctx",
+            "64",
+            "--out",
+            json.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{engine}: {}", text(&out));
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        report["perplexity"][0]["ppl"].as_f64().unwrap()
+    };
+    let (torch, packed) = (ppl("torch"), ppl("packed"));
+    assert!(
+        (torch - packed).abs() <= 1e-3 * packed,
+        "torch {torch} vs packed {packed}"
+    );
+}

@@ -151,15 +151,71 @@ impl BlockLinear {
         self.weight.tensor.size()[1]
     }
 
-    /// The Stage-1 input scale as a `[in]` vector (expanded over head groups when tied).
+    /// The Stage-1 input scale as a `[in]` vector (expanded over head groups when tied);
+    /// `[layers, in]` for a [stacked](BlockLinear::stacked) linear.
     pub fn input_scale_vector(&self) -> Option<Tensor> {
         let s = &self.input_scale.as_ref()?.tensor;
         Some(match self.input_scale_groups {
-            Some([kv_heads, group, head_dim]) => s
-                .view([kv_heads, 1, head_dim])
-                .expand([kv_heads, group, head_dim], false)
-                .reshape([-1]),
+            Some([kv_heads, group, head_dim]) => {
+                let layers: Vec<i64> = s.size()[..s.dim() - 1].to_vec();
+                let shape = |dims: [i64; 3]| [layers.as_slice(), &dims].concat();
+                let flat = [layers.as_slice(), &[-1]].concat();
+                s.view(shape([kv_heads, 1, head_dim]).as_slice())
+                    .expand(shape([kv_heads, group, head_dim]).as_slice(), false)
+                    .reshape(flat.as_slice())
+            }
             None => s.shallow_clone(),
+        })
+    }
+
+    /// Whether [`BlockLinear::stacked`] computes `form` for this layer exactly as
+    /// [`BlockLinear::effective_weight`] does: every form whose arithmetic is per row or per
+    /// column (not Ternary's one scale per matrix, not OneBit's, and not Stage 1, which runs
+    /// a few steps only).
+    pub fn stacks(form: WeightForm) -> bool {
+        matches!(
+            form,
+            WeightForm::Progressive { .. } | WeightForm::Sign | WeightForm::Ste
+        )
+    }
+
+    /// One linear holding `linears` (the same projection of every layer, all of one shape
+    /// and with the same vectors) stacked along a new first dimension, so a form's
+    /// effective weights for all layers come from one chain of tensor ops instead of one
+    /// chain per layer: the same values (every op is per element, per row or per column),
+    /// and the gradient flows back to each layer's parameters through the stack. None when
+    /// the layers differ in shape or in which vectors they have.
+    pub fn stacked(linears: &[&BlockLinear]) -> Option<BlockLinear> {
+        let first = linears.first()?;
+        let same = linears.iter().all(|l| {
+            l.weight.tensor.size() == first.weight.tensor.size()
+                && l.input_scale.is_some() == first.input_scale.is_some()
+                && l.row_scale.is_some() == first.row_scale.is_some()
+                && l.frozen_abs_mean.is_some() == first.frozen_abs_mean.is_some()
+                && l.column_scale.is_some() == first.column_scale.is_some()
+                && l.detach_abs_mean == first.detach_abs_mean
+                && l.input_scale_groups == first.input_scale_groups
+        });
+        if !same {
+            return None;
+        }
+        let stack = |pick: &dyn Fn(&BlockLinear) -> Option<&Param>| -> Option<Param> {
+            let tensors: Vec<&Tensor> = linears
+                .iter()
+                .map(|l| pick(l).map(|p| &p.tensor))
+                .collect::<Option<_>>()?;
+            let name = format!("stacked {}", pick(first)?.name);
+            Some(Param::new(name, Tensor::stack(&tensors, 0)))
+        };
+        Some(BlockLinear {
+            weight: stack(&|l| Some(&l.weight))?,
+            bias: None,
+            input_scale: stack(&|l| l.input_scale.as_ref()),
+            row_scale: stack(&|l| l.row_scale.as_ref()),
+            frozen_abs_mean: stack(&|l| l.frozen_abs_mean.as_ref()),
+            column_scale: stack(&|l| l.column_scale.as_ref()),
+            detach_abs_mean: first.detach_abs_mean,
+            input_scale_groups: first.input_scale_groups,
         })
     }
 
@@ -239,7 +295,8 @@ impl BlockLinear {
             }
         };
         match self.input_scale_vector() {
-            Some(s) => weight * s.unsqueeze(0),
+            // [in] -> [1, in], or [layers, in] -> [layers, 1, in] when stacked.
+            Some(s) => weight * s.unsqueeze(-2),
             None => weight,
         }
     }

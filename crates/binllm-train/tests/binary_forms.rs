@@ -213,3 +213,96 @@ fn a_row_of_zeros_stays_finite_in_every_binary_form() {
         );
     }
 }
+
+#[test]
+fn stacked_layers_give_each_layer_its_own_weights_and_gradients_in_float64() {
+    // The training forward builds one projection of all layers at once
+    // (`BlockLinear::stacked`): values and gradients must be those of the per-layer forms,
+    // with input scales (o_proj's tied over head groups), row scales and frozen S_a.
+    use binllm_format::names::BlockLinear as Which;
+    use binllm_train::linear::BlockLinear;
+    for (scales, form) in [
+        (ScaleMode::Dual, WeightForm::Progressive { t: 3.57 }),
+        (ScaleMode::Dual, WeightForm::Sign),
+        (ScaleMode::Dual, WeightForm::Ste),
+        (ScaleMode::Learnable, WeightForm::Progressive { t: 0.72 }),
+    ] {
+        let mut model = Llama::from_pretrained(&stories260k(), Device::Cpu, Kind::Double).unwrap();
+        method::attach_input_scales(&mut model, true);
+        method::attach_method_parameters(&mut model, Method::Binaryllm, scales, false);
+        tch::manual_seed(5);
+        tch::no_grad(|| {
+            for p in model.params() {
+                if p.name.ends_with(".row_scale") || p.name.ends_with(".input_scale") {
+                    let mut t = p.tensor.shallow_clone();
+                    t.copy_(&(Tensor::rand(t.size(), (Kind::Double, Device::Cpu)) + 0.5));
+                }
+            }
+        });
+        method::set_trainable(&model, |_| true);
+        assert!(model.layers.len() > 1);
+        for which in Which::ALL {
+            let linears: Vec<&BlockLinear> = model.layers.iter().map(|b| b.linear(which)).collect();
+            assert!(linears[0].input_scale.is_some() && linears[0].row_scale.is_some());
+            let probes: Vec<Tensor> = linears
+                .iter()
+                .map(|l| Tensor::randn(l.weight.tensor.size(), (Kind::Double, Device::Cpu)))
+                .collect();
+            let leaves = |l: &BlockLinear| -> Vec<Tensor> {
+                l.params()
+                    .iter()
+                    .map(|p| p.tensor.shallow_clone())
+                    .collect()
+            };
+            // The gradient of sum(probe * W_eff) over all layers, for every leaf.
+            let gradients = |weights: &[Tensor]| -> Vec<Vec<f64>> {
+                for l in &linears {
+                    for leaf in leaves(l) {
+                        let mut g = leaf.grad();
+                        if g.defined() {
+                            let _ = g.zero_();
+                        }
+                    }
+                }
+                let total = weights
+                    .iter()
+                    .zip(&probes)
+                    .map(|(w, p)| (w * p).sum(Kind::Double))
+                    .reduce(|a, b| a + b)
+                    .unwrap();
+                total.backward();
+                linears
+                    .iter()
+                    .flat_map(|l| leaves(l))
+                    .filter(|leaf| leaf.requires_grad())
+                    .map(|leaf| Vec::<f64>::try_from(leaf.grad().reshape([-1])).unwrap())
+                    .collect()
+            };
+            let per_layer: Vec<Tensor> = linears.iter().map(|l| l.effective_weight(form)).collect();
+            let per_layer_grads = gradients(&per_layer);
+            let stacked = BlockLinear::stacked(&linears).expect("layers of one shape");
+            let stacked_weights = stacked.effective_weight(form).unbind(0);
+            for (i, (a, b)) in per_layer.iter().zip(&stacked_weights).enumerate() {
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(
+                    diff <= 1e-15,
+                    "{form:?} {which:?} layer {i}: values differ by {diff}"
+                );
+            }
+            let stacked_grads = gradients(&stacked_weights);
+            assert_eq!(per_layer_grads.len(), stacked_grads.len());
+            for (a, b) in per_layer_grads.iter().zip(&stacked_grads) {
+                let diff = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f64::max);
+                let size = a.iter().map(|x| x.abs()).fold(0.0, f64::max);
+                assert!(
+                    diff <= 1e-12 * size.max(1.0),
+                    "{form:?} {which:?}: gradients differ by {diff} (max {size})"
+                );
+            }
+        }
+    }
+}

@@ -294,9 +294,8 @@ pub fn decode_signs(
         {
             bail!(
                 "block scales vary within row {r} (block 0: {}, block {b}: {}); binllm's 1-bit \
-                 kernels take one scale per row, so this tensor cannot be read as sign bits \
-                 (the float loaders, e.g. `binllm export --ptq` or the libtorch engine, read it \
-                 dequantised)",
+                 kernels take one scale per row, so this tensor cannot be read as sign bits; \
+                 `binllm eval --engine torch` reads the file dequantised",
                 row_scales[0],
                 row_scales[b]
             );
