@@ -16,8 +16,78 @@
 # on a shared machine, load from other processes moves every figure between runs, and
 # spinning thread pools (llama.cpp's and binllm's) suffer most when another process holds a
 # core. Prints one Markdown table (raw per-round figures on stderr).
+#
+#   tools/bench/compare.sh --q1_0 FLOAT.gguf [THREADS] [ROUNDS]
+#
+# Q1_0 mode (issue 13): llama.cpp's own llama-quantize writes FLOAT.gguf (an F32/F16 model
+# whose rows are multiples of 128, e.g. tools/gguf/float_gguf.py's) as Q1_0, once with its
+# default embedding/head types and once with both f16; binllm's `export --ptq --format gguf`
+# writes the same model as its own Q1_0 file (f16 head). Both engines bench every file
+# (llama-bench -r 5, binllm bench --reps 5, same threads and lengths); a file an engine
+# refuses is listed with its error. Ratios: binllm on a file against llama.cpp on the same
+# file, in the same run. LLAMA_CPP_BIN and BINLLM name prebuilt tools (else built here).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+if [[ "${1:-}" == --q1_0 ]]; then
+  FLOAT=${2:?usage: compare.sh --q1_0 FLOAT.gguf [THREADS] [ROUNDS]}
+  THREADS=${3:-$(nproc)}
+  ROUNDS=${4:-1}
+  PP=${PP:-128}
+  TG=${TG:-64}
+  WORK=target/bench/q1_0
+  BIN=${LLAMA_CPP_BIN:-target/bench/llama.cpp/build/bin}
+  BINLLM=${BINLLM:-target/pure-rust/release/binllm}
+  [[ -n "${LLAMA_CPP_BIN:-}" ]] || bash tools/bench/setup_llama_cpp.sh >&2
+  [[ -f "$BINLLM" ]] || cargo build -q --release -p binllm-cli --no-default-features --target-dir target/pure-rust >&2
+  mkdir -p "$WORK"
+  rm -f "$WORK"/*.json "$WORK"/*.err
+  "$BIN/llama-quantize" "$FLOAT" "$WORK/llama-q1_0.gguf" Q1_0 > "$WORK/quantize.log" 2>&1
+  "$BIN/llama-quantize" --token-embedding-type f16 --output-tensor-type f16 "$FLOAT" \
+    "$WORK/llama-q1_0-f16head.gguf" Q1_0 >> "$WORK/quantize.log" 2>&1
+  "$BINLLM" export --ptq "$FLOAT" --format gguf --out "$WORK/binllm-q1_0.gguf" > /dev/null
+  for round in $(seq 1 "$ROUNDS"); do
+    for f in llama-q1_0 llama-q1_0-f16head binllm-q1_0; do
+      "$BIN/llama-bench" -m "$WORK/$f.gguf" -t "$THREADS" -p "$PP" -n "$TG" -r 5 -o json \
+        > "$WORK/$f-llama-$round.json" 2> "$WORK/$f-llama.err" || true
+      "$BINLLM" bench --model "$WORK/$f.gguf" --threads "$THREADS" --prompt-tokens "$PP" \
+        --gen-tokens "$TG" --reps 5 --json > "$WORK/$f-binllm-$round.json" 2> "$WORK/$f-binllm.err" || true
+    done
+  done
+  python3 - "$WORK" "$THREADS" "$PP" "$TG" <<'PY'
+import glob, json, statistics, sys
+work, threads, pp, tg = sys.argv[1:]
+def samples(f, engine):
+    tg_ts, pp_ts = [], []
+    for p in sorted(glob.glob(f"{work}/{f}-{engine}-*.json")):
+        try:
+            d = json.load(open(p))
+        except ValueError:
+            continue
+        if engine == "llama":
+            pp_ts += next(e["samples_ts"] for e in d if e["n_prompt"] > 0)
+            tg_ts += next(e["samples_ts"] for e in d if e["n_gen"] > 0)
+        else:
+            pp_ts += d["pp_samples"]; tg_ts += d["tg_samples"]
+    return pp_ts, tg_ts
+def show(v):
+    return f"{statistics.median(v):.1f} ({max(v):.1f})" if v else "-"
+def error(f, engine):
+    lines = [l.strip() for l in open(f"{work}/{f}-{engine}.err", errors="replace") if l.strip()]
+    # "error: PATH: what" -> "what", cut at the first ';'.
+    return "refused: " + lines[-1].split(": ", 2)[-1].split(";")[0].replace("|", "/") if lines else "no result"
+print(f"threads {threads}, pp{pp} / tg{tg}; median (best) tok/s over every rep; ratio of medians (of bests)")
+print()
+print(f"| file | llama.cpp pp{pp} | llama.cpp tg{tg} | binllm pp{pp} | binllm tg{tg} | tg binllm / llama.cpp |")
+print("|---|---:|---:|---:|---:|---:|")
+for f in ["llama-q1_0", "llama-q1_0-f16head", "binllm-q1_0"]:
+    (lp, lt), (bp, bt) = samples(f, "llama"), samples(f, "binllm")
+    ratio = (f"{statistics.median(bt) / statistics.median(lt):.2f}x ({max(bt) / max(lt):.2f}x)"
+             if bt and lt else "-")
+    cells = [show(lp) if lp else error(f, "llama"), show(lt), show(bp) if bp else error(f, "binllm"), show(bt)]
+    print(f"| {f}.gguf | " + " | ".join(cells) + f" | {ratio} |")
+PY
+  exit 0
+fi
 GGUF=${1:-}
 THREADS=${2:-"1 $(nproc)"}
 [[ -n "$GGUF" ]] || GGUF=models/SmolLM2-135M-Instruct.Q4_1.gguf
