@@ -19,7 +19,14 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     if binllm_format::packed::is_packed_file(&args.model) {
-        return inspect_packed(&args);
+        match inspect_packed(&args) {
+            // A 1-bit GGUF the 1-bit kernels cannot take (llama.cpp's Q1_0 with a scale per
+            // block) is still described, as the float loader reads it.
+            Err(e) if !binllm_format::detect::is_packed_container(&args.model) => {
+                eprintln!("note: {e:#}\nnote: described as the float loader reads it");
+            }
+            done => return done,
+        }
     }
     let options = LoadOptions {
         tokenizer: args.tokenizer.clone(),

@@ -264,3 +264,57 @@ fn the_torch_engine_scores_a_1_bit_gguf_as_the_packed_engine_does() {
         "torch {torch} vs packed {packed}"
     );
 }
+
+/// llama.cpp's own Q1_0 files give each block of 128 its own scale, which binllm's 1-bit
+/// kernels (one scale per row) cannot take: `inspect` still describes the file, `run` says
+/// why it refuses and which engine reads it.
+#[test]
+fn a_q1_0_gguf_with_a_scale_per_block_is_described_and_refused_clearly() {
+    use binllm_format::gguf::{write_gguf, GgufFile};
+    use binllm_format::packed::{export, ExportOptions};
+    use binllm_infer::ptq::{ptq_sign_model, InputScales};
+    let model = binllm_testing::synthetic::synthetic_llama(256, 768, 4, 2, 64);
+    let sign = ptq_sign_model(&model, InputScales::None).unwrap();
+    let exported = export(&sign, &ExportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("per-block.gguf");
+    write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let info = file.tensor_info("blk.0.ffn_down.weight").unwrap().clone();
+    let at = (file.data_offset + info.offset) as usize;
+    drop(file);
+    // Q1_0 blocks are 18 bytes (an f16 scale, then 128 sign bits): the second block of row
+    // 0 gets its own scale.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at + 18..at + 20].copy_from_slice(&[0x00, 0x38]); // 0.5 as f16
+    std::fs::write(&path, &bytes).unwrap();
+    let path = path.to_str().unwrap();
+
+    let inspect = binllm(&["inspect", path]);
+    let printed = text(&inspect);
+    assert!(inspect.status.success(), "{printed}");
+    assert!(printed.contains("vary within row 0"), "{printed}");
+    assert!(
+        printed.contains("described as the float loader reads it"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("shape          2 layers, hidden 256"),
+        "{printed}"
+    );
+
+    let run = binllm(&[
+        "run",
+        "--model",
+        path,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+    ]);
+    let printed = text(&run);
+    assert!(!run.status.success());
+    assert!(printed.contains("per-block.gguf"), "{printed}");
+    assert!(printed.contains("blk.0.ffn_down.weight"), "{printed}");
+    assert!(printed.contains("--engine torch"), "{printed}");
+}

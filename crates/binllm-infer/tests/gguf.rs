@@ -5,9 +5,10 @@
 use binllm_format::gguf::{read_packed, write_gguf, GgufFile};
 use binllm_format::names::{self, BlockLinear};
 use binllm_format::packed::{export, ExportOptions, HeadFormat, PackedModel, QuantTensors};
-use binllm_format::{Architecture, ModelConfig, PretrainedModel, SourceFormat};
+use binllm_format::{Architecture, PretrainedModel};
 use binllm_infer::ptq::{ptq_sign_model, InputScales};
 use binllm_infer::{KvCache, Model, RuntimeOptions};
+use binllm_testing::synthetic::synthetic_llama;
 
 fn logits(packed: &PackedModel, quantized: &QuantTensors, ids: &[u32]) -> Vec<f32> {
     let options = RuntimeOptions {
@@ -147,44 +148,7 @@ fn input_scales_that_cannot_fold_are_refused() {
 
 /// A Llama with every width a multiple of 128, synthetic weights.
 fn wide_model() -> PretrainedModel {
-    synthetic_model(256, 768, 4, 2, 64)
-}
-
-fn synthetic_model(
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-) -> PretrainedModel {
-    let config = ModelConfig {
-        architecture: Architecture::Llama,
-        vocab_size: 320,
-        hidden_size,
-        intermediate_size,
-        num_layers: 2,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        max_position_embeddings: 256,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        qk_norm: false,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    };
-    PretrainedModel {
-        tensors: binllm_testing::synthetic::synthetic_tensors(&config),
-        config,
-        tokenizer: None,
-        chat_template: None,
-        format: SourceFormat::HuggingFace,
-        path: "synthetic".into(),
-        notes: vec![],
-    }
+    synthetic_llama(256, 768, 4, 2, 64)
 }
 
 #[test]
@@ -280,7 +244,7 @@ fn a_damaged_q1_0_tensor_is_refused_naming_file_and_tensor() {
 #[test]
 fn rows_of_a_multiple_of_32_only_are_q4_0_and_read_back() {
     // Hidden 96 (3 x 32): q/k/v/o/gate/up rows fit neither Q1_0 nor Q2_0; down's 256 fit Q1_0.
-    let sign = ptq_sign_model(&synthetic_model(96, 256, 3, 1, 32), InputScales::None).unwrap();
+    let sign = ptq_sign_model(&synthetic_llama(96, 256, 3, 1, 32), InputScales::None).unwrap();
     let exported = export(&sign, &ExportOptions::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("narrow.gguf");

@@ -31,7 +31,9 @@ use serde_json::Value;
 
 use binllm_format::hf::{le_values, parse_config};
 use binllm_format::names::expected_tensors;
-use binllm_format::{HostTensor, ModelConfig, TensorMap};
+use binllm_format::{
+    Architecture, HostTensor, ModelConfig, PretrainedModel, SourceFormat, TensorMap,
+};
 
 /// Recorded in fixtures; bump it (in the Python script too) if the definition changes.
 pub const GENERATOR_ID: &str = "binllm-synthetic-v1";
@@ -125,6 +127,45 @@ pub fn synthetic_tensors(config: &ModelConfig) -> TensorMap {
             (name, tensor)
         })
         .collect()
+}
+
+/// A two-layer Llama with synthetic weights, no tokenizer: the shapes a test needs (e.g.
+/// widths of multiples of 128 for Q1_0) without a file.
+pub fn synthetic_llama(
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> PretrainedModel {
+    let config = ModelConfig {
+        architecture: Architecture::Llama,
+        vocab_size: 320,
+        hidden_size,
+        intermediate_size,
+        num_layers: 2,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 256,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        qk_norm: false,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    };
+    PretrainedModel {
+        tensors: synthetic_tensors(&config),
+        config,
+        tokenizer: None,
+        chat_template: None,
+        format: SourceFormat::HuggingFace,
+        path: "synthetic".into(),
+        notes: vec![],
+    }
 }
 
 /// FNV-1a 64 of the little-endian f32 bytes: the digest fixtures record per tensor.
