@@ -2,43 +2,18 @@
 //! llama.cpp is built by tools/bench/setup_llama_cpp.sh) llama.cpp on the same file: its
 //! perplexity against binllm's under the same protocol, and its greedy completion.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use binllm_testing::shared::{repo_root, stories260k_dir};
-
-fn binllm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_binllm"))
-        .args(args)
-        .output()
-        .expect("binllm runs")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use binllm_testing::shared::repo_root;
+use support::{binllm, export_stories_ptq, text};
 
 /// stories260K binarized by PTQ and written as GGUF (64-column rows: Q2_0; 172: F16).
 fn stories_gguf(dir: &Path) -> PathBuf {
     let out = dir.join("stories-1bit.gguf");
-    let s = stories260k_dir();
-    let result = binllm(&[
-        "export",
-        "--ptq",
-        s.join("stories260K.bin").to_str().unwrap(),
-        "--tokenizer",
-        s.join("tok512.bin").to_str().unwrap(),
-        "--format",
-        "gguf",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let printed = text(&result);
-    assert!(result.status.success(), "{printed}");
+    let printed = export_stories_ptq(&out, &["--format", "gguf"]);
     assert!(printed.contains("as Q2_0 (2.25 bits/weight)"), "{printed}");
     assert!(
         printed.contains("tokenizer      llama (SentencePiece"),
@@ -270,7 +245,7 @@ fn the_torch_engine_scores_a_1_bit_gguf_as_the_packed_engine_does() {
 /// why it refuses and which engine reads it.
 #[test]
 fn a_q1_0_gguf_with_a_scale_per_block_is_described_and_refused_clearly() {
-    use binllm_format::gguf::{write_gguf, GgufFile};
+    use binllm_format::gguf::write_gguf;
     use binllm_format::packed::{export, ExportOptions};
     use binllm_infer::ptq::{ptq_sign_model, InputScales};
     let model = binllm_testing::synthetic::synthetic_llama(256, 768, 4, 2, 64);
@@ -279,15 +254,13 @@ fn a_q1_0_gguf_with_a_scale_per_block_is_described_and_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("per-block.gguf");
     write_gguf(&exported.model, &exported.quantized, &path).unwrap();
-    let file = GgufFile::open(&path).unwrap();
-    let info = file.tensor_info("blk.0.ffn_down.weight").unwrap().clone();
-    let at = (file.data_offset + info.offset) as usize;
-    drop(file);
-    // Q1_0 blocks are 18 bytes (an f16 scale, then 128 sign bits): the second block of row
-    // 0 gets its own scale.
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[at + 18..at + 20].copy_from_slice(&[0x00, 0x38]); // 0.5 as f16
-    std::fs::write(&path, &bytes).unwrap();
+    // The second block of row 0 gets its own scale, 0.5 as f16.
+    binllm_testing::synthetic::set_q1_0_block_scale(
+        &path,
+        "blk.0.ffn_down.weight",
+        1,
+        [0x00, 0x38],
+    );
     let path = path.to_str().unwrap();
 
     let inspect = binllm(&["inspect", path]);

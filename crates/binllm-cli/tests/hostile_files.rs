@@ -2,6 +2,8 @@
 //! with an error naming the file, its format and the problem, fast and in little memory
 //! (measured on the child process with `wait4`). Pure Rust: these run in both builds.
 
+mod support;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -89,17 +91,7 @@ fn gguf_with_block_count(count: u32) -> Vec<u8> {
 
 fn packed_stories(dir: &Path) -> PathBuf {
     let out = dir.join("stories.b1");
-    let s = stories260k_dir();
-    let run = binllm(&[
-        "export",
-        "--ptq",
-        s.join("stories260K.bin").to_str().unwrap(),
-        "--tokenizer",
-        s.join("tok512.bin").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(run.status.success(), "export: {}", run.stderr);
+    support::export_stories_ptq(&out, &[]);
     out
 }
 

@@ -2,15 +2,13 @@
 //! stories260K, as a user runs them (pure Rust: these pass in the `--no-default-features`
 //! build too).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn binllm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_binllm"))
-        .args(args)
-        .output()
-        .expect("binllm runs")
-}
+use std::path::{Path, PathBuf};
+
+use std::process::Command;
+
+use support::{binllm, export_stories_ptq};
 
 fn stories_dir() -> PathBuf {
     binllm_testing::shared::stories260k_dir()
@@ -18,26 +16,9 @@ fn stories_dir() -> PathBuf {
 
 fn exported(dir: &Path, head: &str) -> PathBuf {
     let out = dir.join(format!("stories-{head}.b1"));
-    let s = stories_dir();
-    let result = binllm(&[
-        "export",
-        "--ptq",
-        s.join("stories260K.bin").to_str().unwrap(),
-        "--tokenizer",
-        s.join("tok512.bin").to_str().unwrap(),
-        "--head",
-        head,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        result.status.success(),
-        "export failed: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    assert!(stdout.contains("bits/weight    body 1.2"), "{stdout}");
-    assert!(stdout.contains("file size"), "{stdout}");
+    let printed = export_stories_ptq(&out, &["--head", head]);
+    assert!(printed.contains("bits/weight    body 1.2"), "{printed}");
+    assert!(printed.contains("file size"), "{printed}");
     out
 }
 

@@ -8,7 +8,7 @@ use binllm_format::packed::{export, ExportOptions, HeadFormat, PackedModel, Quan
 use binllm_format::{Architecture, PretrainedModel};
 use binllm_infer::ptq::{ptq_sign_model, InputScales};
 use binllm_infer::{KvCache, Model, RuntimeOptions};
-use binllm_testing::synthetic::synthetic_llama;
+use binllm_testing::synthetic::{set_q1_0_block_scale, synthetic_llama};
 
 fn logits(packed: &PackedModel, quantized: &QuantTensors, ids: &[u32]) -> Vec<f32> {
     let options = RuntimeOptions {
@@ -212,16 +212,13 @@ fn a_damaged_q1_0_tensor_is_refused_naming_file_and_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wide.gguf");
     write_gguf(&exported.model, &exported.quantized, &path).unwrap();
-    let file = GgufFile::open(&path).unwrap();
-    let info = file.tensor_info("blk.1.ffn_up.weight").unwrap().clone();
-    let at = (file.data_offset + info.offset) as usize;
-    drop(file);
 
     // The second block of row 0 gets another scale: not one scale per row.
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[at + 18..at + 20].copy_from_slice(&half::f16::from_f32(123.0).to_le_bytes());
     let varying = dir.path().join("varying.gguf");
-    std::fs::write(&varying, &bytes).unwrap();
+    std::fs::copy(&path, &varying).unwrap();
+    let scale = half::f16::from_f32(123.0).to_le_bytes();
+    let at = set_q1_0_block_scale(&varying, "blk.1.ffn_up.weight", 1, scale);
+    let bytes = std::fs::read(&varying).unwrap();
     let err = format!("{:#}", read_packed(&varying).unwrap_err());
     assert!(err.contains("varying.gguf"), "{err}");
     assert!(err.contains("blk.1.ffn_up.weight"), "{err}");

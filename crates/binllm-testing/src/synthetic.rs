@@ -129,6 +129,22 @@ pub fn synthetic_tensors(config: &ModelConfig) -> TensorMap {
         .collect()
 }
 
+/// Gives block `block` of row 0 of the Q1_0 tensor `tensor` in the GGUF at `path` the f16
+/// scale `scale` (its little-endian bytes), in place: llama.cpp's own Q1_0 files have a
+/// scale per block of 128, binllm's one per row. Returns the file offset of the tensor's
+/// data.
+pub fn set_q1_0_block_scale(path: &Path, tensor: &str, block: usize, scale: [u8; 2]) -> usize {
+    let file = binllm_format::gguf::GgufFile::open(path).expect("a GGUF");
+    let info = file.tensor_info(tensor).expect("the tensor").clone();
+    let at = (file.data_offset + info.offset) as usize;
+    drop(file);
+    // A Q1_0 block is 18 bytes: the f16 scale, then 128 sign bits.
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at + 18 * block..at + 18 * block + 2].copy_from_slice(&scale);
+    std::fs::write(path, &bytes).unwrap();
+    at
+}
+
 /// A two-layer Llama with synthetic weights, no tokenizer: the shapes a test needs (e.g.
 /// widths of multiples of 128 for Q1_0) without a file.
 pub fn synthetic_llama(

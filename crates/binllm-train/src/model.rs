@@ -175,15 +175,15 @@ struct BlockWeights {
 }
 
 impl BlockWeights {
-    fn of(block: &Block, form: WeightForm) -> Self {
+    fn from_fn(mut weight: impl FnMut(Which) -> Tensor) -> Self {
         BlockWeights {
-            q: block.q.effective_weight(form),
-            k: block.k.effective_weight(form),
-            v: block.v.effective_weight(form),
-            o: block.o.effective_weight(form),
-            gate: block.gate.effective_weight(form),
-            up: block.up.effective_weight(form),
-            down: block.down.effective_weight(form),
+            q: weight(Which::Q),
+            k: weight(Which::K),
+            v: weight(Which::V),
+            o: weight(Which::O),
+            gate: weight(Which::Gate),
+            up: weight(Which::Up),
+            down: weight(Which::Down),
         }
     }
 
@@ -192,39 +192,29 @@ impl BlockWeights {
     /// ops instead of one per linear (210 for SmolLM2), since each op costs the host about
     /// as much as the device's work on one weight matrix.
     fn all(layers: &[Block], form: WeightForm) -> Vec<Self> {
-        let stacked = |which: Which| -> Option<Vec<Tensor>> {
+        let stacked = |which: Which| -> Option<(Which, Vec<Tensor>)> {
             let linears: Vec<&BlockLinear> = layers.iter().map(|b| b.linear(which)).collect();
             let weights = BlockLinear::stacked(&linears)?.effective_weight(form);
-            Some(weights.unbind(0))
+            Some((which, weights.unbind(0)))
         };
-        let per_kind: Option<Vec<Vec<Tensor>>> = if BlockLinear::stacks(form) && layers.len() > 1 {
-            Which::ALL.iter().map(|&w| stacked(w)).collect()
-        } else {
-            None
-        };
-        let Some(per_kind) = per_kind else {
-            return layers.iter().map(|b| BlockWeights::of(b, form)).collect();
-        };
-        let mut per_kind: Vec<std::vec::IntoIter<Tensor>> =
-            per_kind.into_iter().map(Vec::into_iter).collect();
-        let mut next = |which: Which| {
-            let i = Which::ALL
+        let per_kind: Option<Vec<(Which, Vec<Tensor>)>> = (BlockLinear::stacks(form)
+            && layers.len() > 1)
+            .then(|| Which::ALL.into_iter().map(stacked).collect())
+            .flatten();
+        match per_kind {
+            Some(per_kind) => (0..layers.len())
+                .map(|layer| {
+                    BlockWeights::from_fn(|which| {
+                        let (_, weights) = per_kind.iter().find(|(w, _)| *w == which).unwrap();
+                        weights[layer].shallow_clone()
+                    })
+                })
+                .collect(),
+            None => layers
                 .iter()
-                .position(|&w| w == which)
-                .expect("a block linear");
-            per_kind[i].next().expect("one weight per layer")
-        };
-        (0..layers.len())
-            .map(|_| BlockWeights {
-                q: next(Which::Q),
-                k: next(Which::K),
-                v: next(Which::V),
-                o: next(Which::O),
-                gate: next(Which::Gate),
-                up: next(Which::Up),
-                down: next(Which::Down),
-            })
-            .collect()
+                .map(|b| BlockWeights::from_fn(|which| b.linear(which).effective_weight(form)))
+                .collect(),
+        }
     }
 }
 

@@ -98,9 +98,13 @@ pub fn stage2_learning_rate(
     steps: usize,
     sign_steps: usize,
 ) -> f64 {
-    let main_steps = steps.saturating_sub(sign_steps);
-    match config.sign_lr {
-        Some(sign_peak) if sign_steps > 0 && k >= main_steps => learning_rate(
+    let own_sign_stage = config.sign_lr.filter(|_| sign_steps > 0);
+    let main_steps = match own_sign_stage {
+        Some(_) => steps.saturating_sub(sign_steps),
+        None => steps,
+    };
+    match own_sign_stage {
+        Some(sign_peak) if k >= main_steps => learning_rate(
             LrSchedule::Cosine,
             k - main_steps,
             sign_steps,
@@ -109,19 +113,10 @@ pub fn stage2_learning_rate(
             sign_peak,
             config.min_lr,
         ),
-        Some(_) if sign_steps > 0 => learning_rate(
-            config.lr_schedule,
-            k,
-            main_steps,
-            config.warmup_steps,
-            config.decay_fraction,
-            config.lr,
-            config.min_lr,
-        ),
         _ => learning_rate(
             config.lr_schedule,
             k,
-            steps,
+            main_steps,
             config.warmup_steps,
             config.decay_fraction,
             config.lr,
