@@ -6,8 +6,8 @@
 # Here (the build machine), once:   bash tools/gpu/quality.sh pack
 # Then `run` calls, back to back (the machine keeps /tmp while warm):
 #   bash tools/gpu/quality.sh a      binary + GGUF part 1
-#   bash tools/gpu/quality.sh b      GGUF part 2 (joined, sha256 checked) + eval data
-#   bash tools/gpu/quality.sh c      corpus; starts the pipeline in the background
+#   bash tools/gpu/quality.sh b      GGUF part 2 (joined, sha256 checked)
+#   bash tools/gpu/quality.sh c      corpus and eval data; starts the pipeline in the background
 #                                    (PIPELINE=screen: the screening runs of tools/gpu/screen.tsv)
 #   bash tools/gpu/quality.sh poll   waits (up to POLL_S seconds) and returns what is done
 #   bash tools/gpu/quality.sh collect   returns what is done now
@@ -29,10 +29,11 @@ if [[ $stage == pack ]]; then
   rm -rf "$pack" && mkdir -p "$pack/a" "$pack/b" "$pack/c"
   cargo build --release -p binllm-cli
   strip -o "$pack/a/binllm" target/release/binllm
-  split -b 44M models/SmolLM2-135M-Instruct.Q4_1.gguf "$pack/gguf.part-"
+  split -b 40M models/SmolLM2-135M-Instruct.Q4_1.gguf "$pack/gguf.part-"
   mv "$pack/gguf.part-aa" "$pack/a/" && mv "$pack"/gguf.part-a[b-z] "$pack/b/"
   sha256sum models/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1 > "$pack/b/gguf.sha256"
-  tar -C ../shared/data -czf "$pack/b/eval.tar.gz" eval
+  # The eval data rides with the corpus: each call carries at most 64 MiB, the tree included.
+  tar -C ../shared/data -czf "$pack/c/eval.tar.gz" eval
   cp ../shared/data/corpus/wikipedia_en.txt.gz ../shared/data/corpus/gutenberg_en.slice.txt.gz "$pack/c/"
   du -sh "$pack"/*
   exit 0
@@ -69,11 +70,11 @@ a)
 b)
   cat "$work/gguf.part-aa" "$pack"/b/gguf.part-a[b-z] > "$model"
   echo "$(cat "$pack/b/gguf.sha256")  $model" | sha256sum -c
-  tar -C "$work" -xzf "$pack/b/eval.tar.gz"
   "$bin" inspect "$model" | head -12
   ;;
 c)
   cp "$pack/c/"*.gz "$work/"
+  tar -C "$work" -xzf "$pack/c/eval.tar.gz"
   mkdir -p "$work/logs"
   setsid nohup env QUALITY_ARGS="${QUALITY_ARGS:-}" PROBE="${PROBE:-}" BUDGETS="${BUDGETS:-}" \
     bash "$repo/tools/gpu/quality.sh" "${PIPELINE:-pipeline}" > "$work/logs/pipeline.log" 2>&1 < /dev/null &
