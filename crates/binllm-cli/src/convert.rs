@@ -36,7 +36,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "binaryllm")]
     pub method: Method,
     /// Starting settings (every option below overrides them): `quality` (binllm's measured
-    /// one-GPU recipe: distillation, teacher chat data, 88M tokens; docs/RECIPE.md), `paper`
+    /// one-GPU recipe: distillation, teacher chat data, 80M tokens; docs/RECIPE.md), `paper`
     /// (seq 2048, 128 x 2048 tokens a step, lr 1e-4 -> 2e-6, cross-entropy) or `smoke` (a few
     /// CPU minutes on a tiny model). Default: `quality` on CUDA, `paper` on the CPU.
     #[arg(long, value_enum)]
