@@ -530,7 +530,8 @@ pub(crate) fn gemm_lut_block_scaled(
     ys: &mut [f32],
 ) {
     let (rows, cols) = (m.lut.rows, m.lut.cols);
-    let tile = kernel.gemm_tile();
+    // No wider than `n`: a GEMV allocates (and zeroes) the tables of one vector only.
+    let tile = kernel.gemm_tile().min(n.max(1));
     let tables_len = m.lut.tables_len();
     let padded_rows = m.lut.row_blocks * LUT_BLOCK_ROWS;
     let mut tables = vec![0.0f32; tile * tables_len];
