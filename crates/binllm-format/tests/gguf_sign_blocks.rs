@@ -54,6 +54,19 @@ fn q2_0_block_matches_hand_computed_bytes() {
     assert_eq!(&values[..4], &[2.0, -2.0, 0.0, 4.0]);
     let err = decode_signs(SignBlockType::Q2_0, &zero_and_double, 1, 64).unwrap_err();
     assert!(format!("{err:#}").contains("neither +d"), "{err:#}");
+
+    // Two blocks of one row with their own scales: a scale per 64 columns.
+    let bits = pack_signs(&every_third_positive(128), 1, 128);
+    let mut bytes = encode_signs(SignBlockType::Q2_0, &bits, &[2.0], None, 1, 128).unwrap();
+    bytes[18..20].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+    let decoded = decode_signs(SignBlockType::Q2_0, &bytes, 1, 128).unwrap();
+    assert_eq!(decoded.sign_bits, bits);
+    let block_scales = decoded.block_scales.unwrap();
+    assert_eq!(block_scales.block_cols, 64);
+    assert_eq!(
+        block_scales.row(0),
+        [half::f16::from_f32(2.0), half::f16::from_f32(0.5)]
+    );
 }
 
 #[test]
