@@ -24,8 +24,11 @@
 # default embedding/head types and once with both f16; binllm's `export --ptq --format gguf`
 # writes the same model as its own Q1_0 file (f16 head). Both engines bench every file
 # (llama-bench -r 5, binllm bench --reps 5, same threads and lengths); a file an engine
-# refuses is listed with its error. Ratios: binllm on a file against llama.cpp on the same
-# file, in the same run. LLAMA_CPP_BIN and BINLLM name prebuilt tools (else built here).
+# refuses is listed with its error. llama-quantize gives each block of 128 its own scale;
+# binllm's packed engine runs those blocks on its block-scaled 1-bit kernels, and the table
+# says how many block linears of each file have them (`binllm inspect --json`). Ratios:
+# binllm on a file against llama.cpp on the same file, in the same run. LLAMA_CPP_BIN and
+# BINLLM name prebuilt tools (else built here).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 if [[ "${1:-}" == --q1_0 ]]; then
@@ -45,6 +48,9 @@ if [[ "${1:-}" == --q1_0 ]]; then
   "$BIN/llama-quantize" --token-embedding-type f16 --output-tensor-type f16 "$FLOAT" \
     "$WORK/llama-q1_0-f16head.gguf" Q1_0 >> "$WORK/quantize.log" 2>&1
   "$BINLLM" export --ptq "$FLOAT" --format gguf --out "$WORK/binllm-q1_0.gguf" > /dev/null
+  for f in llama-q1_0 llama-q1_0-f16head binllm-q1_0; do
+    "$BINLLM" inspect --json "$WORK/$f.gguf" > "$WORK/$f-inspect.json" 2> /dev/null || true
+  done
   for round in $(seq 1 "$ROUNDS"); do
     for f in llama-q1_0 llama-q1_0-f16head binllm-q1_0; do
       "$BIN/llama-bench" -m "$WORK/$f.gguf" -t "$THREADS" -p "$PP" -n "$TG" -r 5 -o json \
@@ -71,19 +77,33 @@ def samples(f, engine):
     return pp_ts, tg_ts
 def show(v):
     return f"{statistics.median(v):.1f} ({max(v):.1f})" if v else "-"
+def block_scaled(f):
+    try:
+        d = json.load(open(f"{work}/{f}-inspect.json"))
+    except (OSError, ValueError):
+        return "-"
+    return f"{d.get('block_scaled_linears', 0)} of {d['block_linears']}"
+def kernel(f):
+    for p in sorted(glob.glob(f"{work}/{f}-binllm-*.json")):
+        try:
+            return json.load(open(p))["kernel"]
+        except (ValueError, KeyError):
+            continue
+    return "-"
 def error(f, engine):
     lines = [l.strip() for l in open(f"{work}/{f}-{engine}.err", errors="replace") if l.strip()]
     # "error: PATH: what" -> "what", cut at the first ';'.
     return "refused: " + lines[-1].split(": ", 2)[-1].split(";")[0].replace("|", "/") if lines else "no result"
 print(f"threads {threads}, pp{pp} / tg{tg}; median (best) tok/s over every rep; ratio of medians (of bests)")
 print()
-print(f"| file | llama.cpp pp{pp} | llama.cpp tg{tg} | binllm pp{pp} | binllm tg{tg} | tg binllm / llama.cpp |")
-print("|---|---:|---:|---:|---:|---:|")
+print(f"| file | linears with block scales | binllm kernel | llama.cpp pp{pp} | llama.cpp tg{tg} | binllm pp{pp} | binllm tg{tg} | tg binllm / llama.cpp |")
+print("|---|---:|---|---:|---:|---:|---:|---:|")
 for f in ["llama-q1_0", "llama-q1_0-f16head", "binllm-q1_0"]:
     (lp, lt), (bp, bt) = samples(f, "llama"), samples(f, "binllm")
     ratio = (f"{statistics.median(bt) / statistics.median(lt):.2f}x ({max(bt) / max(lt):.2f}x)"
              if bt and lt else "-")
-    cells = [show(lp) if lp else error(f, "llama"), show(lt), show(bp) if bp else error(f, "binllm"), show(bt)]
+    cells = [block_scaled(f), kernel(f), show(lp) if lp else error(f, "llama"), show(lt),
+             show(bp) if bp else error(f, "binllm"), show(bt)]
     print(f"| {f}.gguf | " + " | ".join(cells) + f" | {ratio} |")
 PY
   exit 0

@@ -227,9 +227,9 @@ fn torch_engine(a: &RunArgs, model: &std::path::Path) -> Result<(Box<dyn Languag
     use binllm_train::scorer::TorchScorer;
     let device = binllm_train::parse_device(&a.device)?;
     let kind = a.dtype.kind();
-    // A 1-bit GGUF goes through the float loader: it dequantises every block type, so
-    // llama.cpp's Q1_0 files with a scale per block of 128 (which binllm's 1-bit kernels
-    // cannot take) are scored too.
+    // A 1-bit GGUF goes through the float loader, which dequantises every block type (a
+    // `.b1` has no float form of its own, so it is rebuilt from its signs and scales): the
+    // libtorch engine scores what the file holds independently of the 1-bit reader.
     let (llama, tokenizer) = if binllm_format::detect::is_packed_container(model) {
         let p = binllm_format::packed::PackedModel::read(model)?;
         let tok = crate::run::embedded_tokenizer(&p, model)?;

@@ -20,8 +20,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     if binllm_format::packed::is_packed_file(&args.model) {
         match inspect_packed(&args) {
-            // A 1-bit GGUF the 1-bit kernels cannot take (llama.cpp's Q1_0 with a scale per
-            // block) is still described, as the float loader reads it.
+            // A GGUF the 1-bit reader refuses (e.g. ternary weights with zeros) is still
+            // described, as the float loader reads it.
             Err(e) if !binllm_format::detect::is_packed_container(&args.model) => {
                 eprintln!("note: {e:#}\nnote: described as the float loader reads it");
             }
@@ -142,6 +142,7 @@ fn inspect_packed(args: &Args) -> Result<()> {
             "bits_per_weight": bpw,
             "block_linears": model.linears.len(),
             "input_scale_vectors": vectors,
+            "block_scaled_linears": model.linears.values().filter(|l| l.block_scales.is_some()).count(),
             "dense_tensor_types": dense_types,
             "q8_tensors": q8.keys().collect::<Vec<_>>(),
             "provenance": model.provenance,
@@ -176,6 +177,16 @@ fn inspect_packed(args: &Args) -> Result<()> {
         "block linears  {} (1-bit), {vectors} with an input-scale vector",
         model.linears.len()
     );
+    let mut block_scaled = std::collections::BTreeMap::new();
+    for cols in model.linears.values().filter_map(|l| l.block_cols()) {
+        *block_scaled.entry(cols).or_insert(0usize) += 1;
+    }
+    for (cols, n) in &block_scaled {
+        println!(
+            "  {n} with a scale per block of {cols} columns (as the file holds them; the 1-bit \
+             kernels take them as they are)"
+        );
+    }
     let types: Vec<String> = dense_types
         .iter()
         .map(|(t, n)| format!("{n} {t}"))

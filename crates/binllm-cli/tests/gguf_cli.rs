@@ -240,12 +240,13 @@ fn the_torch_engine_scores_a_1_bit_gguf_as_the_packed_engine_does() {
     );
 }
 
-/// llama.cpp's own Q1_0 files give each block of 128 its own scale, which binllm's 1-bit
-/// kernels (one scale per row) cannot take: `inspect` still describes the file, `run` says
-/// why it refuses and which engine reads it.
+/// llama.cpp's own Q1_0 files give each block of 128 its own scale. `inspect` says so, the
+/// packed engine runs the file (`bench`), `export --format gguf` writes it back with its
+/// block scales (the same tensor bytes), and a `.b1`, which holds one scale per row, is
+/// refused with the reason.
 #[test]
-fn a_q1_0_gguf_with_a_scale_per_block_is_described_and_refused_clearly() {
-    use binllm_format::gguf::write_gguf;
+fn a_q1_0_gguf_with_a_scale_per_block_runs_in_the_packed_engine() {
+    use binllm_format::gguf::{write_gguf, GgufFile};
     use binllm_format::packed::{export, ExportOptions};
     use binllm_infer::ptq::{ptq_sign_model, InputScales};
     let model = binllm_testing::synthetic::synthetic_llama(256, 768, 4, 2, 64);
@@ -266,28 +267,66 @@ fn a_q1_0_gguf_with_a_scale_per_block_is_described_and_refused_clearly() {
     let inspect = binllm(&["inspect", path]);
     let printed = text(&inspect);
     assert!(inspect.status.success(), "{printed}");
-    assert!(printed.contains("vary within row 0"), "{printed}");
     assert!(
-        printed.contains("described as the float loader reads it"),
+        printed.contains("GGUF with 1-bit block linears, read as sign bits"),
         "{printed}"
     );
     assert!(
-        printed.contains("shape          2 layers, hidden 256"),
+        printed.contains("1 with a scale per block of 128 columns"),
         "{printed}"
     );
+    assert!(!printed.contains("float loader"), "{printed}");
 
-    let run = binllm(&[
-        "run",
+    let bench = binllm(&[
+        "bench",
         "--model",
         path,
-        "--prompt",
-        "hi",
-        "--max-tokens",
-        "2",
+        "--threads",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--reps",
+        "1",
+        "--json",
     ]);
-    let printed = text(&run);
-    assert!(!run.status.success());
-    assert!(printed.contains("per-block.gguf"), "{printed}");
-    assert!(printed.contains("blk.0.ffn_down.weight"), "{printed}");
-    assert!(printed.contains("--engine torch"), "{printed}");
+    assert!(bench.status.success(), "{}", text(&bench));
+    let report: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+    assert!(
+        report["tg_tokens_per_second"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+
+    let again = dir.path().join("again.gguf");
+    let export = binllm(&[
+        "export",
+        path,
+        "--format",
+        "gguf",
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(export.status.success(), "{}", text(&export));
+    let tensor = |file: &str| {
+        let f = GgufFile::open(Path::new(file)).unwrap();
+        let info = f.tensor_info("blk.0.ffn_down.weight").unwrap().clone();
+        f.tensor_bytes(&info).unwrap().to_vec()
+    };
+    assert_eq!(tensor(again.to_str().unwrap()), tensor(path));
+
+    let b1 = dir.path().join("refused.b1");
+    let refused = binllm(&["export", path, "--out", b1.to_str().unwrap()]);
+    let printed = text(&refused);
+    assert!(!refused.status.success(), "{printed}");
+    assert!(
+        printed.contains("model.layers.0.mlp.down_proj"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("scale per block of 128 columns"),
+        "{printed}"
+    );
+    assert!(printed.contains("--format gguf"), "{printed}");
+    assert!(!b1.exists());
 }

@@ -2,6 +2,10 @@
 //! ([`Linear`], stacked where they read one input) and the dense matrices of the embedding
 //! table and the LM head ([`DenseMatrix`], f32, f16, q8_0 or q4_0).
 //!
+//! A block linear read from a GGUF whose blocks carry their own scales (llama-quantize's
+//! Q1_0) keeps them: its parts are the kernels' block-scaled matrices
+//! ([`binllm_kernels::block_scaled`]), the others row-scaled ones, as a `.b1` file's.
+//!
 //! Every matrix is split by rows into one part per member of the thread team
 //! (`threads::Team`) when the model is loaded; member `i` computes part `i` of each product
 //! with the kernels' single-threaded products and writes its rows of the shared output. Parts
@@ -12,7 +16,10 @@
 use anyhow::{ensure, Context, Result};
 use binllm_format::packed::{PackedLinear, PackedModel, QuantTensor, QuantTensors};
 use binllm_format::TensorData;
-use binllm_kernels::{DenseKernel, Kernel, PackedMatrix, PreparedMatrix, Q4Matrix, Q8Matrix};
+use binllm_kernels::{
+    BlockScaledMatrix, BlockScales, DenseKernel, Kernel, PackedMatrix, PreparedMatrix, Q4Matrix,
+    Q8Matrix,
+};
 use half::f16;
 
 use crate::threads::{split_rows, SharedOut};
@@ -54,12 +61,16 @@ struct LinearOutput {
 
 impl Linear {
     /// Stacks of consecutive `linears` that read the same input (same width and input
-    /// scale), in order.
+    /// scale) and are scaled alike (by row, or by blocks of the same width), in order.
     pub(crate) fn stacks(linears: &[&PackedLinear], kernel: Kernel, parts: usize) -> Vec<Linear> {
         let mut stacks: Vec<Vec<&PackedLinear>> = Vec::new();
         for &l in linears {
             match stacks.last_mut() {
-                Some(stack) if stack[0].cols == l.cols && stack[0].input_scale == l.input_scale => {
+                Some(stack)
+                    if stack[0].cols == l.cols
+                        && stack[0].input_scale == l.input_scale
+                        && stack[0].block_cols() == l.block_cols() =>
+                {
                     stack.push(l)
                 }
                 _ => stacks.push(vec![l]),
@@ -84,17 +95,27 @@ impl Linear {
             .collect();
         let members: Vec<Option<PreparedMatrix>> = (0..parts.max(1))
             .map(|member| {
-                let (mut bits, mut scales) = (Vec::new(), Vec::new());
+                let (mut bits, mut scales, mut block_scales) = (Vec::new(), Vec::new(), Vec::new());
                 for (l, output) in stack.iter().zip(&outputs) {
                     let range = output.ranges[member].clone();
                     bits.extend_from_slice(&l.sign_bits[range.start * wpr..range.end * wpr]);
-                    scales.extend_from_slice(&l.row_scale[range]);
+                    scales.extend_from_slice(&l.row_scale[range.clone()]);
+                    if let Some(b) = &l.block_scales {
+                        block_scales.extend_from_slice(&b.rows_slice(range).scales);
+                    }
                 }
                 (!scales.is_empty()).then(|| {
-                    PreparedMatrix::new(
-                        PackedMatrix::from_parts(scales.len(), cols, bits, scales),
-                        kernel,
-                    )
+                    let signs = PackedMatrix::from_parts(scales.len(), cols, bits, scales);
+                    match stack[0].block_cols() {
+                        None => PreparedMatrix::new(signs, kernel),
+                        Some(block_cols) => PreparedMatrix::block_scaled(
+                            BlockScaledMatrix::new(
+                                signs,
+                                BlockScales::new(block_cols, cols, block_scales),
+                            ),
+                            kernel,
+                        ),
+                    }
                 })
             })
             .collect();
@@ -112,7 +133,8 @@ impl Linear {
         self.outputs.iter().map(|o| o.rows).sum()
     }
 
-    /// Bytes one product streams: sign bits, and the row and input scales (f32 in memory).
+    /// Bytes one product streams: sign bits, block scales (f16) where there are any, and the
+    /// row and input scales (f32 in memory).
     pub fn bytes(&self) -> usize {
         self.packed_bytes + 4 * (self.rows() + self.input_scale.as_ref().map_or(0, Vec::len))
     }
@@ -138,7 +160,8 @@ impl Linear {
         }
     }
 
-    /// Member `member`'s rows of `ys[i][t] = row_scale * (B_i xs[t]) + bias_i` for each layer
+    /// Member `member`'s rows of `ys[i][t] = row_scale * (B_i xs[t]) + bias_i` (`B_i` times
+    /// its block scales, where it has them) for each layer
     /// `i` of the stack and the `n` rows of `xs` (already input-scaled); `ys[i]` is
     /// `n x rows_i`.
     pub(crate) fn forward_part(&self, member: usize, xs: &[f32], n: usize, ys: &[SharedOut]) {
@@ -380,36 +403,20 @@ impl DenseMatrix {
 mod tests {
     use super::*;
 
-    #[test]
-    fn stacked_linears_match_each_dense_layer() {
-        let mut rng = crate::sampling::SplitMix64::new(7);
-        let cols = 70;
-        let mut linear = |rows: usize, bias: bool, input_scale: Option<Vec<f32>>| {
-            let signs: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
-            let bias = bias.then(|| (0..rows).map(|_| rng.next_f32()).collect());
-            PackedLinear {
-                rows,
-                cols,
-                sign_bits: binllm_kernels::pack_signs(&signs, rows, cols).bits,
-                row_scale: (0..rows).map(|_| rng.next_f32() + 0.5).collect(),
-                input_scale,
-                bias,
-            }
-        };
-        let scale: Vec<f32> = (0..cols).map(|c| 0.5 + c as f32 / cols as f32).collect();
-        // q, k, v-like shapes; the last reads another input (its own input scale).
-        let linears = [
-            linear(96, true, None),
-            linear(40, false, None),
-            linear(40, true, None),
-            linear(33, true, Some(scale)),
-        ];
+    /// `ys[i]` for every linear, computed part by part as the team would, against a float64
+    /// product of each linear's dense weight.
+    fn check_stacks_against_dense(
+        linears: &[PackedLinear],
+        stack_sizes: &[usize],
+        rng: &mut crate::sampling::SplitMix64,
+    ) {
+        let cols = linears[0].cols;
         let refs: Vec<&PackedLinear> = linears.iter().collect();
         for parts in [1, 2, 3] {
             let stacks = Linear::stacks(&refs, Kernel::best(), parts);
             assert_eq!(
                 stacks.iter().map(|s| s.outputs.len()).collect::<Vec<_>>(),
-                [3, 1]
+                stack_sizes
             );
             for n in [1, 3] {
                 let xs: Vec<f32> = (0..n * cols).map(|_| rng.next_f32() - 0.5).collect();
@@ -441,5 +448,66 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn stacked_linears_match_each_dense_layer() {
+        let mut rng = crate::sampling::SplitMix64::new(7);
+        let cols = 70;
+        let mut linear = |rows: usize, bias: bool, input_scale: Option<Vec<f32>>| {
+            let signs: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
+            let bias = bias.then(|| (0..rows).map(|_| rng.next_f32()).collect());
+            PackedLinear {
+                rows,
+                cols,
+                sign_bits: binllm_kernels::pack_signs(&signs, rows, cols).bits,
+                row_scale: (0..rows).map(|_| rng.next_f32() + 0.5).collect(),
+                block_scales: None,
+                input_scale,
+                bias,
+            }
+        };
+        let scale: Vec<f32> = (0..cols).map(|c| 0.5 + c as f32 / cols as f32).collect();
+        // q, k, v-like shapes; the last reads another input (its own input scale).
+        let linears = [
+            linear(96, true, None),
+            linear(40, false, None),
+            linear(40, true, None),
+            linear(33, true, Some(scale)),
+        ];
+        check_stacks_against_dense(&linears, &[3, 1], &mut rng);
+    }
+
+    #[test]
+    fn block_scaled_linears_stack_with_their_own_kind_and_match_each_dense_layer() {
+        let mut rng = crate::sampling::SplitMix64::new(11);
+        let cols = 256;
+        let mut linear = |rows: usize, block_cols: Option<usize>| {
+            let signs: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
+            let block_scales = block_cols.map(|block_cols| {
+                let n = rows * cols.div_ceil(block_cols);
+                let scales = (0..n)
+                    .map(|_| half::f16::from_f32(rng.next_f32() + 0.25))
+                    .collect();
+                BlockScales::new(block_cols, cols, scales)
+            });
+            PackedLinear {
+                rows,
+                cols,
+                sign_bits: binllm_kernels::pack_signs(&signs, rows, cols).bits,
+                row_scale: (0..rows).map(|_| rng.next_f32() + 0.5).collect(),
+                block_scales,
+                input_scale: None,
+                bias: Some((0..rows).map(|_| rng.next_f32()).collect()),
+            }
+        };
+        // Blocks of 128 stack together; one scale per row, or blocks of 64, start a stack.
+        let linears = [
+            linear(96, Some(128)),
+            linear(40, Some(128)),
+            linear(40, None),
+            linear(33, Some(64)),
+        ];
+        check_stacks_against_dense(&linears, &[2, 1, 1], &mut rng);
     }
 }

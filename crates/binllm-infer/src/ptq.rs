@@ -109,6 +109,7 @@ pub fn ptq_sign_model(model: &PretrainedModel, input_scales: InputScales) -> Res
                     cols,
                     sign_bits: pack_signs(&w, rows, cols),
                     row_scale,
+                    block_scales: None,
                     input_scale,
                     bias,
                 },

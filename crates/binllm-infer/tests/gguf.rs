@@ -1,13 +1,17 @@
 //! `write_gguf` and the GGUF-to-sign-bits reader with the packed runtime: the round trip gives
 //! the packed file's logits, folding into the GGUF is exact against the unfolded model, what
-//! cannot fold is refused, and a model whose widths are multiples of 128 is all Q1_0.
+//! cannot fold is refused, a model whose widths are multiples of 128 is all Q1_0, and Q1_0
+//! blocks with their own scales (llama-quantize's files) give the float model's logits.
 
 use binllm_format::gguf::{read_packed, write_gguf, GgufFile};
 use binllm_format::names::{self, BlockLinear};
-use binllm_format::packed::{export, ExportOptions, HeadFormat, PackedModel, QuantTensors};
+use binllm_format::packed::{
+    export, BlockScales, ExportOptions, HeadFormat, PackedModel, QuantTensors,
+};
 use binllm_format::{Architecture, PretrainedModel};
 use binllm_infer::ptq::{ptq_sign_model, InputScales};
 use binllm_infer::{KvCache, Model, RuntimeOptions};
+use binllm_kernels::Kernel;
 use binllm_testing::synthetic::{set_q1_0_block_scale, synthetic_llama};
 
 fn logits(packed: &PackedModel, quantized: &QuantTensors, ids: &[u32]) -> Vec<f32> {
@@ -212,30 +216,173 @@ fn a_damaged_q1_0_tensor_is_refused_naming_file_and_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wide.gguf");
     write_gguf(&exported.model, &exported.quantized, &path).unwrap();
-
-    // The second block of row 0 gets another scale: not one scale per row.
-    let varying = dir.path().join("varying.gguf");
-    std::fs::copy(&path, &varying).unwrap();
-    let scale = half::f16::from_f32(123.0).to_le_bytes();
-    let at = set_q1_0_block_scale(&varying, "blk.1.ffn_up.weight", 1, scale);
-    let bytes = std::fs::read(&varying).unwrap();
-    let err = format!("{:#}", read_packed(&varying).unwrap_err());
-    assert!(err.contains("varying.gguf"), "{err}");
-    assert!(err.contains("blk.1.ffn_up.weight"), "{err}");
-    assert!(err.contains("vary within row 0"), "{err}");
-    // The float path still reads it (dequantised, per-block scales and all).
-    let floats = binllm_format::PretrainedModel::load(&varying, &Default::default()).unwrap();
-    let up = floats.tensors[&names::linear_weight(1, BlockLinear::Up)].to_f32_vec();
-    assert_eq!(up[128].abs(), 123.0);
-
+    let at = {
+        let file = GgufFile::open(&path).unwrap();
+        let info = file.tensor_info("blk.1.ffn_up.weight").unwrap();
+        (file.data_offset + info.offset) as usize
+    };
     // Cut inside the tensor data: the file and a tensor are named, no panic.
     let cut = dir.path().join("cut.gguf");
-    std::fs::write(&cut, &bytes[..at + 100]).unwrap();
+    std::fs::write(&cut, &std::fs::read(&path).unwrap()[..at + 100]).unwrap();
     let err = format!("{:#}", read_packed(&cut).unwrap_err());
     assert!(
         err.contains("cut.gguf") && err.contains("runs past the end"),
         "{err}"
     );
+}
+
+/// The sign model with every block linear scaled as llama-quantize scales Q1_0: each block
+/// of 128 weights of a row gets its mean |w| (as f16), the row scale is 1.
+fn with_llama_quantize_block_scales(
+    sign: &PackedModel,
+    pretrained: &PretrainedModel,
+) -> PackedModel {
+    let mut model = sign.clone();
+    for (&(layer, which), l) in model.linears.iter_mut() {
+        let w = pretrained.tensors[&names::linear_weight(layer, which)].to_f32_vec();
+        let scales = w
+            .chunks_exact(128)
+            .map(|block| half::f16::from_f32(block.iter().map(|v| v.abs()).sum::<f32>() / 128.0))
+            .collect();
+        l.row_scale = vec![1.0; l.rows];
+        l.block_scales = Some(BlockScales::new(128, l.cols, scales));
+    }
+    model
+}
+
+/// Logits of the packed runtime with `threads` and the 1-bit `kernel`.
+fn logits_on(
+    packed: &PackedModel,
+    quantized: &QuantTensors,
+    ids: &[u32],
+    threads: usize,
+    kernel: Kernel,
+) -> Vec<f32> {
+    let options = RuntimeOptions {
+        threads,
+        kernel: Some(kernel),
+        ..Default::default()
+    };
+    let model = Model::new(packed, quantized, &options).unwrap();
+    let mut cache = KvCache::new(&model.config);
+    model.forward_all(&mut cache, ids).unwrap()
+}
+
+/// llama-quantize's Q1_0 files give each block of 128 its own scale. Such a file runs on the
+/// 1-bit kernels, block scales and all, and gives the logits of the float model the float
+/// loader reads from it (dequantised), computed in float64: on the one-pass LUT kernels and
+/// on a kernel that goes block by block, with one and two threads.
+#[test]
+fn q1_0_blocks_with_their_own_scales_run_on_the_1_bit_kernels() {
+    let pretrained = wide_model();
+    let sign = ptq_sign_model(&pretrained, InputScales::None).unwrap();
+    let per_block = with_llama_quantize_block_scales(&sign, &pretrained);
+    let exported = export(&per_block, &ExportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("per-block.gguf");
+    let report = write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+    assert_eq!(report.block_types[0].0, "Q1_0", "{report:?}");
+
+    let (read, quantized) = read_packed(&path).unwrap();
+    assert_eq!(read.linears, exported.model.linears);
+    assert!(read.linears.values().all(|l| l.block_cols() == Some(128)));
+    let floats = PretrainedModel::load(&path, &Default::default()).unwrap();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 41 % 320) as u32).collect();
+    let reference = binllm_testing::reference::llama_logits_f64(&floats, &ids);
+    let spread = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let max_diff = |got: &[f32]| {
+        got.iter()
+            .zip(&reference)
+            .map(|(&g, r)| (g as f64 - r).abs())
+            .fold(0.0, f64::max)
+    };
+    let block_by_block = [Kernel::Scalar, Kernel::best_row_major()];
+    for kernel in [Kernel::best(), Kernel::LutScalar]
+        .into_iter()
+        .chain(block_by_block)
+    {
+        for threads in [1, 2] {
+            let diff = max_diff(&logits_on(&read, &quantized, &ids, threads, kernel));
+            assert!(
+                diff <= 2e-5 * spread,
+                "{kernel}, {threads} threads: logits differ from the float64 reference by \
+                 {diff} (max |logit| {spread})"
+            );
+        }
+    }
+    // The check can fail: the same signs with one scale per row (the blocks' mean) are far
+    // off the reference.
+    let mut row_scaled = read.clone();
+    for l in row_scaled.linears.values_mut() {
+        let b = l.block_scales.take().unwrap();
+        l.row_scale = b
+            .scales
+            .chunks_exact(b.blocks_per_row)
+            .map(|row| row.iter().map(|s| s.to_f32()).sum::<f32>() / row.len() as f32)
+            .collect();
+    }
+    let diff = max_diff(&logits_on(&row_scaled, &quantized, &ids, 1, Kernel::best()));
+    assert!(diff > 1e-3 * spread, "row scales alone came within {diff}");
+}
+
+/// binllm's own export with one block of one row given another scale (a hand-edited file):
+/// that tensor alone reads with block scales, the others keep one scale per row, and the
+/// logits are the float model's.
+#[test]
+fn one_edited_block_scale_makes_only_its_tensor_block_scaled() {
+    let sign = ptq_sign_model(&wide_model(), InputScales::None).unwrap();
+    let exported = export(&sign, &ExportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edited.gguf");
+    write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+    let scale = half::f16::from_f32(0.75).to_le_bytes();
+    set_q1_0_block_scale(&path, "blk.1.ffn_up.weight", 1, scale);
+
+    let (read, quantized) = read_packed(&path).unwrap();
+    for (&(layer, which), l) in &read.linears {
+        let edited = (layer, which) == (1, BlockLinear::Up);
+        assert_eq!(l.block_scales.is_some(), edited, "layer {layer} {which:?}");
+    }
+    let up = &read.linears[&(1, BlockLinear::Up)];
+    let b = up.block_scales.as_ref().unwrap();
+    assert_eq!(b.row(0)[1].to_f32(), 0.75);
+    assert_eq!(up.dense_weight()[128].abs(), 0.75);
+    assert!(up.row_scale.iter().all(|&s| s == 1.0));
+
+    let floats = PretrainedModel::load(&path, &Default::default()).unwrap();
+    let ids: Vec<u32> = (0..10).map(|i| (i * 23 % 320) as u32).collect();
+    let reference = binllm_testing::reference::llama_logits_f64(&floats, &ids);
+    let spread = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let got = logits(&read, &quantized, &ids);
+    let diff = got
+        .iter()
+        .zip(&reference)
+        .map(|(&g, r)| (g as f64 - r).abs())
+        .fold(0.0, f64::max);
+    assert!(diff <= 2e-5 * spread, "{diff} (max |logit| {spread})");
+}
+
+/// The float64 reference is the runtime's own function: on binllm's row-scaled export the two
+/// agree as closely as on the per-block files (so those tests measure the block scales, not
+/// the reference).
+#[test]
+fn the_float64_reference_matches_the_runtime_on_a_row_scaled_gguf() {
+    let sign = ptq_sign_model(&wide_model(), InputScales::None).unwrap();
+    let exported = export(&sign, &ExportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rows.gguf");
+    write_gguf(&exported.model, &exported.quantized, &path).unwrap();
+    let floats = PretrainedModel::load(&path, &Default::default()).unwrap();
+    let ids: Vec<u32> = (0..10).map(|i| (i * 23 % 320) as u32).collect();
+    let reference = binllm_testing::reference::llama_logits_f64(&floats, &ids);
+    let spread = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let got = logits(&exported.model, &exported.quantized, &ids);
+    let diff = got
+        .iter()
+        .zip(&reference)
+        .map(|(&g, r)| (g as f64 - r).abs())
+        .fold(0.0, f64::max);
+    assert!(diff <= 2e-5 * spread, "{diff} (max |logit| {spread})");
 }
 
 #[test]

@@ -17,7 +17,7 @@ pub enum Kernel {
     Neon,
     /// Lookup tables of 4-activation partial sums, portable code.
     LutScalar,
-    /// Lookup tables, AVX2 (`vpermps` over two 8-entry halves).
+    /// Lookup tables, AVX2 + FMA + F16C (`vpermps` over two 8-entry halves).
     LutAvx2,
     /// Lookup tables, AVX-512F (`vpermps` over 16 rows at once).
     LutAvx512,
@@ -52,8 +52,15 @@ impl Kernel {
         match self {
             Kernel::Scalar | Kernel::LutScalar | Kernel::Lut3Scalar | Kernel::LutI8Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 | Kernel::LutAvx2 | Kernel::Lut3Avx2 => {
+            Kernel::Avx2 | Kernel::Lut3Avx2 => {
                 is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+            }
+            // F16C widens the f16 block scales of a block-scaled matrix (every AVX2 CPU has it).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::LutAvx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 | Kernel::LutAvx512 => is_x86_feature_detected!("avx512f"),

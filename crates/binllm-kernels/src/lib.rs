@@ -13,6 +13,7 @@
 //! | [`layout`] | the packed sign-bit layout ([`PackedMatrix`], [`pack_signs`]) |
 //! | `kernel`, `gemm`, [`scalar`], `x86`, `neon` | the 1-bit kernels ([`Kernel`]) on that layout, and the drivers tiling GEMM over vectors |
 //! | [`lut`], [`lut3`], [`lut_i8`] | the lookup-table layouts and kernels |
+//! | [`block_scaled`] | sign matrices with a scale per block of columns (llama-quantize's Q1_0): [`BlockScaledMatrix`], its one-pass LUT kernels and the by-block path of the others |
 //! | this file | [`PreparedMatrix`] (a matrix in its kernel's layout), [`gemv_with`] / [`gemm_with`] |
 //! | [`dense`] | f32 and f16 products ([`DenseKernel`]) |
 //! | [`q8`], [`q4`] | the q8_0 and q4_0 block formats ([`Q8Matrix`], [`Q4Matrix`]), one home each |
@@ -38,6 +39,23 @@
 //! | `LutScalar`, `LutAvx2`, `LutAvx512` | [`LutMatrix`] | 16-entry f32 tables of 4-activation sums, `vpermps` looks up 16 rows at once | f32, bit-identical across the three |
 //! | `Lut3Scalar`, `Lut3Avx2` | [`Lut3Matrix`] | 8-entry f32 tables of 3-activation sums, one `vpermps` per 8 rows x 3 columns (AVX2) | f32, bit-identical across the two |
 //! | `LutI8Scalar`, `LutI8Avx512` | [`LutI8Matrix`] | int8 activations, i16 tables, `vpermw` over 32 rows | approximate (W1A8), exact integer sums |
+//!
+//! # Block-scaled matrices ([`block_scaled`])
+//!
+//! A GGUF written by llama.cpp's `llama-quantize` gives every block of 128 weights of a row its
+//! own f16 scale (Q1_0; Q2_0 every 64, TQ1_0 / TQ2_0 every 256). [`BlockScaledMatrix`] holds
+//! the same sign bits as [`PackedMatrix`] (with its row scales) plus those block scales,
+//! `y[r] = scale[r] * sum_b block_scale[r, b] * sum_{j in b} B[r, j] x[j]`, and
+//! [`PreparedMatrix::block_scaled`] computes with it:
+//!
+//! | kernels | path | result |
+//! |---|---|---|
+//! | `LutScalar`, `LutAvx2`, `LutAvx512` | one pass over [`block_scaled::LutBlockScaledMatrix`]: the LUT kernel's lookups, the four accumulators reduced at the end of each block and multiplied by those 16 rows' scales for the block into a running total (`fma`) | f32, bit-identical across the three |
+//! | every other kernel | [`block_scaled::ColumnBlocks`]: one row-scaled matrix per block of columns (row scale x block scale), the products added | that kernel's, per block |
+//!
+//! The row-scaled path above is untouched: a matrix with one scale per row (binllm's own files)
+//! never goes through this one. `examples/block_scaled_bench.rs` measures what the block
+//! scales cost against the same signs with row scales.
 //!
 //! [`Kernel::best`] picks the fastest exact kernel available at run time (`LutAvx512` on
 //! AVX-512 CPUs; it was 2.5-4x faster than the AVX-512 mask kernel at SmolLM2-135M shapes in
@@ -87,6 +105,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod block_scaled;
 pub mod dense;
 mod gemm;
 pub mod head;
@@ -163,6 +182,7 @@ pub fn prefetch_lines<T>(p: *const T, len: usize) {
 
 pub use activation::swiglu;
 pub use attention::attend;
+pub use block_scaled::{BlockScaledMatrix, BlockScales};
 pub use dense::{gemm_dense_with, gemv_f16, gemv_f16_with, gemv_f32, gemv_f32_with, DenseKernel};
 pub use head::{
     gemm_q4_rows, gemm_q4_with, gemm_q8_rows, gemm_q8_with, gemv_q4_with, gemv_q8, gemv_q8_with,
@@ -241,6 +261,10 @@ enum Weights {
     Lut(LutMatrix),
     Lut3(Lut3Matrix),
     LutI8(LutI8Matrix),
+    /// A scale per block of columns, one pass ([`block_scaled`]).
+    LutBlockScaled(block_scaled::LutBlockScaledMatrix),
+    /// A scale per block of columns, block by block on any kernel ([`block_scaled`]).
+    ColumnBlocks(block_scaled::ColumnBlocks),
 }
 
 impl PreparedMatrix {
@@ -264,6 +288,19 @@ impl PreparedMatrix {
         Self::new(m, Kernel::best())
     }
 
+    /// A matrix with a scale per block of columns ([`block_scaled`]): in one pass on the LUT
+    /// kernels (`lut-scalar`, `lut-avx2`, `lut-avx512`), block by block on the others.
+    /// Panics if `kernel` is not available on this CPU.
+    pub fn block_scaled(m: BlockScaledMatrix, kernel: Kernel) -> Self {
+        kernel.assert_available();
+        let weights = if kernel.uses_lut_layout() {
+            Weights::LutBlockScaled(block_scaled::LutBlockScaledMatrix::from_block_scaled(&m))
+        } else {
+            Weights::ColumnBlocks(block_scaled::ColumnBlocks::new(&m, kernel))
+        };
+        PreparedMatrix { kernel, weights }
+    }
+
     pub fn kernel(&self) -> Kernel {
         self.kernel
     }
@@ -274,6 +311,8 @@ impl PreparedMatrix {
             Weights::Lut(m) => m.rows,
             Weights::Lut3(m) => m.rows,
             Weights::LutI8(m) => m.rows,
+            Weights::LutBlockScaled(m) => m.lut.rows,
+            Weights::ColumnBlocks(m) => m.rows,
         }
     }
 
@@ -283,16 +322,21 @@ impl PreparedMatrix {
             Weights::Lut(m) => m.cols,
             Weights::Lut3(m) => m.cols,
             Weights::LutI8(m) => m.cols,
+            Weights::LutBlockScaled(m) => m.lut.cols,
+            Weights::ColumnBlocks(m) => m.cols,
         }
     }
 
-    /// Bytes of sign bits streamed per product.
+    /// Bytes of sign bits streamed per product, and of block scales (f16) where the matrix
+    /// has them; row scales are not counted.
     pub fn packed_bytes(&self) -> usize {
         match &self.weights {
             Weights::RowMajor(m) => m.packed_bytes(),
             Weights::Lut(m) => m.packed_bytes(),
             Weights::Lut3(m) => m.packed_bytes(),
             Weights::LutI8(m) => m.packed_bytes(),
+            Weights::LutBlockScaled(m) => m.packed_bytes(),
+            Weights::ColumnBlocks(m) => m.packed_bytes(),
         }
     }
 
@@ -304,6 +348,10 @@ impl PreparedMatrix {
             Weights::Lut(m) => gemm::gemv_lut(self.kernel, m, x, y),
             Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, x, 1, y),
             Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, x, 1, y),
+            Weights::LutBlockScaled(m) => {
+                block_scaled::gemm_lut_block_scaled(self.kernel, m, x, 1, y)
+            }
+            Weights::ColumnBlocks(m) => m.gemm(x, 1, y),
         }
     }
 
@@ -315,6 +363,10 @@ impl PreparedMatrix {
             Weights::Lut(m) => gemm::gemm_lut(self.kernel, m, xs, n, ys),
             Weights::Lut3(m) => gemm::gemm_lut3(self.kernel, m, xs, n, ys),
             Weights::LutI8(m) => gemm::gemm_lut_i8(self.kernel, m, xs, n, ys),
+            Weights::LutBlockScaled(m) => {
+                block_scaled::gemm_lut_block_scaled(self.kernel, m, xs, n, ys)
+            }
+            Weights::ColumnBlocks(m) => m.gemm(xs, n, ys),
         }
     }
 }

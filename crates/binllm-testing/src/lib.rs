@@ -9,7 +9,10 @@
 //! - [`language_model`]: a bigram model whose every number can be recomputed, a character
 //!   tokenizer for it, and the consistency check any engine's [`binllm_eval::LanguageModel`]
 //!   can be held to.
+//! - [`mod@reference`]: a float64 forward pass of a Llama-family model from its float tensors,
+//!   the packed runtime's reference where libtorch is not at hand.
 
 pub mod language_model;
+pub mod reference;
 pub mod shared;
 pub mod synthetic;

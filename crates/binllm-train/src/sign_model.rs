@@ -88,6 +88,7 @@ pub fn to_sign_model(
                     cols,
                     sign_bits: pack_signs(&to_vec(&linear.weight.tensor)?, rows, cols),
                     row_scale: to_vec(&row_scale)?,
+                    block_scales: None,
                     input_scale: input_scale.map(|s| to_vec(&s)).transpose()?,
                     bias: linear
                         .bias

@@ -23,7 +23,9 @@ use super::sign_blocks::{encode_signs, SignBlockType};
 use super::tokenizer_write::tokenizer_metadata;
 use super::write::GgufWriter;
 use crate::names::{self, BlockLinear};
-use crate::packed::{words_per_row, PackedLinear, PackedModel, QuantTensor, QuantTensors};
+use crate::packed::{
+    words_per_row, BlockScales, PackedLinear, PackedModel, QuantTensor, QuantTensors,
+};
 use crate::tensor::HostTensor;
 use crate::{Architecture, ModelConfig};
 
@@ -75,6 +77,13 @@ pub(super) fn permute_rows(l: &PackedLinear, order: &[usize]) -> PackedLinear {
             .flat_map(|&r| l.sign_bits[r * wpr..(r + 1) * wpr].iter().copied())
             .collect(),
         row_scale: pick(&l.row_scale),
+        block_scales: l.block_scales.as_ref().map(|b| BlockScales {
+            scales: order
+                .iter()
+                .flat_map(|&r| b.row(r).iter().copied())
+                .collect(),
+            ..b.clone()
+        }),
         input_scale: l.input_scale.clone(),
         bias: l.bias.as_deref().map(pick),
     }
@@ -283,11 +292,24 @@ pub fn write_gguf(
                 l = permute_rows(&l, &rotate_half_to_interleaved_order(heads, c.head_dim));
             }
             let base = gguf_linear_name(layer, which);
-            let (ty, bytes) = match SignBlockType::smallest_for(l.cols) {
+            // A scale per block of columns (read from a GGUF) needs ggml blocks inside them.
+            let sign_type = match l.block_cols() {
+                None => SignBlockType::smallest_for(l.cols),
+                Some(block_cols) => SignBlockType::smallest_for(block_cols)
+                    .filter(|t| l.cols.is_multiple_of(t.block_size())),
+            };
+            let (ty, bytes) = match sign_type {
                 Some(t) => (
                     t.ggml_type(),
-                    encode_signs(t, &l.sign_bits, &l.row_scale, l.rows, l.cols)
-                        .with_context(|| format!("{base}.weight"))?,
+                    encode_signs(
+                        t,
+                        &l.sign_bits,
+                        &l.row_scale,
+                        l.block_scales.as_ref(),
+                        l.rows,
+                        l.cols,
+                    )
+                    .with_context(|| format!("{base}.weight"))?,
                 ),
                 None => (ggml("F16"), f16_bytes(&l.dense_weight())),
             };

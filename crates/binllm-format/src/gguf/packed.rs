@@ -1,12 +1,13 @@
 //! A GGUF whose block linears are 1-bit (Q1_0, Q2_0 with ±d codes, TQ1_0 / TQ2_0 without
 //! zeros) read straight into a [`PackedModel`] for the 1-bit kernels, without going through
-//! floats: the signs become binllm's sign bits (for Q1_0 the same bytes), the block scale the
-//! row scale ([`super::sign_blocks::decode_signs`]). A row whose blocks carry different scales
-//! is refused with an error naming the file, tensor and row: the 1-bit kernels take one scale
-//! per row (no per-block-scale kernel yet); such files still load through the float path
-//! ([`super::read_model`]). The embedding and head keep their storage: Q8_0 / Q4_0 become
-//! the runtime's q8_0 / q4_0 matrices as stored, F16 / F32 stay dense, other types are
-//! dequantised.
+//! floats: the signs become binllm's sign bits (for Q1_0 the same bytes), and the scales
+//! ([`super::sign_blocks::decode_signs`]) either one per row, where every block of a row has
+//! the same (binllm's own export: the row-scaled kernels, as for a `.b1` file), or the file's
+//! own scale per block, where they differ (llama-quantize gives each block of 128 its mean
+//! |w|: [`PackedLinear::block_scales`], which the runtime computes with on the block-scaled
+//! kernels, `binllm_kernels::block_scaled`). The embedding and head keep their storage: Q8_0
+//! / Q4_0 become the runtime's q8_0 / q4_0 matrices as stored, F16 / F32 stay dense, other
+//! types are dequantised.
 
 use std::path::Path;
 
@@ -155,6 +156,7 @@ fn signs_from_floats(values: &[f32], rows: usize, cols: usize) -> Result<Decoded
     Ok(DecodedSigns {
         sign_bits,
         row_scale,
+        block_scales: None,
     })
 }
 
@@ -207,6 +209,7 @@ fn block_linear(
         cols,
         sign_bits: signs.sign_bits,
         row_scale: signs.row_scale,
+        block_scales: signs.block_scales,
         input_scale: None,
         bias,
     };

@@ -15,14 +15,16 @@
 //!
 //! Q1_0's bit order is binllm's own (`binllm_kernels::layout`: bit `j` of a row's bit stream
 //! is bit `j % 8` of byte `j / 8`, 1 = +1), so a Q1_0 row of `cols` elements is binllm's packed
-//! row byte for byte, with one f16 scale inserted every 16 bytes. When every block of a row has
-//! the same scale, the row is exactly `row_scale * signs`, which the 1-bit kernels compute with.
+//! row byte for byte, with one f16 scale inserted every 16 bytes. When every block of every
+//! row has its row's scale (binllm's own export), a tensor reads as `row_scale * signs`; when
+//! they differ (llama-quantize gives each block its mean |w|), as signs with the file's block
+//! scales ([`binllm_kernels::BlockScales`]). The 1-bit kernels compute with either.
 
 use anyhow::{bail, ensure, Result};
 use half::f16;
 
 use super::dequant::GgmlType;
-use crate::packed::words_per_row;
+use crate::packed::{words_per_row, BlockScales};
 
 /// A ggml block type that stores `±scale` exactly, used for a sign matrix's rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,12 +97,16 @@ fn sign_bit(row: &[u64], c: usize) -> bool {
     (row[c / 64] >> (c % 64)) & 1 == 1
 }
 
-/// Encodes a sign matrix (binllm's packed bits, `rows x cols`) with one scale per row, every
-/// block of row `r` getting `f16(row_scale[r])`: exact when the row scales are f16 values.
+/// Encodes a sign matrix (binllm's packed bits, `rows x cols`) with one scale per row and,
+/// where it has them, one per block of columns: the block of row `r` at column `c` gets
+/// `f16(row_scale[r] * block_scale[r, c / block_cols])`, exact when that product is an f16
+/// value (row scales of f16 values and no block scales, or block scales and row scales of 1,
+/// as binllm reads a GGUF). A ggml block must lie inside one block of scales.
 pub fn encode_signs(
     ty: SignBlockType,
     sign_bits: &[u64],
     row_scale: &[f32],
+    block_scales: Option<&BlockScales>,
     rows: usize,
     cols: usize,
 ) -> Result<Vec<u8>> {
@@ -118,11 +124,25 @@ pub fn encode_signs(
         sign_bits.len(),
         row_scale.len()
     );
+    if let Some(b) = block_scales {
+        b.check(rows, cols).map_err(anyhow::Error::msg)?;
+        ensure!(
+            b.block_cols.is_multiple_of(block),
+            "a scale per {} columns cannot be written as {} (blocks of {block})",
+            b.block_cols,
+            ty.name()
+        );
+    }
     let type_size = ty.ggml_type().type_size;
     let mut out = Vec::with_capacity(rows * cols / block * type_size);
-    for (row, &scale) in sign_bits.chunks_exact(wpr.max(1)).zip(row_scale) {
-        let d = f16::from_f32(scale).to_le_bytes();
+    for (r, (row, &scale)) in sign_bits
+        .chunks_exact(wpr.max(1))
+        .zip(row_scale)
+        .enumerate()
+    {
         for start in (0..cols).step_by(block) {
+            let block_scale = block_scales.map_or(1.0, |b| b.row(r)[start / b.block_cols].to_f32());
+            let d = f16::from_f32(scale * block_scale).to_le_bytes();
             let positive = |j: usize| sign_bit(row, start + j);
             out.extend_from_slice(&d);
             match ty {
@@ -263,44 +283,51 @@ pub fn dequantize(ty: SignBlockType, bytes: &[u8], n_elements: usize) -> Result<
         .collect())
 }
 
-/// A sign matrix read back from blocks: binllm's packed bits and one scale per row.
+/// A sign matrix read back from blocks: binllm's packed bits, one scale per row, and the
+/// block scales when the blocks of a row differ (then the row scales are 1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedSigns {
     pub sign_bits: Vec<u64>,
     pub row_scale: Vec<f32>,
+    pub block_scales: Option<BlockScales>,
 }
 
-/// Reads a `rows x cols` block tensor as signs times one scale per row, exactly, or says why
-/// it is not one: a code other than the two sign codes (a zero or `2d` weight of a ternary or
-/// 2-bit matrix), or block scales that differ within a row (binllm's 1-bit kernels take one
-/// scale per row; such a tensor is loaded as floats by the float paths instead).
+/// Reads a `rows x cols` block tensor as signs times scales, exactly, or says why it is not a
+/// sign matrix: a code other than the two sign codes (a zero or `2d` weight of a ternary or
+/// 2-bit matrix). When every block of each row has the same scale (binllm's own export), the
+/// result has one scale per row and no block scales, which keeps the row-scaled kernels;
+/// otherwise (llama-quantize's files) it keeps the file's scale per block.
 pub fn decode_signs(
     ty: SignBlockType,
     bytes: &[u8],
     rows: usize,
     cols: usize,
 ) -> Result<DecodedSigns> {
+    ensure!(
+        cols > 0 && cols.is_multiple_of(ty.block_size()),
+        "rows of {cols} elements are not a whole number of {} blocks of {}",
+        ty.name(),
+        ty.block_size()
+    );
     let Codes { codes, scales } = decode_codes(ty, bytes, rows * cols)?;
     let (plus, minus) = sign_codes(ty);
     let wpr = words_per_row(cols);
     let blocks_per_row = cols / ty.block_size();
+    let one_scale_per_row = scales
+        .chunks_exact(blocks_per_row)
+        .all(|row| row.iter().all(|s| s.to_bits() == row[0].to_bits()));
+    let (row_scale, block_scales) = if one_scale_per_row {
+        let row_scale = scales
+            .chunks_exact(blocks_per_row)
+            .map(|row| row[0].to_f32())
+            .collect();
+        (row_scale, None)
+    } else {
+        let block_scales = BlockScales::new(ty.block_size(), cols, scales);
+        (vec![1.0; rows], Some(block_scales))
+    };
     let mut sign_bits = vec![0u64; rows * wpr];
-    let mut row_scale = Vec::with_capacity(rows);
     for r in 0..rows {
-        let row_scales = &scales[r * blocks_per_row..(r + 1) * blocks_per_row];
-        if let Some(b) = row_scales
-            .iter()
-            .position(|s| s.to_bits() != row_scales[0].to_bits())
-        {
-            bail!(
-                "block scales vary within row {r} (block 0: {}, block {b}: {}); binllm's 1-bit \
-                 kernels take one scale per row, so this tensor cannot be read as sign bits; \
-                 `binllm eval --engine torch` reads the file dequantised",
-                row_scales[0],
-                row_scales[b]
-            );
-        }
-        row_scale.push(row_scales[0].to_f32());
         let row_bits = &mut sign_bits[r * wpr..(r + 1) * wpr];
         for (c, &q) in codes[r * cols..(r + 1) * cols].iter().enumerate() {
             if q == plus {
@@ -316,6 +343,7 @@ pub fn decode_signs(
     Ok(DecodedSigns {
         sign_bits,
         row_scale,
+        block_scales,
     })
 }
 

@@ -11,7 +11,7 @@ use anyhow::{anyhow, ensure, Result};
 use half::f16;
 
 use crate::hf::le_values;
-use binllm_kernels::{Q4Matrix, Q8Matrix};
+use binllm_kernels::{BlockScales, Q4Matrix, Q8Matrix};
 
 /// A tensor as written to the file: name, type, shape and little-endian bytes.
 pub(crate) type StoredTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
@@ -45,28 +45,42 @@ pub fn unpack_signs(bits: &[u64], rows: usize, cols: usize) -> Vec<f32> {
         .unpack_signs()
 }
 
-/// One binarized linear: `y = row_scale * (B (input_scale * x)) + bias`.
+/// One binarized linear: `y = row_scale * ((B * block_scale) (input_scale * x)) + bias`.
+///
+/// `block_scales` is a GGUF's own scale per block of columns (llama-quantize's Q1_0 gives
+/// each 128 weights of a row theirs), `None` for binllm's own models, whose rows have one
+/// scale. binllm reads such a GGUF with row scales of 1; the packed file (`.b1`) stores one
+/// scale per row only, so a linear with block scales is written as GGUF only.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedLinear {
     pub rows: usize,
     pub cols: usize,
     pub sign_bits: Vec<u64>,
     pub row_scale: Vec<f32>,
+    pub block_scales: Option<BlockScales>,
     pub input_scale: Option<Vec<f32>>,
     pub bias: Option<Vec<f32>>,
 }
 
 impl PackedLinear {
-    /// The dense weight this linear computes with: `row_scale[r] * B[r,c] * input_scale[c]`.
+    /// The dense weight this linear computes with:
+    /// `row_scale[r] * block_scale[r, c / block_cols] * B[r,c] * input_scale[c]`.
     pub fn dense_weight(&self) -> Vec<f32> {
         let mut w = unpack_signs(&self.sign_bits, self.rows, self.cols);
         for r in 0..self.rows {
+            let block_scales = self.block_scales.as_ref().map(|b| (b.block_cols, b.row(r)));
             for c in 0..self.cols {
                 let s = self.input_scale.as_ref().map_or(1.0, |v| v[c]);
-                w[r * self.cols + c] *= self.row_scale[r] * s;
+                let block = block_scales.map_or(1.0, |(cols, scales)| scales[c / cols].to_f32());
+                w[r * self.cols + c] *= self.row_scale[r] * block * s;
             }
         }
         w
+    }
+
+    /// Blocks of columns with a scale of their own, when the linear has them.
+    pub fn block_cols(&self) -> Option<usize> {
+        self.block_scales.as_ref().map(|b| b.block_cols)
     }
 }
 

@@ -106,7 +106,8 @@ impl PackedModel {
         for l in self.linears.values() {
             body_weights += (l.rows * l.cols) as f64;
             body_bits += (l.rows * l.cols) as f64
-                + vector_bits * (l.rows + l.input_scale.as_ref().map_or(0, |v| v.len())) as f64;
+                + vector_bits * (l.rows + l.input_scale.as_ref().map_or(0, |v| v.len())) as f64
+                + l.block_scales.as_ref().map_or(0, |b| 8 * b.bytes()) as f64;
         }
         let (mut dense_weights, mut dense_bits, mut emb_weights, mut emb_bits) =
             (0f64, 0f64, 0f64, 0f64);
@@ -168,6 +169,10 @@ impl PackedModel {
                     "{}: wrong row_scale length",
                     module_prefix(layer, which)
                 );
+                if let Some(b) = &l.block_scales {
+                    b.check(rows, cols)
+                        .map_err(|e| anyhow!("{}: {e}", module_prefix(layer, which)))?;
+                }
                 if let Some(s) = &l.input_scale {
                     ensure!(
                         s.len() == cols,
@@ -228,6 +233,16 @@ impl PackedModel {
     pub fn write_with_quantized(&self, path: &Path, quantized: &QuantTensors) -> Result<()> {
         self.validate()
             .context("refusing to write an inconsistent packed model")?;
+        if let Some((&(layer, which), l)) =
+            self.linears.iter().find(|(_, l)| l.block_scales.is_some())
+        {
+            bail!(
+                "{} has a scale per block of {} columns (read from a GGUF); binllm's packed \
+                 format stores one scale per row: keep the model as GGUF (`--format gguf`)",
+                module_prefix(layer, which),
+                l.block_cols().unwrap_or_default()
+            );
+        }
         for (name, t) in quantized {
             let d = self.dense.get(name).with_context(|| {
                 format!("quantized tensor '{name}' is not a dense tensor of the model")
@@ -454,6 +469,7 @@ impl PackedModel {
                         cols,
                         sign_bits: le_values(bits_view.data(), u64::from_le_bytes),
                         row_scale: floats(&format!("{prefix}.row_scale"))?,
+                        block_scales: None,
                         input_scale: optional("input_scale")?,
                         bias: optional("bias")?,
                     },

@@ -20,7 +20,7 @@ pub mod export;
 
 /// Sniffing a path lives with the other formats' in [`crate::detect`].
 pub use crate::detect::is_packed_file;
-pub use binllm_kernels::{Q4Matrix, Q8Matrix};
+pub use binllm_kernels::{BlockScales, Q4Matrix, Q8Matrix};
 pub use blocks::{
     pack_signs, q4_bits_per_weight, q8_bits_per_weight, unpack_signs, words_per_row, PackedLinear,
     QuantTensor, QuantTensors, Q4_BLOCK, Q4_BLOCK_BYTES, Q4_SCALE_SUFFIX, Q4_STORED_AS, Q4_SUFFIX,
