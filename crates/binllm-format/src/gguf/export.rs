@@ -18,7 +18,9 @@ use half::f16;
 
 use super::dequant::GgmlType;
 use super::file::MetaValue;
-use super::mapping::{gguf_linear_name, permutes_qk};
+use super::mapping::{
+    gguf_linear_name, permutes_qk, LayerNorm, GGUF_EMBED, GGUF_FINAL_NORM, GGUF_HEAD,
+};
 use super::sign_blocks::{encode_signs, SignBlockType};
 use super::tokenizer_write::tokenizer_metadata;
 use super::write::GgufWriter;
@@ -272,20 +274,15 @@ pub fn write_gguf(
         Ok(ty.name.to_string())
     };
 
-    let mut head_type = matrix(&mut out, "token_embd.weight", names::EMBED)?;
+    let norm = |out: &mut Counted, norm: LayerNorm, layer: usize| {
+        vector(out, &norm.gguf_name(layer), &norm.canonical_name(layer))
+    };
+    let mut head_type = matrix(&mut out, GGUF_EMBED, names::EMBED)?;
     for layer in 0..c.num_layers {
-        vector(
-            &mut out,
-            &format!("blk.{layer}.attn_norm.weight"),
-            &names::attn_norm(layer),
-        )?;
+        norm(&mut out, LayerNorm::Attn, layer)?;
         for which in BlockLinear::ALL {
             if which == BlockLinear::Gate {
-                vector(
-                    &mut out,
-                    &format!("blk.{layer}.ffn_norm.weight"),
-                    &names::mlp_norm(layer),
-                )?;
+                norm(&mut out, LayerNorm::Mlp, layer)?;
             }
             let mut l = model.linears[&(layer, which)].clone();
             if let Some(heads) = rope_heads(c, which) {
@@ -328,19 +325,18 @@ pub fn write_gguf(
                     f32_bytes(bias),
                 )?;
             }
-            if c.qk_norm && matches!(which, BlockLinear::Q | BlockLinear::K) {
-                let (gguf, name) = if which == BlockLinear::Q {
-                    ("attn_q_norm", names::q_norm(layer))
-                } else {
-                    ("attn_k_norm", names::k_norm(layer))
-                };
-                vector(&mut out, &format!("blk.{layer}.{gguf}.weight"), &name)?;
+            if c.qk_norm {
+                match which {
+                    BlockLinear::Q => norm(&mut out, LayerNorm::Q, layer)?,
+                    BlockLinear::K => norm(&mut out, LayerNorm::K, layer)?,
+                    _ => {}
+                }
             }
         }
     }
-    vector(&mut out, "output_norm.weight", names::FINAL_NORM)?;
+    vector(&mut out, GGUF_FINAL_NORM, names::FINAL_NORM)?;
     if !c.tie_word_embeddings {
-        head_type = matrix(&mut out, "output.weight", names::LM_HEAD)?;
+        head_type = matrix(&mut out, GGUF_HEAD, names::LM_HEAD)?;
     }
     let Counted {
         writer: mut w,

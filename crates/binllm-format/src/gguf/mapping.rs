@@ -191,8 +191,8 @@ fn read_config(file: &GgufFile, arch: &str, architecture: Architecture) -> Resul
         );
     }
     let embed = file
-        .tensor_info("token_embd.weight")
-        .ok_or_else(|| anyhow!("the file has no 'token_embd.weight' tensor"))?;
+        .tensor_info(GGUF_EMBED)
+        .ok_or_else(|| anyhow!("the file has no '{GGUF_EMBED}' tensor"))?;
     let vocab_size = embed.shape()[0];
     let token_id = |k: &str| -> Result<Option<u32>> {
         let key = format!("tokenizer.ggml.{k}");
@@ -233,12 +233,69 @@ fn read_config(file: &GgufFile, arch: &str, architecture: Architecture) -> Resul
         rope_theta: float("rope.freq_base")?.unwrap_or(10000.0),
         rope_scaling: None,
         max_position_embeddings: required("context_length")?,
-        tie_word_embeddings: file.tensor_info("output.weight").is_none(),
+        tie_word_embeddings: file.tensor_info(GGUF_HEAD).is_none(),
         attention_bias: file.tensor_info("blk.0.attn_q.bias").is_some(),
-        qk_norm: file.tensor_info("blk.0.attn_q_norm.weight").is_some(),
+        qk_norm: file.tensor_info(&LayerNorm::Q.gguf_name(0)).is_some(),
         bos_token_id: token_id("bos_token_id")?,
         eos_token_ids,
     })
+}
+
+/// GGUF's names of the tensors outside the layers. With [`gguf_linear_name`] and
+/// [`LayerNorm`] they are the one table of GGUF names that the float reader, the packed reader
+/// and the writer share.
+pub(super) const GGUF_EMBED: &str = "token_embd.weight";
+pub(super) const GGUF_HEAD: &str = "output.weight";
+pub(super) const GGUF_FINAL_NORM: &str = "output_norm.weight";
+
+/// A norm vector inside a layer, under its GGUF and its canonical (Hugging Face) name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LayerNorm {
+    /// Before attention (`input_layernorm`).
+    Attn,
+    /// Before the MLP (`post_attention_layernorm`).
+    Mlp,
+    /// Per-head norm of the queries (Qwen3-style `qk_norm` models only).
+    Q,
+    /// Per-head norm of the keys (`qk_norm` models only).
+    K,
+}
+
+impl LayerNorm {
+    pub(super) const ALL: [LayerNorm; 4] =
+        [LayerNorm::Attn, LayerNorm::Mlp, LayerNorm::Q, LayerNorm::K];
+
+    /// The GGUF module (`attn_norm`, ...), without `blk.N.` and `.weight`.
+    fn gguf_module(self) -> &'static str {
+        match self {
+            LayerNorm::Attn => "attn_norm",
+            LayerNorm::Mlp => "ffn_norm",
+            LayerNorm::Q => "attn_q_norm",
+            LayerNorm::K => "attn_k_norm",
+        }
+    }
+
+    /// `blk.N.attn_norm.weight`, ...
+    pub(super) fn gguf_name(self, layer: usize) -> String {
+        format!("blk.{layer}.{}.weight", self.gguf_module())
+    }
+
+    pub(super) fn canonical_name(self, layer: usize) -> String {
+        match self {
+            LayerNorm::Attn => names::attn_norm(layer),
+            LayerNorm::Mlp => names::mlp_norm(layer),
+            LayerNorm::Q => names::q_norm(layer),
+            LayerNorm::K => names::k_norm(layer),
+        }
+    }
+
+    /// Its length in a model of `config`, or `None` where the model has no such norm.
+    pub(super) fn width(self, config: &ModelConfig) -> Option<usize> {
+        match self {
+            LayerNorm::Attn | LayerNorm::Mlp => Some(config.hidden_size),
+            LayerNorm::Q | LayerNorm::K => config.qk_norm.then_some(config.head_dim),
+        }
+    }
 }
 
 /// The GGUF name of a block linear's module in layer `layer` (`blk.N.attn_q`, ...), without
@@ -268,9 +325,9 @@ enum Rope {
 /// llama family.
 fn canonical_name(gguf_name: &str, num_layers: usize) -> Option<(String, Rope)> {
     match gguf_name {
-        "token_embd.weight" => return Some((names::EMBED.into(), Rope::None)),
-        "output_norm.weight" => return Some((names::FINAL_NORM.into(), Rope::None)),
-        "output.weight" => return Some((names::LM_HEAD.into(), Rope::None)),
+        GGUF_EMBED => return Some((names::EMBED.into(), Rope::None)),
+        GGUF_FINAL_NORM => return Some((names::FINAL_NORM.into(), Rope::None)),
+        GGUF_HEAD => return Some((names::LM_HEAD.into(), Rope::None)),
         _ => {}
     }
     let rest = gguf_name.strip_prefix("blk.")?;
@@ -285,12 +342,13 @@ fn canonical_name(gguf_name: &str, num_layers: usize) -> Option<(String, Rope)> 
         "bias" => Some(names::linear_bias(layer, l)),
         _ => None,
     };
-    let weight_only = |name: String| (kind == "weight").then_some(name);
+    if let Some(norm) = LayerNorm::ALL
+        .into_iter()
+        .find(|n| n.gguf_module() == module)
+    {
+        return (kind == "weight").then(|| (norm.canonical_name(layer), Rope::None));
+    }
     let name = match module {
-        "attn_norm" => weight_only(names::attn_norm(layer))?,
-        "ffn_norm" => weight_only(names::mlp_norm(layer))?,
-        "attn_q_norm" => weight_only(names::q_norm(layer))?,
-        "attn_k_norm" => weight_only(names::k_norm(layer))?,
         "attn_q" => return Some((linear(BlockLinear::Q)?, Rope::Query)),
         "attn_k" => return Some((linear(BlockLinear::K)?, Rope::Key)),
         "attn_v" => linear(BlockLinear::V)?,

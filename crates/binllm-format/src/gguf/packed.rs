@@ -16,7 +16,9 @@ use std::collections::BTreeMap;
 
 use super::export::{interleaved_to_rotate_half_order, permute_rows, rope_heads};
 use super::file::{GgufFile, TensorInfo};
-use super::mapping::{gguf_linear_name, model_config};
+use super::mapping::{
+    gguf_linear_name, model_config, LayerNorm, GGUF_EMBED, GGUF_FINAL_NORM, GGUF_HEAD,
+};
 use super::sign_blocks::{decode_signs, DecodedSigns, SignBlockType};
 use super::tokenizer;
 use crate::names::{self, BlockLinear};
@@ -242,10 +244,7 @@ pub fn read_packed(path: &Path) -> Result<(PackedModel, QuantTensors)> {
         ))
     };
     let (h, vocab) = (config.hidden_size, config.vocab_size);
-    for (canonical, gguf) in [
-        (names::EMBED, "token_embd.weight"),
-        (names::LM_HEAD, "output.weight"),
-    ] {
+    for (canonical, gguf) in [(names::EMBED, GGUF_EMBED), (names::LM_HEAD, GGUF_HEAD)] {
         if canonical == names::LM_HEAD && config.tie_word_embeddings {
             continue;
         }
@@ -255,29 +254,15 @@ pub fn read_packed(path: &Path) -> Result<(PackedModel, QuantTensors)> {
             quantized.insert(canonical.to_string(), q);
         }
     }
-    dense.insert(
-        names::FINAL_NORM.into(),
-        vector("output_norm.weight", &[h])?,
-    );
+    dense.insert(names::FINAL_NORM.into(), vector(GGUF_FINAL_NORM, &[h])?);
     for layer in 0..config.num_layers {
-        dense.insert(
-            names::attn_norm(layer),
-            vector(&format!("blk.{layer}.attn_norm.weight"), &[h])?,
-        );
-        dense.insert(
-            names::mlp_norm(layer),
-            vector(&format!("blk.{layer}.ffn_norm.weight"), &[h])?,
-        );
-        if config.qk_norm {
-            let d = config.head_dim;
-            dense.insert(
-                names::q_norm(layer),
-                vector(&format!("blk.{layer}.attn_q_norm.weight"), &[d])?,
-            );
-            dense.insert(
-                names::k_norm(layer),
-                vector(&format!("blk.{layer}.attn_k_norm.weight"), &[d])?,
-            );
+        for norm in LayerNorm::ALL {
+            if let Some(width) = norm.width(&config) {
+                dense.insert(
+                    norm.canonical_name(layer),
+                    vector(&norm.gguf_name(layer), &[width])?,
+                );
+            }
         }
     }
     let built = tokenizer::from_metadata(&file)
