@@ -1,0 +1,177 @@
+//! `binllm convert --gpus N`: one process per GPU. This process is rank 0 (GPU 0); it
+//! creates the NCCL unique id and starts ranks 1..N as children of the same binary with
+//! the same arguments, each told its place through the environment
+//! (`binllm_train::parallel::RankEnv`) and shown one GPU through `CUDA_VISIBLE_DEVICES`.
+//! A child that fails ends the whole run with its rank named; rank 0 failing stops the
+//! children.
+
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use binllm_train::parallel::{nccl, NCCL_ID_VAR, RANK_VAR, WORLD_SIZE_VAR};
+
+/// NVLink SHARP (NVLS) multicast stays off: it needs fabric-manager multicast support the
+/// lent machines lack, and data parallelism does not need it.
+const NVLS_VAR: &str = "NCCL_NVLS_ENABLE";
+
+/// Checks `--gpus` against `--device` and the GPUs libtorch sees.
+pub fn check_gpus(gpus: usize, device: Option<&str>, visible: usize) -> Result<()> {
+    ensure!(gpus >= 1, "--gpus must be at least 1");
+    if gpus == 1 {
+        return Ok(());
+    }
+    ensure!(
+        device == Some("cuda"),
+        "--gpus {gpus} needs --device cuda (each rank takes one GPU, rank r the r-th visible one), not --device {}",
+        device.unwrap_or("auto (the default)")
+    );
+    ensure!(
+        visible >= gpus,
+        "--gpus {gpus}: only {visible} CUDA device{} visible",
+        if visible == 1 { " is" } else { "s are" }
+    );
+    Ok(())
+}
+
+/// The physical id of each visible GPU, in order: `CUDA_VISIBLE_DEVICES` when set, else
+/// 0..count.
+pub fn visible_gpu_ids(cuda_visible_devices: Option<&str>, count: usize) -> Vec<String> {
+    match cuda_visible_devices.filter(|v| !v.trim().is_empty()) {
+        Some(list) => list
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .take(count)
+            .collect(),
+        None => (0..count).map(|i| i.to_string()).collect(),
+    }
+}
+
+/// The child processes of ranks 1..N, watched in the background.
+pub struct Ranks {
+    children: Arc<Mutex<Vec<(usize, Child)>>>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ranks {
+    /// Starts ranks 1..`gpus` with this process's arguments. Sets `NCCL_NVLS_ENABLE=0` for
+    /// this process too (call before any NCCL use).
+    pub fn spawn(gpus: usize, id: &nccl::UniqueId, gpu_ids: &[String]) -> Result<Ranks> {
+        ensure!(
+            gpu_ids.len() >= gpus,
+            "--gpus {gpus}: only {} GPU ids known",
+            gpu_ids.len()
+        );
+        std::env::set_var(NVLS_VAR, "0");
+        let exe =
+            std::env::current_exe().context("cannot find this binary to start the other ranks")?;
+        let args: Vec<_> = std::env::args_os().skip(1).collect();
+        let mut children = Vec::new();
+        for (rank, gpu) in gpu_ids.iter().enumerate().take(gpus).skip(1) {
+            let child = Command::new(&exe)
+                .args(&args)
+                .env(RANK_VAR, rank.to_string())
+                .env(WORLD_SIZE_VAR, gpus.to_string())
+                .env(NCCL_ID_VAR, id.to_hex())
+                .env("CUDA_VISIBLE_DEVICES", gpu)
+                .env(NVLS_VAR, "0")
+                .spawn()
+                .with_context(|| format!("cannot start rank {rank} ({})", exe.display()));
+            match child {
+                Ok(c) => children.push((rank, c)),
+                Err(e) => {
+                    kill_all(&mut children);
+                    return Err(e);
+                }
+            }
+        }
+        let children = Arc::new(Mutex::new(children));
+        let watched = children.clone();
+        // Rank 0 would wait forever in NCCL for a rank that died: a failed child ends the
+        // whole run at once.
+        let watcher = std::thread::spawn(move || loop {
+            let mut guard = watched.lock().unwrap_or_else(|e| e.into_inner());
+            let mut failed = None;
+            guard.retain_mut(|(rank, child)| match child.try_wait() {
+                Ok(Some(status)) if status.success() => false,
+                Ok(Some(status)) => {
+                    failed = Some(format!("rank {rank} (pid {}) failed: {status}", child.id()));
+                    false
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    failed = Some(format!("rank {rank}: cannot wait for it: {e}"));
+                    false
+                }
+            });
+            if let Some(message) = failed {
+                kill_all(&mut guard);
+                eprintln!("error: binllm convert --gpus: {message}; the other ranks were stopped");
+                std::process::exit(1);
+            }
+            if guard.is_empty() {
+                return;
+            }
+            drop(guard);
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        Ok(Ranks {
+            children,
+            watcher: Some(watcher),
+        })
+    }
+
+    /// Waits for every child to finish (a failure ends the process, see `spawn`).
+    pub fn wait(mut self) -> Result<()> {
+        if let Some(w) = self.watcher.take() {
+            if w.join().is_err() {
+                bail!("the rank watcher panicked");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every child (rank 0 failed).
+    pub fn stop(self) {
+        kill_all(&mut self.children.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+fn kill_all(children: &mut Vec<(usize, Child)>) {
+    for (_, child) in children.iter_mut() {
+        child.kill().ok();
+        child.wait().ok();
+    }
+    children.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpus_are_checked_against_the_device_and_the_visible_gpus() {
+        assert!(check_gpus(1, None, 0).is_ok());
+        assert!(check_gpus(1, Some("cpu"), 0).is_ok());
+        let err = |g, d, v| check_gpus(g, d, v).unwrap_err().to_string();
+        assert!(err(0, Some("cuda"), 8).contains("at least 1"));
+        assert!(err(2, Some("cpu"), 8).contains("--device cuda"));
+        assert!(err(2, None, 8).contains("--device cuda"));
+        assert!(err(2, Some("cuda:1"), 8).contains("--device cuda"));
+        assert!(err(4, Some("cuda"), 2).contains("only 2 CUDA devices"));
+        assert!(err(2, Some("cuda"), 1).contains("only 1 CUDA device is"));
+        assert!(check_gpus(2, Some("cuda"), 2).is_ok());
+    }
+
+    #[test]
+    fn gpu_ids_follow_cuda_visible_devices() {
+        assert_eq!(visible_gpu_ids(None, 3), vec!["0", "1", "2"]);
+        assert_eq!(visible_gpu_ids(Some(""), 2), vec!["0", "1"]);
+        assert_eq!(visible_gpu_ids(Some("4, 6,7"), 3), vec!["4", "6", "7"]);
+        assert_eq!(
+            visible_gpu_ids(Some("GPU-abc,GPU-def"), 2),
+            vec!["GPU-abc", "GPU-def"]
+        );
+    }
+}
