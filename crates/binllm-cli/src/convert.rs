@@ -197,6 +197,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if RankEnv::from_env()?.is_none() {
+        let gpus = args.gpus.unwrap_or(1);
+        launch::check_gpus(gpus, args.device.as_deref())?;
+        launch::check_visible_gpus(gpus, visible_gpus(gpus))?;
+    }
     let model = args.model.clone().unwrap_or_default();
     let preset = match args.preset {
         Some(p) => p,
@@ -310,6 +315,17 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// The CUDA devices libtorch sees; not asked (0) for one GPU, so a CPU run never loads CUDA
+/// on account of `--gpus`.
+fn visible_gpus(gpus: usize) -> usize {
+    if gpus > 1 {
+        binllm_train::load_cuda_backend();
+        tch::Cuda::device_count().max(0) as usize
+    } else {
+        0
+    }
+}
+
 /// Runs the conversion on this process's GPU(s): a child started by `--gpus` joins as its
 /// rank; otherwise one device, or rank 0 of `--gpus N` after starting ranks 1..N. The
 /// summary comes back on rank 0 only.
@@ -323,19 +339,12 @@ fn run_on_ranks(config: ConvertConfig, args: &Args) -> Result<Option<Summary>> {
         return Ok(None);
     }
     let gpus = args.gpus.unwrap_or(1);
-    let visible = if gpus > 1 {
-        binllm_train::load_cuda_backend();
-        tch::Cuda::device_count().max(0) as usize
-    } else {
-        0
-    };
-    launch::check_gpus(gpus, args.device.as_deref(), visible)?;
     if gpus == 1 {
         return convert::run(config, &args.out, args.resume).map(Some);
     }
     let gpu_ids = launch::visible_gpu_ids(
         std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
-        visible,
+        visible_gpus(gpus),
     );
     let id = UniqueId::create()?;
     let ranks = Ranks::spawn(gpus, &id, &gpu_ids)?;

@@ -16,19 +16,21 @@ use binllm_train::parallel::{nccl, NCCL_ID_VAR, RANK_VAR, WORLD_SIZE_VAR};
 /// lent machines lack, and data parallelism does not need it.
 const NVLS_VAR: &str = "NCCL_NVLS_ENABLE";
 
-/// Checks `--gpus` against `--device` and the GPUs libtorch sees.
-pub fn check_gpus(gpus: usize, device: Option<&str>, visible: usize) -> Result<()> {
+/// Checks `--gpus` against `--device` (before anything asks libtorch about CUDA).
+pub fn check_gpus(gpus: usize, device: Option<&str>) -> Result<()> {
     ensure!(gpus >= 1, "--gpus must be at least 1");
-    if gpus == 1 {
-        return Ok(());
-    }
     ensure!(
-        device == Some("cuda"),
+        gpus == 1 || device == Some("cuda"),
         "--gpus {gpus} needs --device cuda (each rank takes one GPU, rank r the r-th visible one), not --device {}",
         device.unwrap_or("auto (the default)")
     );
+    Ok(())
+}
+
+/// Checks `--gpus` against the GPUs libtorch sees.
+pub fn check_visible_gpus(gpus: usize, visible: usize) -> Result<()> {
     ensure!(
-        visible >= gpus,
+        gpus == 1 || visible >= gpus,
         "--gpus {gpus}: only {visible} CUDA device{} visible",
         if visible == 1 { " is" } else { "s are" }
     );
@@ -152,16 +154,19 @@ mod tests {
 
     #[test]
     fn gpus_are_checked_against_the_device_and_the_visible_gpus() {
-        assert!(check_gpus(1, None, 0).is_ok());
-        assert!(check_gpus(1, Some("cpu"), 0).is_ok());
-        let err = |g, d, v| check_gpus(g, d, v).unwrap_err().to_string();
-        assert!(err(0, Some("cuda"), 8).contains("at least 1"));
-        assert!(err(2, Some("cpu"), 8).contains("--device cuda"));
-        assert!(err(2, None, 8).contains("--device cuda"));
-        assert!(err(2, Some("cuda:1"), 8).contains("--device cuda"));
-        assert!(err(4, Some("cuda"), 2).contains("only 2 CUDA devices"));
-        assert!(err(2, Some("cuda"), 1).contains("only 1 CUDA device is"));
-        assert!(check_gpus(2, Some("cuda"), 2).is_ok());
+        assert!(check_gpus(1, None).is_ok());
+        assert!(check_gpus(1, Some("cpu")).is_ok());
+        assert!(check_gpus(2, Some("cuda")).is_ok());
+        let err = |g, d| check_gpus(g, d).unwrap_err().to_string();
+        assert!(err(0, Some("cuda")).contains("at least 1"));
+        assert!(err(2, Some("cpu")).contains("--device cuda"));
+        assert!(err(2, None).contains("--device cuda"));
+        assert!(err(2, Some("cuda:1")).contains("--device cuda"));
+        let visible = |g, v| check_visible_gpus(g, v).unwrap_err().to_string();
+        assert!(visible(4, 2).contains("only 2 CUDA devices"));
+        assert!(visible(2, 1).contains("only 1 CUDA device is"));
+        assert!(check_visible_gpus(2, 2).is_ok());
+        assert!(check_visible_gpus(1, 0).is_ok());
     }
 
     #[test]
