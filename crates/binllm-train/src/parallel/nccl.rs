@@ -79,19 +79,23 @@ const NCCL_FLOAT64: c_int = 8;
 const NCCL_BFLOAT16: c_int = 9;
 const NCCL_SUM: c_int = 0;
 
+type GetUniqueIdFn = unsafe extern "C" fn(*mut RawUniqueId) -> c_int;
+type CommInitRankFn = unsafe extern "C" fn(*mut Comm, c_int, RawUniqueId, c_int) -> c_int;
+type CommDestroyFn = unsafe extern "C" fn(Comm) -> c_int;
+type GetErrorStringFn = unsafe extern "C" fn(c_int) -> *const c_char;
 type AllReduceFn =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
 
 /// The functions of `libnccl.so.2` binllm calls.
 struct Library {
     path: String,
-    get_unique_id: unsafe extern "C" fn(*mut RawUniqueId) -> c_int,
-    comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, RawUniqueId, c_int) -> c_int,
+    get_unique_id: GetUniqueIdFn,
+    comm_init_rank: CommInitRankFn,
     all_reduce: AllReduceFn,
     /// ncclBroadcast(send, recv, count, datatype, root, comm, stream): same signature.
     broadcast: AllReduceFn,
-    comm_destroy: unsafe extern "C" fn(Comm) -> c_int,
-    get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
+    comm_destroy: CommDestroyFn,
+    get_error_string: GetErrorStringFn,
 }
 
 /// Where to look for NCCL, in order: only `override_path` when given; else the soname
@@ -162,10 +166,10 @@ impl Library {
             return unsafe {
                 Ok(Library {
                     path: path.clone(),
-                    get_unique_id: std::mem::transmute::<*mut c_void, _>(symbol(
+                    get_unique_id: std::mem::transmute::<*mut c_void, GetUniqueIdFn>(symbol(
                         "ncclGetUniqueId",
                     )?),
-                    comm_init_rank: std::mem::transmute::<*mut c_void, _>(symbol(
+                    comm_init_rank: std::mem::transmute::<*mut c_void, CommInitRankFn>(symbol(
                         "ncclCommInitRank",
                     )?),
                     all_reduce: std::mem::transmute::<*mut c_void, AllReduceFn>(symbol(
@@ -174,8 +178,10 @@ impl Library {
                     broadcast: std::mem::transmute::<*mut c_void, AllReduceFn>(symbol(
                         "ncclBroadcast",
                     )?),
-                    comm_destroy: std::mem::transmute::<*mut c_void, _>(symbol("ncclCommDestroy")?),
-                    get_error_string: std::mem::transmute::<*mut c_void, _>(symbol(
+                    comm_destroy: std::mem::transmute::<*mut c_void, CommDestroyFn>(symbol(
+                        "ncclCommDestroy",
+                    )?),
+                    get_error_string: std::mem::transmute::<*mut c_void, GetErrorStringFn>(symbol(
                         "ncclGetErrorString",
                     )?),
                 })
