@@ -53,6 +53,84 @@ fn steps(run: &Path) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Runs `config` on `world` in-process ranks in `run`; each rank's result, by rank.
+fn run_ranks(
+    world: usize,
+    config: impl Fn() -> ConvertConfig + Sync,
+    run: &Path,
+    resume: bool,
+) -> Vec<Option<binllm_train::summary::Summary>> {
+    let groups = LocalGroup::new(world);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = groups
+            .iter()
+            .map(|g| {
+                let c = config();
+                s.spawn(move || convert::run_rank(c, run, resume, g).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn assert_steps_agree(got: &[(f64, f64)], want: &[(f64, f64)], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: one record a step");
+    for (k, ((loss, norm), (want_loss, want_norm))) in got.iter().zip(want).enumerate() {
+        assert!(
+            (loss - want_loss).abs() <= 1e-3 * want_loss.abs(),
+            "{what} step {}: loss {loss} against {want_loss}",
+            k + 1
+        );
+        assert!(
+            (norm - want_norm).abs() <= 1e-3 * want_norm.abs(),
+            "{what} step {}: gradient norm {norm} against {want_norm}",
+            k + 1
+        );
+    }
+}
+
+#[test]
+fn a_one_gpu_checkpoint_resumes_on_four_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let config = || {
+        let mut c = config(&cache);
+        c.checkpoint_every = 2;
+        c.keep_checkpoints = 20;
+        c.keep_final_checkpoints = true;
+        c
+    };
+    let single = dir.path().join("single");
+    convert::run(config(), &single, false).unwrap();
+    let reference = steps(&single);
+    // The run as if stopped after global step 6 (Stage 1's 2 steps and 4 of Stage 2).
+    let resumed = dir.path().join("resumed");
+    let status = std::process::Command::new("cp")
+        .args(["-r", single.to_str().unwrap(), resumed.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut kept = 0;
+    for entry in std::fs::read_dir(resumed.join("checkpoints")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let step: usize = name["step-".len()..name.len() - ".safetensors".len()]
+            .parse()
+            .unwrap();
+        if step > 6 {
+            std::fs::remove_file(&path).unwrap();
+        } else {
+            kept += 1;
+        }
+    }
+    assert_eq!(kept, 3, "checkpoints at steps 2, 4 and 6");
+    std::fs::remove_file(resumed.join("sign-model.safetensors")).unwrap();
+    let summaries = run_ranks(4, config, &resumed, true);
+    assert!(summaries[0].is_some());
+    assert!(resumed.join("sign-model.safetensors").exists());
+    assert_steps_agree(&steps(&resumed), &reference, "resumed on 4 ranks");
+}
+
 #[test]
 fn several_ranks_train_like_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -63,37 +141,10 @@ fn several_ranks_train_like_one() {
     assert_eq!(reference.len(), 2 + 8);
     for world in [2usize, 4] {
         let run = dir.path().join(format!("ranks-{world}"));
-        let groups = LocalGroup::new(world);
-        let summaries: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = groups
-                .iter()
-                .map(|g| {
-                    let (c, run) = (config(&cache), run.clone());
-                    s.spawn(move || convert::run_rank(c, &run, false, g).unwrap())
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let summaries = run_ranks(world, || config(&cache), &run, false);
         assert!(summaries[0].is_some(), "rank 0 returns the summary");
         assert!(summaries[1..].iter().all(Option::is_none));
-        let got = steps(&run);
-        assert_eq!(
-            got.len(),
-            reference.len(),
-            "world {world}: one record a step"
-        );
-        for (k, ((loss, norm), (want_loss, want_norm))) in got.iter().zip(&reference).enumerate() {
-            assert!(
-                (loss - want_loss).abs() <= 1e-3 * want_loss.abs(),
-                "world {world} step {}: loss {loss} against {want_loss}",
-                k + 1
-            );
-            assert!(
-                (norm - want_norm).abs() <= 1e-3 * want_norm.abs(),
-                "world {world} step {}: gradient norm {norm} against {want_norm}",
-                k + 1
-            );
-        }
+        assert_steps_agree(&steps(&run), &reference, &format!("world {world}"));
         let summary = summaries[0].as_ref().unwrap();
         let v = (&summary.validation, &single.validation);
         assert!(
