@@ -200,6 +200,9 @@ pub fn run(args: Args) -> Result<()> {
     if RankEnv::from_env()?.is_none() {
         let gpus = args.gpus.unwrap_or(1);
         launch::check_gpus(gpus, args.device.as_deref())?;
+        if gpus > 1 {
+            launch::disable_nvls();
+        }
         launch::check_visible_gpus(gpus, visible_gpus(gpus))?;
     }
     let model = args.model.clone().unwrap_or_default();

@@ -16,6 +16,12 @@ use binllm_train::parallel::{nccl, NCCL_ID_VAR, RANK_VAR, WORLD_SIZE_VAR};
 /// lent machines lack, and data parallelism does not need it.
 const NVLS_VAR: &str = "NCCL_NVLS_ENABLE";
 
+/// Turns NVLS off for this process (rank 0). Call first thing, before any thread starts:
+/// changing the environment while other threads read it is a race.
+pub fn disable_nvls() {
+    std::env::set_var(NVLS_VAR, "0");
+}
+
 /// Checks `--gpus` against `--device` (before anything asks libtorch about CUDA).
 pub fn check_gpus(gpus: usize, device: Option<&str>) -> Result<()> {
     ensure!(gpus >= 1, "--gpus must be at least 1");
@@ -57,15 +63,13 @@ pub struct Ranks {
 }
 
 impl Ranks {
-    /// Starts ranks 1..`gpus` with this process's arguments. Sets `NCCL_NVLS_ENABLE=0` for
-    /// this process too (call before any NCCL use).
+    /// Starts ranks 1..`gpus` with this process's arguments, each with `NCCL_NVLS_ENABLE=0`.
     pub fn spawn(gpus: usize, id: &nccl::UniqueId, gpu_ids: &[String]) -> Result<Ranks> {
         ensure!(
             gpu_ids.len() >= gpus,
             "--gpus {gpus}: only {} GPU ids known",
             gpu_ids.len()
         );
-        std::env::set_var(NVLS_VAR, "0");
         let exe =
             std::env::current_exe().context("cannot find this binary to start the other ranks")?;
         let args: Vec<_> = std::env::args_os().skip(1).collect();
