@@ -405,6 +405,26 @@ mod tests {
         assert!(err.contains("nvidia/nccl/lib"), "{err}");
     }
 
+    /// The binding against a real `libnccl.so.2` (no GPU needed): every symbol resolves and
+    /// `ncclGetUniqueId` answers. Run with `BINLLM_NCCL_LIBRARY=/path/libnccl.so.2` and
+    /// `--ignored`.
+    #[test]
+    #[ignore = "needs libnccl.so.2 named by BINLLM_NCCL_LIBRARY"]
+    fn the_library_loads_and_makes_unique_ids() {
+        let path = std::env::var(LIBRARY_VAR).expect("BINLLM_NCCL_LIBRARY names the library");
+        let lib = Library::get().unwrap();
+        assert_eq!(lib.path, path);
+        let (a, b) = (UniqueId::create().unwrap(), UniqueId::create().unwrap());
+        assert_ne!(a, b, "two ids of two bootstrap sockets");
+        assert_ne!(a.0, [0u8; UNIQUE_ID_BYTES]);
+        // An error code comes back as NCCL's own text.
+        let err = lib.check(4, "ncclTest").unwrap_err().to_string();
+        assert!(
+            err.contains("ncclTest failed (4)") && err.contains(&path),
+            "{err}"
+        );
+    }
+
     /// Two ranks on two GPUs sum through NCCL (run with `--ignored` on a 2-GPU machine).
     #[test]
     #[ignore = "needs 2 CUDA GPUs and libnccl.so.2"]
