@@ -5,6 +5,8 @@
 //! A child that fails ends the whole run with its rank named; rank 0 failing stops the
 //! children.
 
+use std::ffi::OsString;
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,24 +61,45 @@ pub fn visible_gpu_ids(cuda_visible_devices: Option<&str>, count: usize) -> Vec<
 /// The child processes of ranks 1..N, watched in the background.
 pub struct Ranks {
     children: Arc<Mutex<Vec<(usize, Child)>>>,
-    watcher: Option<std::thread::JoinHandle<()>>,
+    watcher: Option<std::thread::JoinHandle<Option<String>>>,
+}
+
+/// What happens when a child fails while rank 0 runs: rank 0 would wait forever in NCCL for
+/// a rank that died, so the whole run ends at once.
+fn end_the_run(message: &str) {
+    eprintln!("error: binllm convert --gpus: {message}; the other ranks were stopped");
+    std::process::exit(1);
 }
 
 impl Ranks {
-    /// Starts ranks 1..`gpus` with this process's arguments, each with `NCCL_NVLS_ENABLE=0`.
+    /// Starts ranks 1..`gpus` with this process's binary and arguments, each with
+    /// `NCCL_NVLS_ENABLE=0`; a child that fails ends this process too.
     pub fn spawn(gpus: usize, id: &nccl::UniqueId, gpu_ids: &[String]) -> Result<Ranks> {
+        let exe =
+            std::env::current_exe().context("cannot find this binary to start the other ranks")?;
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        Ranks::start(&exe, &args, gpus, id, gpu_ids, end_the_run)
+    }
+
+    /// Starts ranks 1..`gpus` as `exe args`, with the rank environment; the watcher kills
+    /// the others and calls `on_failure` when one fails.
+    fn start(
+        exe: &Path,
+        args: &[OsString],
+        gpus: usize,
+        id: &nccl::UniqueId,
+        gpu_ids: &[String],
+        on_failure: fn(&str),
+    ) -> Result<Ranks> {
         ensure!(
             gpu_ids.len() >= gpus,
             "--gpus {gpus}: only {} GPU ids known",
             gpu_ids.len()
         );
-        let exe =
-            std::env::current_exe().context("cannot find this binary to start the other ranks")?;
-        let args: Vec<_> = std::env::args_os().skip(1).collect();
         let mut children = Vec::new();
         for (rank, gpu) in gpu_ids.iter().enumerate().take(gpus).skip(1) {
-            let child = Command::new(&exe)
-                .args(&args)
+            let child = Command::new(exe)
+                .args(args)
                 .env(RANK_VAR, rank.to_string())
                 .env(WORLD_SIZE_VAR, gpus.to_string())
                 .env(NCCL_ID_VAR, id.to_hex())
@@ -94,8 +117,6 @@ impl Ranks {
         }
         let children = Arc::new(Mutex::new(children));
         let watched = children.clone();
-        // Rank 0 would wait forever in NCCL for a rank that died: a failed child ends the
-        // whole run at once.
         let watcher = std::thread::spawn(move || loop {
             let mut guard = watched.lock().unwrap_or_else(|e| e.into_inner());
             let mut failed = None;
@@ -113,14 +134,14 @@ impl Ranks {
             });
             if let Some(message) = failed {
                 kill_all(&mut guard);
-                eprintln!("error: binllm convert --gpus: {message}; the other ranks were stopped");
-                std::process::exit(1);
+                on_failure(&message);
+                return Some(message);
             }
             if guard.is_empty() {
-                return;
+                return None;
             }
             drop(guard);
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(100));
         });
         Ok(Ranks {
             children,
@@ -128,11 +149,13 @@ impl Ranks {
         })
     }
 
-    /// Waits for every child to finish (a failure ends the process, see `spawn`).
+    /// Waits for every child to finish; the first failure, with its rank named.
     pub fn wait(mut self) -> Result<()> {
         if let Some(w) = self.watcher.take() {
-            if w.join().is_err() {
-                bail!("the rank watcher panicked");
+            match w.join() {
+                Ok(None) => {}
+                Ok(Some(message)) => bail!("{message}; the other ranks were stopped"),
+                Err(_) => bail!("the rank watcher panicked"),
             }
         }
         Ok(())
@@ -171,6 +194,42 @@ mod tests {
         assert!(visible(2, 1).contains("only 1 CUDA device is"));
         assert!(check_visible_gpus(2, 2).is_ok());
         assert!(check_visible_gpus(1, 0).is_ok());
+    }
+
+    fn shell(script: &str, gpus: usize) -> Result<Ranks> {
+        let id = nccl::UniqueId([0xab; nccl::UNIQUE_ID_BYTES]);
+        let gpu_ids: Vec<String> = (0..gpus).map(|i| format!("gpu{i}")).collect();
+        let args = [OsString::from("-c"), OsString::from(script)];
+        Ranks::start(Path::new("/bin/sh"), &args, gpus, &id, &gpu_ids, |_| {})
+    }
+
+    #[test]
+    fn children_get_their_rank_environment() {
+        // Each child checks its own environment and exits 0 only when it is right.
+        let script = r#"
+            case "$BINLLM_RANK" in 1|2) ;; *) exit 10 ;; esac
+            [ "$BINLLM_WORLD_SIZE" = 3 ] || exit 11
+            [ "$CUDA_VISIBLE_DEVICES" = "gpu$BINLLM_RANK" ] || exit 12
+            [ "$NCCL_NVLS_ENABLE" = 0 ] || exit 13
+            [ "$BINLLM_NCCL_ID" = "$(printf 'ab%.0s' $(seq 128))" ] || exit 14
+        "#;
+        shell(script, 3).unwrap().wait().unwrap();
+        let err = shell("exit 12", 2).unwrap().wait().unwrap_err().to_string();
+        assert!(err.contains("rank 1") && err.contains("12"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_child_stops_the_others_and_is_named() {
+        // Rank 2 fails at once; ranks 1 and 3 would sleep for an hour unless stopped.
+        let script = r#"[ "$BINLLM_RANK" = 2 ] && exit 3; exec sleep 3600"#;
+        let err = shell(script, 4).unwrap().wait().unwrap_err().to_string();
+        assert!(err.contains("rank 2") && err.contains("3"), "{err}");
+        // stop() ends children that are still running.
+        shell("exec sleep 3600", 3).unwrap().stop();
+        // Fewer GPU ids than ranks is refused before anything starts.
+        let id = nccl::UniqueId([0; nccl::UNIQUE_ID_BYTES]);
+        let one_id = ["gpu0".to_string()];
+        assert!(Ranks::start(Path::new("/bin/true"), &[], 2, &id, &one_id, |_| {}).is_err());
     }
 
     #[test]
