@@ -6,6 +6,7 @@
 //! children.
 
 use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
@@ -98,7 +99,19 @@ impl Ranks {
         );
         let mut children = Vec::new();
         for (rank, gpu) in gpu_ids.iter().enumerate().take(gpus).skip(1) {
-            let child = Command::new(exe)
+            let mut command = Command::new(exe);
+            // A child whose rank 0 is gone (killed, crashed) would wait in NCCL forever:
+            // the kernel kills it when this process dies.
+            // SAFETY: prctl is async-signal-safe, as code between fork and exec must be.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = command
                 .args(args)
                 .env(RANK_VAR, rank.to_string())
                 .env(WORLD_SIZE_VAR, gpus.to_string())
