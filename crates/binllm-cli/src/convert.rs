@@ -2,8 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use binllm_train::convert::{self, ConvertConfig, Preset};
+use binllm_train::parallel::nccl::{NcclGroup, UniqueId};
+use binllm_train::parallel::RankEnv;
+use binllm_train::summary::Summary;
+
+use crate::launch::{self, Ranks};
 use binllm_train::data::parse_count;
 use binllm_train::linear::ScaleMode;
 use binllm_train::loss::Distill;
@@ -155,6 +160,11 @@ pub struct Args {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long)]
     pub device: Option<String>,
+    /// Train data-parallel on N GPUs, one process each (needs --device cuda; NCCL from
+    /// torch's nvidia-nccl wheel). Each step's batch is split over the GPUs, so the run
+    /// trains on the same data and takes the same steps as on one GPU.
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<usize>,
     /// Train in fp32 on CUDA instead of bf16 autocast.
     #[arg(long)]
     pub no_bf16: bool,
@@ -187,6 +197,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if RankEnv::from_env()?.is_none() {
+        let gpus = args.gpus.unwrap_or(1);
+        launch::check_gpus(gpus, args.device.as_deref())?;
+        if gpus > 1 {
+            launch::disable_nvls();
+        }
+        launch::check_visible_gpus(gpus, visible_gpus(gpus))?;
+    }
     let model = args.model.clone().unwrap_or_default();
     let preset = match args.preset {
         Some(p) => p,
@@ -262,7 +280,10 @@ pub fn run(args: Args) -> Result<()> {
     c.stage1_tie = !args.no_stage1_tie;
     c.detach_abs_mean = args.detach_abs_mean;
     c.bf16 = !args.no_bf16;
-    let summary = convert::run(c, &args.out, args.resume)?;
+    let Some(summary) = run_on_ranks(c, &args)? else {
+        // Ranks other than 0 report nothing: rank 0 prints the run's results.
+        return Ok(());
+    };
     let v = &summary.validation;
     println!(
         "{}: held-out perplexity FP {:.2}, PTQ {:.2}, final training form {:.2}, sign form {:.2} (gap {:+.4} nats/token)",
@@ -295,4 +316,53 @@ pub fn run(args: Args) -> Result<()> {
         println!("sign model: {p}");
     }
     Ok(())
+}
+
+/// The CUDA devices libtorch sees; not asked (0) for one GPU, so a CPU run never loads CUDA
+/// on account of `--gpus`.
+fn visible_gpus(gpus: usize) -> usize {
+    if gpus > 1 {
+        binllm_train::load_cuda_backend();
+        tch::Cuda::device_count().max(0) as usize
+    } else {
+        0
+    }
+}
+
+/// Runs the conversion on this process's GPU(s): a child started by `--gpus` joins as its
+/// rank; otherwise one device, or rank 0 of `--gpus N` after starting ranks 1..N. The
+/// summary comes back on rank 0 only.
+fn run_on_ranks(config: ConvertConfig, args: &Args) -> Result<Option<Summary>> {
+    if let Some(env) = RankEnv::from_env()? {
+        let (rank, world) = (env.shard.rank, env.shard.world_size);
+        let place = || format!("rank {rank} of {world}");
+        let device = binllm_train::parse_device(&config.device).with_context(place)?;
+        let group = NcclGroup::new(&env.nccl_id, rank, world, device).with_context(place)?;
+        convert::run_rank(config, &args.out, args.resume, &group).with_context(place)?;
+        return Ok(None);
+    }
+    let gpus = args.gpus.unwrap_or(1);
+    if gpus == 1 {
+        return convert::run(config, &args.out, args.resume).map(Some);
+    }
+    let gpu_ids = launch::visible_gpu_ids(
+        std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+        visible_gpus(gpus),
+    );
+    let id = UniqueId::create()?;
+    let ranks = Ranks::spawn(gpus, &id, &gpu_ids)?;
+    let rank0 = binllm_train::parse_device(&config.device)
+        .and_then(|device| NcclGroup::new(&id, 0, gpus, device))
+        .and_then(|group| convert::run_rank(config, &args.out, args.resume, &group))
+        .context("rank 0");
+    match rank0 {
+        Ok(summary) => {
+            ranks.wait()?;
+            summary.context("rank 0 returned no summary").map(Some)
+        }
+        Err(e) => {
+            ranks.stop();
+            Err(e)
+        }
+    }
 }

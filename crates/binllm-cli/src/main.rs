@@ -11,6 +11,8 @@ mod export;
 #[cfg(feature = "torch")]
 mod generate;
 mod inspect;
+#[cfg(feature = "torch")]
+mod launch;
 mod options;
 mod run;
 mod serve;

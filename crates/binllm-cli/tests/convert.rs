@@ -855,3 +855,42 @@ fn resuming_before_the_first_checkpoint_says_so_and_logs_each_step_once() {
         "the log runs forward: {steps:?}"
     );
 }
+
+#[test]
+fn gpus_flag_and_rank_environment_are_checked_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = |gpus: &'static str, device: &'static str| {
+        vec![
+            "convert",
+            "--model",
+            stories_str(),
+            "--data",
+            "/nonexistent/corpus.txt",
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            device,
+            "--gpus",
+            gpus,
+        ]
+    };
+    assert!(run_err(&args("0", "cpu")).contains("--gpus must be at least 1"));
+    assert!(run_err(&args("2", "cpu")).contains("needs --device cuda"));
+    assert!(run_err(&args("2", "cuda:1")).contains("needs --device cuda"));
+    // 64 GPUs: more than this machine (none on CPU CI) has.
+    let err = run_err(&args("64", "cuda"));
+    assert!(err.contains("--gpus 64: only"), "{err}");
+    assert!(!out.exists(), "nothing was written");
+
+    // A child process with an incomplete rank environment stops with the variable named.
+    let child = binllm(&args("2", "cuda"))
+        .env("BINLLM_RANK", "1")
+        .env_remove("BINLLM_WORLD_SIZE")
+        .output()
+        .unwrap();
+    assert!(!child.status.success());
+    let err = String::from_utf8_lossy(&child.stderr);
+    assert!(err.contains("BINLLM_WORLD_SIZE"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

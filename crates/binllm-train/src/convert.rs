@@ -15,6 +15,10 @@
 //! `teacher-chat.tok` / `teacher-chat.json` (the chat data) and `chat-reference.json`.
 //! Checkpoints are written atomically at every phase end (and every N steps); `--resume`
 //! continues from the newest with the same data order, schedule and optimizer state.
+//!
+//! On several GPUs ([`run_rank`]) every rank runs this same sequence on its shard of each
+//! step; rank 0 alone writes into the run directory (the other ranks wait for its data
+//! files, then read them) and finishes the run after training (`docs/MULTI_GPU.md`).
 
 use std::path::Path;
 use std::time::Instant;
@@ -31,6 +35,7 @@ use crate::data::{self, DataSpec, Windows};
 use crate::linear::WeightForm;
 use crate::method;
 use crate::model::Llama;
+use crate::parallel::{Collective, Single};
 use crate::plan::Plan;
 use crate::shim;
 use crate::summary::{self, ChatComparison, FinalValidation, Stage2Time, Summary};
@@ -38,10 +43,29 @@ use crate::trainer::{validation_loss, MetricsLog, Trainer};
 
 pub use crate::config::{ConvertConfig, Preset};
 
-/// Runs a conversion in `run_dir` (created; with `resume`, continued).
+/// Runs a conversion in `run_dir` (created; with `resume`, continued) on one device.
 pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summary> {
+    run_rank(config, run_dir, resume, &Single)?
+        .context("the only rank of a single-device run returned no summary")
+}
+
+/// One rank of a conversion over the ranks of `collective`: the summary on rank 0, None on
+/// the others (they stop once training is done; rank 0 evaluates and writes the model).
+pub fn run_rank(
+    config: ConvertConfig,
+    run_dir: &Path,
+    resume: bool,
+    collective: &dyn Collective,
+) -> Result<Option<Summary>> {
     let started = Instant::now();
-    let config = prepare_run_dir(config, run_dir, resume)?;
+    let writer = collective.is_writer();
+    // Rank 0 creates (or checks) the run directory; the others only read a resumed run's
+    // stored settings.
+    let config = if writer || resume {
+        prepare_run_dir(config, run_dir, resume)?
+    } else {
+        config
+    };
     config.validate()?;
     let device = crate::device::parse_device(&config.device)?;
     let bf16 = config.bf16 && device.is_cuda();
@@ -60,7 +84,12 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         .tokenizer()
         .context("conversion needs the model's tokenizer")?;
     let mut model = Llama::from_pretrained(&pretrained, device, Kind::Float)?;
-    let (mut windows, documents) = load_windows(&config, &model, tokenizer, run_dir)?;
+    // Rank 0 writes the data files (teacher samples, chat transcripts) that the other ranks
+    // then read: they wait here until it has.
+    if !writer {
+        collective.barrier().context("waiting for rank 0's data")?;
+    }
+    let (mut windows, documents) = load_windows(&config, &model, tokenizer, run_dir, writer)?;
 
     let teacher = if config.loss().needs_teacher() {
         let mut t = Llama::from_pretrained(&pretrained, device, Kind::Float)?;
@@ -73,26 +102,45 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
     };
     let chat_data = if config.chat_tokens > 0 {
         let generator = teacher.as_ref().unwrap_or(&model);
-        let (tokens, report) = chat_transcripts(&config, &pretrained, generator, bf16, run_dir)?;
+        let (tokens, report) =
+            chat_transcripts(&config, &pretrained, generator, bf16, run_dir, writer)?;
         windows.add_chat(&tokens, config.chat_share, config.seed)?;
         Some(report)
     } else {
         None
     };
+    if writer {
+        collective
+            .barrier()
+            .context("waiting for the other ranks")?;
+    }
     let plan = Plan::new(&config, &windows, documents)?;
-    print_plan(&config, &plan, &pretrained, device);
-    std::fs::write(
-        run_dir.join("plan.json"),
-        serde_json::to_string_pretty(&plan)?,
-    )?;
-    if !resume {
-        start_run(&config, run_dir)?;
+    plan.check_world_size(collective.world_size())?;
+    if writer {
+        print_plan(&config, &plan, &pretrained, device);
+        if collective.world_size() > 1 {
+            eprintln!(
+                "  data parallel over {} GPUs: each trains on about {} of the {} windows of a step",
+                collective.world_size(),
+                plan.windows_per_step.div_ceil(collective.world_size()),
+                plan.windows_per_step
+            );
+        }
+        std::fs::write(
+            run_dir.join("plan.json"),
+            serde_json::to_string_pretty(&plan)?,
+        )?;
+        if !resume {
+            start_run(&config, run_dir)?;
+        }
     }
     let val = windows.validation.clone();
     let micro = plan.micro_batch;
     let fp_val = validation_loss(&mut model, &windows, &val, WeightForm::Full, micro, bf16)?;
     let ptq_val = validation_loss(&mut model, &windows, &val, WeightForm::Sign, micro, bf16)?;
-    eprintln!("held-out loss before conversion: full precision {fp_val:.4}, PTQ sign {ptq_val:.4} ({} windows)", val.len());
+    if writer {
+        eprintln!("held-out loss before conversion: full precision {fp_val:.4}, PTQ sign {ptq_val:.4} ({} windows)", val.len());
+    }
 
     let mut trainer = Trainer {
         config: &config,
@@ -101,7 +149,12 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         run_dir,
         bf16,
         teacher,
-        metrics: MetricsLog::open(run_dir)?,
+        metrics: if writer {
+            MetricsLog::open(run_dir)?
+        } else {
+            MetricsLog::discard()
+        },
+        collective,
         pending_checkpoint: None,
         profile: None,
         wall_before: 0.0,
@@ -122,16 +175,20 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
         (Some((path, ckpt)), Some(step)) => {
             trainer.metrics.truncate_after(step)?;
             trainer.wall_before = ckpt.meta["wall_seconds"].as_f64().unwrap_or(0.0);
-            eprintln!("resuming from step {step} ({})", path.display());
+            if writer {
+                eprintln!("resuming from step {step} ({})", path.display());
+            }
         }
         _ if resume => {
             // Stopped before the first checkpoint (the end of Stage 1): start over, and
             // drop the log lines of the stopped attempt so none appears twice.
             trainer.metrics.truncate_after(0)?;
-            eprintln!(
+            if writer {
+                eprintln!(
                 "{}: no checkpoint yet (the run stopped before the end of Stage 1): starting again from step 1",
-                run_dir.display()
-            );
+                    run_dir.display()
+                );
+            }
         }
         _ => {}
     }
@@ -184,6 +241,9 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
     let stage2_tokens =
         (plan.stage2_steps.saturating_sub(stage2_start) * plan.tokens_per_step) as f64;
     trainer.finish_checkpoint()?;
+    if !writer {
+        return Ok(None);
+    }
 
     // Final held-out evaluation: the last training form against the form that ships.
     let training_form = if plan.sign_steps > 0 {
@@ -272,7 +332,7 @@ pub fn run(config: ConvertConfig, run_dir: &Path, resume: bool) -> Result<Summar
     if let Err(err) = summary::write_plot(run_dir, &summary) {
         eprintln!("warning: could not draw training.png: {err:#}");
     }
-    Ok(summary)
+    Ok(Some(summary))
 }
 
 /// The teacher's chat transcripts: read back from the run (a resumed run trains on the same
@@ -283,6 +343,7 @@ fn chat_transcripts(
     teacher: &Llama,
     bf16: bool,
     run_dir: &Path,
+    writer: bool,
 ) -> Result<(Vec<u32>, ChatDataReport)> {
     let tokens_path = run_dir.join("teacher-chat.tok");
     let report_path = run_dir.join("teacher-chat.json");
@@ -304,6 +365,11 @@ fn chat_transcripts(
             }
         }
     }
+    ensure!(
+        writer,
+        "{}: rank 0 wrote no chat data matching this run for this rank to read",
+        tokens_path.display()
+    );
     ensure!(
         pretrained.chat_template.is_some(),
         "{}: --chat-tokens needs a model with a chat template, and this one has none",
@@ -471,6 +537,7 @@ fn load_windows(
     model: &Llama,
     tokenizer: &TextTokenizer,
     run_dir: &Path,
+    writer: bool,
 ) -> Result<(Windows, usize)> {
     let specs: Vec<DataSpec> = config
         .data
@@ -489,6 +556,11 @@ fn load_windows(
                 let stream = match std::fs::read(&cache) {
                     Ok(bytes) if bytes.len() % 4 == 0 => data::tokens_from_le_bytes(&bytes),
                     _ => {
+                        ensure!(
+                            writer,
+                            "{}: rank 0 wrote no teacher samples for this rank to read",
+                            cache.display()
+                        );
                         let eos = *tokenizer
                             .eos_ids
                             .first()

@@ -14,6 +14,7 @@
 //! | [`data`], [`chat_data`], [`teacher`] | training text, teacher chat data, teacher samples |
 //! | [`summary`], [`plot`], [`chat_score`] | what a finished run reports |
 //! | [`sign_model`], [`checkpoint`], [`scorer`], [`generate`] | the packed sign model, checkpoints, the eval scorer, generation |
+//! | [`parallel`] | data parallelism over several GPUs: the collective (NCCL), data shards, gradient buckets |
 //! | [`device`], [`shim`], [`progress`] | CUDA and libtorch plumbing, progress bars |
 
 pub mod device;
@@ -34,6 +35,7 @@ pub mod data;
 pub mod loss;
 pub mod method;
 pub mod optim;
+pub mod parallel;
 pub mod plan;
 pub mod plot;
 pub mod profile;

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::config::ConvertConfig;
 use crate::data::Windows;
+use crate::parallel::Shard;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
@@ -99,5 +100,146 @@ impl Plan {
         (first..first + self.micro_batch)
             .map(|i| windows.training_window(i))
             .collect()
+    }
+
+    /// The micro-batches rank `shard` trains on at global step `step`: its contiguous part
+    /// of the step's `windows_per_step` windows ([`Shard::range`]), cut into micro-batches
+    /// of `micro_batch` (the last may be shorter). The ranks' windows together are the
+    /// step's windows, whatever the number of ranks; one rank gets exactly
+    /// [`Plan::micro_batch_windows`] for `m` in `0..accumulation`.
+    pub fn rank_micro_batches(
+        &self,
+        windows: &Windows,
+        step: usize,
+        shard: Shard,
+    ) -> Vec<Vec<usize>> {
+        let first = step * self.windows_per_step;
+        let mine: Vec<usize> = shard
+            .range(self.windows_per_step)
+            .map(|i| windows.training_window(first + i))
+            .collect();
+        mine.chunks(self.micro_batch.max(1))
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    /// Fails unless every one of `world_size` ranks gets at least one window per step.
+    pub fn check_world_size(&self, world_size: usize) -> Result<()> {
+        ensure!(
+            self.windows_per_step >= world_size,
+            "a step has {} windows, fewer than the {world_size} GPUs: raise --batch-tokens or use fewer GPUs",
+            self.windows_per_step
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(windows_per_step: usize, micro_batch: usize) -> Plan {
+        Plan {
+            windows_per_step,
+            micro_batch,
+            accumulation: windows_per_step / micro_batch,
+            stage1_steps: 0,
+            stage2_steps: 0,
+            steps_per_phase: 0,
+            sign_steps: 0,
+            tokens_per_step: 0,
+            stage2_tokens: 0,
+            corpus_tokens: 0,
+            corpus_documents: 0,
+            training_windows: 0,
+            chat_windows: 0,
+            chat_share: 0.0,
+            epochs: 0.0,
+            chat_epochs: 0.0,
+        }
+    }
+
+    /// 40 training windows of 4 tokens (shuffled by `seed`), and with `chat`, 9 chat windows
+    /// at a 30% share.
+    fn windows(seed: u64, chat: bool) -> Windows {
+        let stream: Vec<u32> = (0..4 * 44 + 1).map(|i| i as u32 % 97).collect();
+        let mut w = Windows::new(stream, 4, 4, seed).unwrap();
+        if chat {
+            let tokens: Vec<u32> = (0..4 * 9 + 1).map(|i| 100 + i as u32).collect();
+            w.add_chat(&tokens, 0.3, seed).unwrap();
+        }
+        w
+    }
+
+    #[test]
+    fn one_rank_takes_the_single_gpu_micro_batches() {
+        for chat in [false, true] {
+            let w = windows(3, chat);
+            let p = plan(12, 4);
+            for step in 0..5 {
+                let expected: Vec<Vec<usize>> = (0..p.accumulation)
+                    .map(|m| p.micro_batch_windows(&w, step, m))
+                    .collect();
+                assert_eq!(p.rank_micro_batches(&w, step, Shard::SINGLE), expected);
+            }
+        }
+    }
+
+    #[test]
+    fn ranks_together_take_exactly_the_steps_windows() {
+        for chat in [false, true] {
+            for seed in [1u64, 9] {
+                let w = windows(seed, chat);
+                for (per_step, micro) in [(12usize, 4usize), (12, 3), (10, 2), (7, 7)] {
+                    let p = plan(per_step, micro);
+                    for world in 1..=per_step.min(8) {
+                        for step in 0..6 {
+                            // The single-GPU step, drawn independently of the plan code.
+                            let want: Vec<usize> = (0..per_step)
+                                .map(|i| w.training_window(step * per_step + i))
+                                .collect();
+                            let mut got = Vec::new();
+                            for rank in 0..world {
+                                let shard = Shard::new(rank, world).unwrap();
+                                let batches = p.rank_micro_batches(&w, step, shard);
+                                assert!(
+                                    !batches.is_empty(),
+                                    "rank {rank} of {world} has no windows"
+                                );
+                                assert!(batches.iter().all(|b| !b.is_empty() && b.len() <= micro));
+                                got.extend(batches.concat());
+                            }
+                            assert_eq!(got, want, "chat {chat} seed {seed} {per_step}/{micro} world {world} step {step}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chat_windows_keep_their_share_across_ranks() {
+        let w = windows(5, true);
+        let p = plan(10, 2);
+        let chat: std::collections::HashSet<usize> = w.chat.iter().copied().collect();
+        for world in [1usize, 3, 4] {
+            let count: usize = (0..world)
+                .map(|r| {
+                    p.rank_micro_batches(&w, 0, Shard::new(r, world).unwrap())
+                        .concat()
+                        .iter()
+                        .filter(|s| chat.contains(s))
+                        .count()
+                })
+                .sum();
+            // floor(10 * 0.3) chat windows in the first step, whatever the world size.
+            assert_eq!(count, 3, "world {world}");
+        }
+    }
+
+    #[test]
+    fn too_many_gpus_for_a_step_is_an_error() {
+        assert!(plan(4, 2).check_world_size(4).is_ok());
+        assert!(plan(4, 2).check_world_size(5).is_err());
     }
 }

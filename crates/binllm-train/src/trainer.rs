@@ -1,6 +1,8 @@
 //! The training loop of a conversion: one optimizer step over its micro-batches, Stage 1
 //! (the input scales alone), Stage 2 (every parameter through the phases), the metrics log
-//! and background checkpoints.
+//! and background checkpoints. On several GPUs each rank trains on its shard of every step
+//! and the gradients are summed over the ranks before clipping and AdamW ([`crate::parallel`]);
+//! one rank ([`Single`](crate::parallel::Single)) takes the same path.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,8 @@ use crate::loss;
 use crate::method;
 use crate::model::Llama;
 use crate::optim::{AdamW, AdamWConfig, ParamGroup};
+use crate::parallel::buckets::{GradientBuckets, DEFAULT_BUCKET_BYTES};
+use crate::parallel::{Collective, Shard};
 use crate::plan::Plan;
 use crate::profile::SectionTimer;
 use crate::schedule::stage2_learning_rate;
@@ -46,10 +50,10 @@ pub fn validation_loss(
     Ok(total / starts.len().max(1) as f64)
 }
 
-/// Appends one JSON object per line to `RUN/metrics.jsonl`.
+/// Appends one JSON object per line to `RUN/metrics.jsonl` (rank 0 only: the other ranks'
+/// log discards its records).
 pub(crate) struct MetricsLog {
-    path: PathBuf,
-    file: std::fs::File,
+    sink: Option<(PathBuf, std::fs::File)>,
 }
 
 impl MetricsLog {
@@ -60,17 +64,30 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("{}: cannot open", path.display()))?;
-        Ok(MetricsLog { path, file })
+        Ok(MetricsLog {
+            sink: Some((path, file)),
+        })
+    }
+
+    /// A log that writes nothing (ranks other than 0).
+    pub(crate) fn discard() -> Self {
+        MetricsLog { sink: None }
     }
 
     pub(crate) fn write(&mut self, record: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{record}")
-            .with_context(|| format!("{}: write failed", self.path.display()))
+        let Some((path, file)) = &mut self.sink else {
+            return Ok(());
+        };
+        writeln!(file, "{record}").with_context(|| format!("{}: write failed", path.display()))
     }
 
     /// Drops records past `step` (a resumed run writes them again).
     pub(crate) fn truncate_after(&mut self, step: usize) -> Result<()> {
-        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let Some((path, _)) = &self.sink else {
+            return Ok(());
+        };
+        let path = path.clone();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
         let kept: String = text
             .lines()
             .filter(|l| {
@@ -81,8 +98,8 @@ impl MetricsLog {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        binllm_format::atomic::write_atomically(&self.path, kept.as_bytes())?;
-        *self = MetricsLog::open(self.path.parent().expect("metrics file has a directory"))?;
+        binllm_format::atomic::write_atomically(&path, kept.as_bytes())?;
+        *self = MetricsLog::open(path.parent().context("metrics file has no directory")?)?;
         Ok(())
     }
 }
@@ -100,6 +117,8 @@ pub(crate) struct Trainer<'a> {
     pub bf16: bool,
     pub teacher: Option<Llama>,
     pub metrics: MetricsLog,
+    /// The ranks of the run ([`Single`](crate::parallel::Single) on one device).
+    pub collective: &'a dyn Collective,
     pub pending_checkpoint: Option<std::thread::JoinHandle<Result<()>>>,
     /// Milliseconds per step of each section, from `--profile`.
     pub profile: Option<Vec<(String, f64)>>,
@@ -110,6 +129,29 @@ pub(crate) struct Trainer<'a> {
 }
 
 impl Trainer<'_> {
+    /// A progress bar on rank 0; nothing on the other ranks, which train in step with it.
+    fn progress(&self, len: usize, task: &str) -> binllm_progress::Progress {
+        if self.collective.is_writer() {
+            binllm_progress::Progress::new(len as u64, task)
+        } else {
+            binllm_progress::Progress::hidden()
+        }
+    }
+
+    /// A report line, from rank 0 alone.
+    fn say(&self, line: String) {
+        if self.collective.is_writer() {
+            eprintln!("{line}");
+        }
+    }
+
+    /// A report line above the progress bar, from rank 0 alone.
+    fn say_above(&self, progress: &binllm_progress::Progress, line: String) {
+        if self.collective.is_writer() {
+            progress.println(line);
+        }
+    }
+
     /// Wall-clock seconds of the whole run so far, every resumed segment included.
     pub(crate) fn wall_seconds(&self) -> f64 {
         self.wall_before + self.started.elapsed().as_secs_f64()
@@ -117,24 +159,30 @@ impl Trainer<'_> {
 }
 
 impl Trainer<'_> {
-    /// One optimizer step at global step `step`: forward/backward over the micro-batches,
-    /// a NaN/inf check, clipping, AdamW.
+    /// One optimizer step at global step `step`: forward/backward over this rank's
+    /// micro-batches, the gradients summed over the ranks, a NaN/inf check, clipping, AdamW.
     fn train_step(
         &mut self,
         model: &Llama,
         optimizer: &mut AdamW,
+        buckets: &GradientBuckets,
         step: usize,
         lr: f64,
     ) -> Result<StepResult> {
         let loss_config = self.config.loss();
         let mut total = Tensor::zeros([], (Kind::Float, model.device()));
-        for m in 0..self.plan.accumulation {
-            let starts = self.plan.micro_batch_windows(self.windows, step, m);
-            let (x, y) = self.windows.batch(&starts, model.device());
+        let micro_batches =
+            self.plan
+                .rank_micro_batches(self.windows, step, Shard::of(self.collective));
+        for starts in &micro_batches {
+            let (x, y) = self.windows.batch(starts, model.device());
             if let Some(timer) = &model.timer {
                 timer.mark("batch to device");
             }
-            let scale = 1.0 / self.plan.accumulation as f64;
+            // Each micro-batch's mean loss counts by its share of the whole step's windows
+            // (over every rank), so the ranks' gradients sum to the step's gradient. On one
+            // rank this is micro_batch / windows_per_step = 1 / accumulation exactly.
+            let scale = starts.len() as f64 / self.plan.windows_per_step as f64;
             let chunk = self.config.loss_chunk_tokens as i64;
             let mark = |section| {
                 if let Some(timer) = &model.timer {
@@ -191,9 +239,24 @@ impl Trainer<'_> {
                 mark("backward");
                 loss
             });
-            total += loss.detach();
+            // In units of full micro-batches, so that the sum over ranks divided by the
+            // accumulation count is the step's mean loss (a full micro-batch counts 1).
+            if starts.len() == self.plan.micro_batch {
+                total += loss.detach();
+            } else {
+                total += loss.detach() * (starts.len() as f64 / self.plan.micro_batch as f64);
+            }
         }
-        let loss = total.double_value(&[]) / self.plan.accumulation as f64;
+        buckets.all_reduce_sum(self.collective)?;
+        let loss = self
+            .collective
+            .all_reduce_sum_f64(total.double_value(&[]), model.device())?
+            / self.plan.accumulation as f64;
+        if self.collective.world_size() > 1 {
+            if let Some(timer) = &model.timer {
+                timer.mark("gradient all-reduce");
+            }
+        }
         let grad_norm = optimizer.grad_norm().double_value(&[]);
         if !loss.is_finite() || !grad_norm.is_finite() {
             self.finish_checkpoint()?;
@@ -246,12 +309,15 @@ impl Trainer<'_> {
                 weight_decay: 0.0,
             },
         );
+        broadcast_parameters(self.collective, &trainable)?;
+        let buckets = GradientBuckets::plan(&trainable, DEFAULT_BUCKET_BYTES);
         let mut initial_loss = f64::NAN;
         model.form = form;
-        let progress = binllm_progress::Progress::new(steps as u64, "Stage 1");
+        let progress = self.progress(steps, "Stage 1");
         let mut last_loss = f64::NAN;
         for step in 0..steps {
-            let result = self.train_step(model, &mut optimizer, step, self.config.stage1_lr)?;
+            let result =
+                self.train_step(model, &mut optimizer, &buckets, step, self.config.stage1_lr)?;
             if step == 0 {
                 initial_loss = result.loss;
             }
@@ -271,7 +337,7 @@ impl Trainer<'_> {
             reconstruction_error_after: errors(model),
         };
         method::set_trainable(model, |_| false);
-        eprintln!(
+        self.say(format!(
             "Stage 1: loss {:.4} -> {:.4}; held-out {:.4} -> {:.4}; mean reconstruction error {:.4} -> {:.4}",
             report.initial_loss,
             report.final_loss,
@@ -279,7 +345,7 @@ impl Trainer<'_> {
             report.val_loss_after,
             mean(&report.reconstruction_error_before),
             mean(&report.reconstruction_error_after)
-        );
+        ));
         Ok(report)
     }
 
@@ -310,6 +376,8 @@ impl Trainer<'_> {
         if let Some(ckpt) = resume {
             optimizer.load_state(&ckpt.tensors)?;
         }
+        broadcast_parameters(self.collective, &trainable)?;
+        let buckets = GradientBuckets::plan(&trainable, DEFAULT_BUCKET_BYTES);
         let mut phases: Vec<PhaseReport> = resume
             .and_then(|c| c.meta.get("phases"))
             .and_then(|v| serde_json::from_value(v.clone()).ok())
@@ -317,7 +385,7 @@ impl Trainer<'_> {
         if let Device::Cuda(i) = model.device() {
             shim::cuda_reset_peak(i);
         }
-        let progress = binllm_progress::Progress::new(plan.stage2_steps as u64, "Stage 2");
+        let progress = self.progress(plan.stage2_steps, "Stage 2");
         progress.set_position(start as u64);
         let timer = Instant::now();
         // Time in optimizer steps alone (the loss read back synchronises the device), apart
@@ -348,7 +416,7 @@ impl Trainer<'_> {
                 timer.start_step();
             }
             let step_started = Instant::now();
-            let result = self.train_step(model, &mut optimizer, global, lr)?;
+            let result = self.train_step(model, &mut optimizer, &buckets, global, lr)?;
             step_seconds += step_started.elapsed().as_secs_f64();
             if profiled && k + 1 == start + 2 + config.profile_steps {
                 let timer = model.timer.take().expect("set for the profiled steps");
@@ -357,11 +425,14 @@ impl Trainer<'_> {
                     "event": "profile", "global_step": global + 1, "steps": config.profile_steps,
                     "ms_per_step": sections.iter().map(|(name, ms)| (name.clone(), serde_json::json!(ms))).collect::<serde_json::Map<String, serde_json::Value>>(),
                 }))?;
-                progress.println(format!(
-                    "profile of {} Stage-2 steps (device synchronised at each boundary):\n{}",
-                    config.profile_steps,
-                    crate::profile::render(&sections)
-                ));
+                self.say_above(
+                    &progress,
+                    format!(
+                        "profile of {} Stage-2 steps (device synchronised at each boundary):\n{}",
+                        config.profile_steps,
+                        crate::profile::render(&sections)
+                    ),
+                );
                 self.profile = Some(sections);
             }
             phase_losses.push(result.loss);
@@ -409,13 +480,16 @@ impl Trainer<'_> {
                 };
                 phase_losses.clear();
                 self.metrics.write(serde_json::json!({"event": "phase_end", "global_step": global + 1, "report": report}))?;
-                progress.println(format!(
-                    "phase {phase:>2}/{}  t {t:>7.2}  train {:.4}  held-out {:.4}{}",
-                    config.phases,
-                    report.train_loss,
-                    val_loss,
-                    val_loss_sign.map_or(String::new(), |s| format!("  sign {s:.4}"))
-                ));
+                self.say_above(
+                    &progress,
+                    format!(
+                        "phase {phase:>2}/{}  t {t:>7.2}  train {:.4}  held-out {:.4}{}",
+                        config.phases,
+                        report.train_loss,
+                        val_loss,
+                        val_loss_sign.map_or(String::new(), |s| format!("  sign {s:.4}"))
+                    ),
+                );
                 phases.push(report);
             }
             if phase_end || (config.checkpoint_every > 0 && (k + 1) % config.checkpoint_every == 0)
@@ -452,6 +526,10 @@ impl Trainer<'_> {
         phase_losses: &[f64],
         stage1: Option<&Stage1Report>,
     ) -> Result<()> {
+        if !self.collective.is_writer() {
+            // Every rank holds the same parameters and optimizer state: rank 0 saves them.
+            return Ok(());
+        }
         self.finish_checkpoint()?;
         let mut tensors = optimizer.map(AdamW::state_tensors).unwrap_or_default();
         for p in model.params() {
@@ -483,6 +561,25 @@ impl Trainer<'_> {
         }
         Ok(())
     }
+}
+
+/// Gives every rank rank 0's values of `params`, so the ranks start a stage from the same
+/// weights even if their loading differed in the last bit (a no-op on one rank).
+fn broadcast_parameters(
+    collective: &dyn Collective,
+    params: &[&crate::linear::Param],
+) -> Result<()> {
+    if collective.world_size() == 1 {
+        return Ok(());
+    }
+    let _guard = tch::no_grad_guard();
+    for p in params {
+        let mut t = p.tensor.shallow_clone();
+        collective
+            .broadcast_from_root(&mut t)
+            .with_context(|| format!("broadcasting parameter '{}'", p.name))?;
+    }
+    Ok(())
 }
 
 /// The Stage-2 optimizer group of a parameter: latent block weights at the base rate
