@@ -109,8 +109,9 @@ fn pick_next(logits: &Tensor, pick: Pick) -> Tensor {
 
 /// Continues every prompt at once, at most `max_new` ids each, through one KV cache: the
 /// prompts are left-padded to one length with `pad` and the padding is masked
-/// ([`KvCache::padded`]). A row stops after its first id in `stop`; the batch stops when
-/// every row has. Runs under no-grad on the model's device and dtype.
+/// ([`KvCache::padded`]). A row stops after its first id in `stop`; finished rows leave the
+/// batch and the cache ([`KvCache::keep_rows`]) once they are a quarter of it, and the batch
+/// stops when every row has finished. Runs under no-grad on the model's device and dtype.
 pub fn generate_batch(
     model: &Llama,
     prompts: &[Vec<u32>],
@@ -151,11 +152,29 @@ pub fn generate_batch(
     let mut cache = KvCache::padded(model.config.num_layers, valid, (width + max_new) as i64);
     let hidden = model.forward_hidden(&ids, Some(&mut cache));
     let mut logits = model.logits(&hidden.narrow(1, -1, 1)).squeeze_dim(1);
+    // Rows that have finished are dropped from the batch (and the cache) every few steps
+    // once they are a quarter of it: a batch of sampled answers ends unevenly, and the
+    // longest answers would otherwise keep every finished row's attention running.
+    let mut origin: Vec<usize> = (0..rows).collect();
+    let mut generated: Vec<Vec<i64>> = vec![Vec::new(); rows];
+    let mut pending: Vec<Tensor> = Vec::new();
+    let flush = |pending: &mut Vec<Tensor>, origin: &[usize], generated: &mut [Vec<i64>]| {
+        if pending.is_empty() {
+            return Ok::<(), anyhow::Error>(());
+        }
+        let steps = pending.len();
+        let block = Tensor::stack(pending, 1).to_device(tch::Device::Cpu);
+        let block = Vec::<i64>::try_from(block.flatten(0, -1))?;
+        for (row, ids) in block.chunks(steps).enumerate() {
+            generated[origin[row]].extend_from_slice(ids);
+        }
+        pending.clear();
+        Ok(())
+    };
     let mut finished = Tensor::zeros([rows as i64], (Kind::Bool, device));
-    let mut columns = Vec::with_capacity(max_new);
     for step in 0..max_new {
-        let next = pick_next(&logits, pick);
-        columns.push(next.shallow_clone());
+        let mut next = pick_next(&logits, pick);
+        pending.push(next.shallow_clone());
         if !stop.is_empty() {
             finished = finished.logical_or(
                 &next
@@ -165,19 +184,31 @@ pub fn generate_batch(
             );
         }
         // Reading the flags back waits for the device: do it every few steps only.
-        let last = step + 1 == max_new;
-        if last || (step % 8 == 7 && bool::try_from(finished.all())?) {
+        if step + 1 == max_new {
             break;
+        }
+        if step % 8 == 7 {
+            let done = i64::try_from(finished.sum(Kind::Int64))? as usize;
+            if done == origin.len() {
+                break;
+            }
+            if done > 0 && 4 * done >= origin.len() {
+                flush(&mut pending, &origin, &mut generated)?;
+                let keep = finished.logical_not().nonzero().squeeze_dim(1);
+                let kept = Vec::<i64>::try_from(keep.to_device(tch::Device::Cpu))?;
+                origin = kept.iter().map(|&row| origin[row as usize]).collect();
+                cache.keep_rows(&keep);
+                next = next.index_select(0, &keep);
+                finished = Tensor::zeros([origin.len() as i64], (Kind::Bool, device));
+            }
         }
         logits = model
             .forward(&next.unsqueeze(1), Some(&mut cache))
             .squeeze_dim(1);
     }
-    let steps = columns.len();
-    let generated = Tensor::stack(&columns, 1).to_device(tch::Device::Cpu);
-    let generated = Vec::<i64>::try_from(generated.flatten(0, -1))?;
+    flush(&mut pending, &origin, &mut generated)?;
     Ok(generated
-        .chunks(steps)
+        .iter()
         .map(|row| {
             let mut ids = Vec::with_capacity(row.len());
             let mut ended = false;

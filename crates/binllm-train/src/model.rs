@@ -97,6 +97,19 @@ impl KvCache {
         }
     }
 
+    /// Keeps only the batch rows `rows` (int64 indices, in the order given), dropping the
+    /// others' keys, values and padding flags, so that finished sequences stop costing
+    /// attention reads.
+    pub fn keep_rows(&mut self, rows: &Tensor) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(0, rows);
+            *v = v.index_select(0, rows);
+        }
+        if let Some(valid) = &mut self.key_valid {
+            *valid = valid.index_select(0, rows);
+        }
+    }
+
     /// Number of positions cached.
     pub fn len(&self) -> i64 {
         self.len

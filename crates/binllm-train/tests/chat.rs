@@ -119,6 +119,57 @@ fn batched_rows_stop_at_their_own_stop_token() {
     );
 }
 
+/// Finished rows leave the batch (and the KV cache) every 8 steps once they are a quarter of
+/// it: the rows that go on must continue exactly as in a batch that keeps everyone, and
+/// each answer must come back to its own prompt.
+#[test]
+fn rows_dropped_from_the_batch_leave_the_others_unchanged() {
+    let pretrained = stories260k();
+    let model = Llama::from_pretrained(&pretrained, Device::Cpu, Kind::Float).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 403, 407],
+        vec![1, 366, 261, 9],
+        vec![1, 9, 281, 285],
+        vec![1, 330, 268],
+        vec![1, 305, 299, 355],
+        vec![1, 271, 264, 403, 407, 261],
+    ];
+    let steps = 40;
+    let free = generate_batch(&model, &prompts, steps, Pick::Greedy, &[], 0).unwrap();
+    // A stop id that ends at least two rows within the first 7 steps (so the check at step 8
+    // drops them) and leaves at least one row running past step 16.
+    let first = |row: &[u32], id: u32| row.iter().position(|&x| x == id);
+    let candidates: std::collections::BTreeSet<u32> =
+        free.iter().flat_map(|c| c.ids.iter().copied()).collect();
+    let stop = candidates
+        .into_iter()
+        .find(|&id| {
+            let early = free
+                .iter()
+                .filter(|c| first(&c.ids, id).is_some_and(|i| i < 7))
+                .count();
+            let late = free
+                .iter()
+                .filter(|c| first(&c.ids, id).is_none_or(|i| i > 16))
+                .count();
+            early >= 2 && late >= 1
+        })
+        .expect("stories260K's greedy text has an id that ends rows early and late");
+    let stopped = generate_batch(&model, &prompts, steps, Pick::Greedy, &[stop], 0).unwrap();
+    for (r, (f, s)) in free.iter().zip(&stopped).enumerate() {
+        match first(&f.ids, stop) {
+            Some(i) => {
+                assert!(s.ended, "row {r}");
+                assert_eq!(s.ids, f.ids[..=i], "row {r}");
+            }
+            None => {
+                assert!(!s.ended, "row {r}");
+                assert_eq!(s.ids, f.ids, "row {r}");
+            }
+        }
+    }
+}
+
 #[test]
 fn sampling_keeps_to_the_nucleus() {
     let pretrained = stories260k();
