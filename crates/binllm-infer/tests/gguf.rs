@@ -250,6 +250,22 @@ fn with_llama_quantize_block_scales(
     model
 }
 
+/// The float64 reference logits of `path` read as floats (dequantised, an independent
+/// reading of the file), and the largest |logit|, the scale of the tolerances.
+fn f64_reference(path: &std::path::Path, ids: &[u32]) -> (Vec<f64>, f64) {
+    let floats = PretrainedModel::load(path, &Default::default()).unwrap();
+    let reference = binllm_testing::reference::llama_logits_f64(&floats, ids);
+    let spread = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+    (reference, spread)
+}
+
+fn max_abs_diff_f64(got: &[f32], reference: &[f64]) -> f64 {
+    got.iter()
+        .zip(reference)
+        .map(|(&g, r)| (g as f64 - r).abs())
+        .fold(0.0, f64::max)
+}
+
 /// Logits of the packed runtime with `threads` and the 1-bit `kernel`.
 fn logits_on(
     packed: &PackedModel,
@@ -286,16 +302,9 @@ fn q1_0_blocks_with_their_own_scales_run_on_the_1_bit_kernels() {
     let (read, quantized) = read_packed(&path).unwrap();
     assert_eq!(read.linears, exported.model.linears);
     assert!(read.linears.values().all(|l| l.block_cols() == Some(128)));
-    let floats = PretrainedModel::load(&path, &Default::default()).unwrap();
     let ids: Vec<u32> = (0..12).map(|i| (i * 41 % 320) as u32).collect();
-    let reference = binllm_testing::reference::llama_logits_f64(&floats, &ids);
-    let spread = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
-    let max_diff = |got: &[f32]| {
-        got.iter()
-            .zip(&reference)
-            .map(|(&g, r)| (g as f64 - r).abs())
-            .fold(0.0, f64::max)
-    };
+    let (reference, spread) = f64_reference(&path, &ids);
+    let max_diff = |got: &[f32]| max_abs_diff_f64(got, &reference);
     let block_by_block = [Kernel::Scalar, Kernel::best_row_major()];
     for kernel in [Kernel::best(), Kernel::LutScalar]
         .into_iter()
@@ -349,16 +358,9 @@ fn one_edited_block_scale_makes_only_its_tensor_block_scaled() {
     assert_eq!(up.dense_weight()[128].abs(), 0.75);
     assert!(up.row_scale.iter().all(|&s| s == 1.0));
 
-    let floats = PretrainedModel::load(&path, &Default::default()).unwrap();
     let ids: Vec<u32> = (0..10).map(|i| (i * 23 % 320) as u32).collect();
-    let reference = binllm_testing::reference::llama_logits_f64(&floats, &ids);
-    let spread = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
-    let got = logits(&read, &quantized, &ids);
-    let diff = got
-        .iter()
-        .zip(&reference)
-        .map(|(&g, r)| (g as f64 - r).abs())
-        .fold(0.0, f64::max);
+    let (reference, spread) = f64_reference(&path, &ids);
+    let diff = max_abs_diff_f64(&logits(&read, &quantized, &ids), &reference);
     assert!(diff <= 2e-5 * spread, "{diff} (max |logit| {spread})");
 }
 
@@ -372,16 +374,12 @@ fn the_float64_reference_matches_the_runtime_on_a_row_scaled_gguf() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rows.gguf");
     write_gguf(&exported.model, &exported.quantized, &path).unwrap();
-    let floats = PretrainedModel::load(&path, &Default::default()).unwrap();
     let ids: Vec<u32> = (0..10).map(|i| (i * 23 % 320) as u32).collect();
-    let reference = binllm_testing::reference::llama_logits_f64(&floats, &ids);
-    let spread = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
-    let got = logits(&exported.model, &exported.quantized, &ids);
-    let diff = got
-        .iter()
-        .zip(&reference)
-        .map(|(&g, r)| (g as f64 - r).abs())
-        .fold(0.0, f64::max);
+    let (reference, spread) = f64_reference(&path, &ids);
+    let diff = max_abs_diff_f64(
+        &logits(&exported.model, &exported.quantized, &ids),
+        &reference,
+    );
     assert!(diff <= 2e-5 * spread, "{diff} (max |logit| {spread})");
 }
 

@@ -16,42 +16,9 @@ use binllm_kernels::{
 };
 use half::f16;
 use std::hint::black_box;
-use std::time::Instant;
 
-struct Rng(u64);
-impl Rng {
-    fn unit(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.unit()).collect()
-    }
-}
-
-/// Seconds per call: the minimum over many short batches after a warm-up. Short batches on a
-/// shared machine are often not preempted at all, so the minimum approaches the undisturbed
-/// time.
-fn seconds_per_call(budget: f64, mut f: impl FnMut()) -> f64 {
-    f();
-    let start = Instant::now();
-    f();
-    let once = start.elapsed().as_secs_f64().max(1e-9);
-    let batches = 31;
-    let calls = ((budget / batches as f64) / once).clamp(1.0, 1e6) as usize;
-    (0..batches)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..calls {
-                f();
-            }
-            start.elapsed().as_secs_f64() / calls as f64
-        })
-        .fold(f64::INFINITY, f64::min)
-}
+mod support;
+use support::{seconds_per_call, Rng};
 
 fn gbps(bytes: usize, seconds: f64) -> f64 {
     bytes as f64 / seconds / 1e9

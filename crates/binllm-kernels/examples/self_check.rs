@@ -9,16 +9,8 @@ use binllm_kernels::{
 };
 use half::f16;
 
-struct Rng(u64);
-impl Rng {
-    fn unit(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
+mod support;
+use support::Rng;
 
 fn check(ok: bool, what: impl FnOnce() -> String) {
     if !ok {
@@ -94,8 +86,14 @@ fn main() {
                 check(ok, || format!("f32 {} {rows}x{cols}", kernel.name()));
                 gemv_q8_with(DenseKernel::Scalar, &q8, &x, &mut reference);
                 gemv_q8_with(kernel, &q8, &x, &mut y);
-                // Int16 activations move each x by at most max|x| / 65534.
-                let bound = 1e-5 * l1 + cols as f32 * max_abs / 65534.0 * 1.01 + 1e-30;
+                // Int16 activations move each x by at most max|x| / 65534; int8 activations
+                // per block of 32 (llama.cpp's arithmetic) by at most that block's max / 254.
+                let levels = if kernel.int8_activations() {
+                    254.0
+                } else {
+                    65534.0
+                };
+                let bound = 1e-5 * l1 + cols as f32 * max_abs / levels * 1.01 + 1e-30;
                 check(
                     reference
                         .iter()
