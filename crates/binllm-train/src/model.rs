@@ -268,13 +268,14 @@ fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     weight * normed.to_kind(kind)
 }
 
-/// Rotary embedding in the rotate-half layout: pairs (i, i + head_dim/2).
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let rotated = Tensor::cat(&[-x2, x1], 3);
-    x * cos + rotated * sin
+/// Rotary embedding in the rotate-half layout, pairs (i, i + head_dim/2), over the last
+/// dimension: `x * cos + [-x2, x1] * sin`. `sin_signed` is the sin table with its first
+/// half negated, so the rotation is a swap of halves, `[x2, x1] * sin_signed`: the same
+/// products (negation is exact) without a pass that negates x2.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let swapped = Tensor::cat(&[x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1);
+    x * cos + swapped * sin_signed
 }
 
 pub fn host_to_tensor(t: &HostTensor, device: Device, kind: Kind) -> Tensor {
@@ -361,13 +362,16 @@ impl Llama {
         self.embed.tensor.kind()
     }
 
-    /// cos and sin tables `[1, 1, len, head_dim]` for positions `start..start+len`,
-    /// computed in f32 like transformers' rotary embedding.
+    /// cos and signed sin tables (see [`apply_rope`]) `[1, 1, len, head_dim]` for positions
+    /// `start..start+len`, computed in f32 like transformers' rotary embedding and cast to
+    /// `kind` once per forward pass.
     fn rope_tables(&self, start: i64, len: i64, kind: Kind) -> (Tensor, Tensor) {
         let positions = Tensor::arange_start(start, start + len, (Kind::Float, self.device()));
         let freqs = positions.unsqueeze(1) * self.inv_freq.unsqueeze(0);
-        let angles = Tensor::cat(&[&freqs, &freqs], 1).view([1, 1, len, -1]);
-        (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+        let (cos, sin) = (freqs.cos(), freqs.sin());
+        let table =
+            |halves: [Tensor; 2]| Tensor::cat(&halves, 1).view([1, 1, len, -1]).to_kind(kind);
+        (table([cos.shallow_clone(), cos]), table([-&sin, sin]))
     }
 
     fn attention(
@@ -651,5 +655,21 @@ mod tests {
             relative <= 1.0 / 256.0 + 1e-6,
             "bf16 relative error {relative:e}"
         );
+    }
+
+    #[test]
+    fn model_rope_with_a_sign_folded_sin_is_bit_identical_to_rotate_half() {
+        tch::manual_seed(2);
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Double] {
+            let x = Tensor::randn([2, 3, 7, 16], (Kind::Float, Device::Cpu)).to_kind(kind);
+            let angles = Tensor::rand([1, 1, 7, 8], (Kind::Float, Device::Cpu)) * 20.0;
+            let angles = Tensor::cat(&[&angles, &angles], 3);
+            let (cos, sin) = (angles.cos().to_kind(kind), angles.sin().to_kind(kind));
+            let sin_signed = Tensor::cat(&[-sin.narrow(3, 0, 8), sin.narrow(3, 8, 8)], 3);
+            let rotated = Tensor::cat(&[-x.narrow(3, 8, 8), x.narrow(3, 0, 8)], 3);
+            let expected = &x * &cos + rotated * &sin;
+            let got = apply_rope(&x, &cos, &sin_signed);
+            assert!(got.equal(&expected), "{kind:?}: not bit-identical");
+        }
     }
 }
