@@ -52,6 +52,10 @@ impl Block {
             Which::Down => &mut self.down,
         }
     }
+
+    fn linears(&self, kinds: &[Which]) -> Vec<&BlockLinear> {
+        kinds.iter().map(|&which| self.linear(which)).collect()
+    }
 }
 
 /// Keys and values of every layer for the positions seen so far.
@@ -175,59 +179,164 @@ pub struct Llama {
     inv_freq: Tensor,
 }
 
-/// One block's seven effective weights under a form, built before its products (so that a
+/// One block's effective weights under a form, built before its products (so that a
 /// profile can tell the binarised-weight transform from the matrix products).
 struct BlockWeights {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    /// Q, K, V.
+    qkv: SiblingProducts,
     o: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    /// Gate, Up.
+    gate_up: SiblingProducts,
     down: Tensor,
 }
 
-impl BlockWeights {
-    fn from_fn(mut weight: impl FnMut(Which) -> Tensor) -> Self {
-        BlockWeights {
-            q: weight(Which::Q),
-            k: weight(Which::K),
-            v: weight(Which::V),
-            o: weight(Which::O),
-            gate: weight(Which::Gate),
-            up: weight(Which::Up),
-            down: weight(Which::Down),
+/// Rows (batch x positions) from which a forward pass multiplies by the concatenated
+/// weights of sibling projections ([`SiblingProducts::Fused`]). Concatenating copies the
+/// weights once per forward pass, which a product over many rows repays (training,
+/// prefill) and one over a few rows does not (a decoding step reads each weight once).
+pub const FUSED_PRODUCTS_MIN_ROWS: i64 = 256;
+
+/// The projections that read the same input (Q, K, V; Gate, Up) of one block.
+enum SiblingProducts {
+    /// One product by the effective weights concatenated along the output dimension, split
+    /// afterwards into `widths`. On a 576-wide model each product is small: one
+    /// `[q + 2 kv, hidden]` and one `[2 intermediate, hidden]` matmul launch fewer kernels
+    /// and read the activations once instead of three and two times. The effective weights
+    /// already include every scale of every form, so this is the same arithmetic.
+    Fused {
+        weight: Tensor,
+        bias: Option<Tensor>,
+        widths: Vec<i64>,
+    },
+    /// One product per projection: `(weight, bias)`.
+    Separate(Vec<(Tensor, Option<Tensor>)>),
+}
+
+impl SiblingProducts {
+    /// Each projection's output `[.., out]`, in the order the projections were given.
+    fn apply(&self, x: &Tensor) -> Vec<Tensor> {
+        match self {
+            SiblingProducts::Fused {
+                weight,
+                bias,
+                widths,
+            } => x
+                .linear(weight, bias.as_ref())
+                .split_with_sizes(widths.as_slice(), -1),
+            SiblingProducts::Separate(products) => products
+                .iter()
+                .map(|(weight, bias)| x.linear(weight, bias.as_ref()))
+                .collect(),
         }
     }
+}
 
-    /// Every block's weights under `form`. The binary forms are built for one projection of
-    /// all layers at once ([`BlockLinear::stacked`]): the same values from 7 chains of tensor
-    /// ops instead of one per linear (210 for SmolLM2), since each op costs the host about
-    /// as much as the device's work on one weight matrix.
-    fn all(layers: &[Block], form: WeightForm) -> Vec<Self> {
-        let stacked = |which: Which| -> Option<(Which, Vec<Tensor>)> {
-            let linears: Vec<&BlockLinear> = layers.iter().map(|b| b.linear(which)).collect();
-            let weights = BlockLinear::stacked(&linears)?.effective_weight(form);
-            Some((which, weights.unbind(0)))
-        };
-        let per_kind: Option<Vec<(Which, Vec<Tensor>)>> = (BlockLinear::stacks(form)
-            && layers.len() > 1)
-            .then(|| Which::ALL.into_iter().map(stacked).collect())
-            .flatten();
-        match per_kind {
-            Some(per_kind) => (0..layers.len())
-                .map(|layer| {
-                    BlockWeights::from_fn(|which| {
-                        let (_, weights) = per_kind.iter().find(|(w, _)| *w == which).unwrap();
-                        weights[layer].shallow_clone()
+/// The projections of a [`SiblingProducts`], in their output order.
+const QKV: [Which; 3] = [Which::Q, Which::K, Which::V];
+const GATE_UP: [Which; 2] = [Which::Gate, Which::Up];
+
+/// `tensors` concatenated along `dim` (the tensor itself when there is one: no copy).
+fn concat(tensors: &[Tensor], dim: i64) -> Tensor {
+    match tensors {
+        [one] => one.shallow_clone(),
+        many => Tensor::cat(many, dim),
+    }
+}
+
+/// The biases of `linears` concatenated like their weights, zeros standing in for a linear
+/// without one; None when none has a bias.
+fn concat_bias(linears: &[&BlockLinear]) -> Option<Tensor> {
+    let some = &linears.iter().find_map(|l| l.bias.as_ref())?.tensor;
+    let parts: Vec<Tensor> = linears
+        .iter()
+        .map(|l| match &l.bias {
+            Some(bias) => bias.tensor.shallow_clone(),
+            None => Tensor::zeros([l.out_features()], (some.kind(), some.device())),
+        })
+        .collect();
+    Some(concat(&parts, 0))
+}
+
+impl BlockWeights {
+    /// Every block's weights under `form`, sibling projections concatenated when `fuse`.
+    ///
+    /// The binary forms are built for one projection of all layers at once
+    /// ([`BlockLinear::stacked`]): the same values from 7 chains of tensor ops instead of
+    /// one per linear (210 for SmolLM2), since each op costs the host about as much as the
+    /// device's work on one weight matrix. Fused siblings concatenate their stacked
+    /// `[layers, out, in]` weights before splitting them into layers: two more ops, not
+    /// two per layer.
+    fn all(layers: &[Block], form: WeightForm, fuse: bool) -> Vec<Self> {
+        let stacks = BlockLinear::stacks(form) && layers.len() > 1;
+        // Per layer, the effective weights of `kinds` concatenated along the output
+        // dimension.
+        let concatenated = |kinds: &[Which]| -> Vec<Tensor> {
+            let stacked = |which: Which| {
+                let linears: Vec<&BlockLinear> = layers.iter().map(|b| b.linear(which)).collect();
+                Some(BlockLinear::stacked(&linears)?.effective_weight(form))
+            };
+            let all_stacked: Option<Vec<Tensor>> = stacks
+                .then(|| kinds.iter().map(|&which| stacked(which)).collect())
+                .flatten();
+            match all_stacked {
+                Some(weights) => concat(&weights, 1).unbind(0),
+                None => layers
+                    .iter()
+                    .map(|b| {
+                        let weights: Vec<Tensor> = kinds
+                            .iter()
+                            .map(|&which| b.linear(which).effective_weight(form))
+                            .collect();
+                        concat(&weights, 0)
                     })
-                })
-                .collect(),
-            None => layers
+                    .collect(),
+            }
+        };
+        let siblings = |kinds: &[Which]| -> Vec<SiblingProducts> {
+            if fuse {
+                return concatenated(kinds)
+                    .into_iter()
+                    .zip(layers)
+                    .map(|(weight, block)| {
+                        let linears = block.linears(kinds);
+                        SiblingProducts::Fused {
+                            weight,
+                            bias: concat_bias(&linears),
+                            widths: linears.iter().map(|l| l.out_features()).collect(),
+                        }
+                    })
+                    .collect();
+            }
+            let per_kind: Vec<Vec<Tensor>> = kinds.iter().map(|&w| concatenated(&[w])).collect();
+            layers
                 .iter()
-                .map(|b| BlockWeights::from_fn(|which| b.linear(which).effective_weight(form)))
-                .collect(),
-        }
+                .enumerate()
+                .map(|(layer, block)| {
+                    let products = block
+                        .linears(kinds)
+                        .iter()
+                        .zip(&per_kind)
+                        .map(|(linear, weights)| {
+                            let bias = linear.bias.as_ref().map(|b| b.tensor.shallow_clone());
+                            (weights[layer].shallow_clone(), bias)
+                        })
+                        .collect();
+                    SiblingProducts::Separate(products)
+                })
+                .collect()
+        };
+        let single = |which: Which| concatenated(&[which]).into_iter();
+        let (mut o, mut down) = (single(Which::O), single(Which::Down));
+        siblings(&QKV)
+            .into_iter()
+            .zip(siblings(&GATE_UP))
+            .map(|(qkv, gate_up)| BlockWeights {
+                qkv,
+                o: o.next().expect("one weight per layer"),
+                gate_up,
+                down: down.next().expect("one weight per layer"),
+            })
+            .collect()
     }
 }
 
@@ -387,16 +496,10 @@ impl Llama {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (heads, kv_heads, head_dim) =
             (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
-        let mut q = block.q.apply(x, &weights.q).view([b, t, heads, head_dim]);
-        let mut k = block
-            .k
-            .apply(x, &weights.k)
-            .view([b, t, kv_heads, head_dim]);
-        let v = block
-            .v
-            .apply(x, &weights.v)
-            .view([b, t, kv_heads, head_dim])
-            .transpose(1, 2);
+        let [q, k, v]: [Tensor; 3] = weights.qkv.apply(x).try_into().expect("Q, K and V");
+        let mut q = q.view([b, t, heads, head_dim]);
+        let mut k = k.view([b, t, kv_heads, head_dim]);
+        let v = v.view([b, t, kv_heads, head_dim]).transpose(1, 2);
         if let (Some(qn), Some(kn)) = (&block.q_norm, &block.k_norm) {
             q = rms_norm(&q, &qn.tensor, c.rms_norm_eps);
             k = rms_norm(&k, &kn.tensor, c.rms_norm_eps);
@@ -427,9 +530,8 @@ impl Llama {
     }
 
     fn mlp(&self, block: &Block, weights: &BlockWeights, x: &Tensor) -> Tensor {
-        let gate = block.gate.apply(x, &weights.gate).silu();
-        let up = block.up.apply(x, &weights.up);
-        block.down.apply(&(gate * up), &weights.down)
+        let [gate, up]: [Tensor; 2] = weights.gate_up.apply(x).try_into().expect("Gate and Up");
+        block.down.apply(&(gate.silu() * up), &weights.down)
     }
 
     /// Ends a profiled section (nothing unless `--profile` set a timer).
@@ -486,7 +588,9 @@ impl Llama {
         let rope = self.rope_tables(start, t, h.kind());
         let eps = self.config.rms_norm_eps;
         self.mark("embedding");
-        let all_weights = BlockWeights::all(&self.layers, self.form);
+        let rows = tokens.size()[0] * t;
+        let all_weights =
+            BlockWeights::all(&self.layers, self.form, rows >= FUSED_PRODUCTS_MIN_ROWS);
         self.mark("binarised weights");
         for (i, (block, weights)) in self.layers.iter().zip(&all_weights).enumerate() {
             let slot = cache.as_deref_mut().map(|c| (c, i, start));
