@@ -52,6 +52,10 @@ impl Block {
             Which::Down => &mut self.down,
         }
     }
+
+    fn linears(&self, kinds: &[Which]) -> Vec<&BlockLinear> {
+        kinds.iter().map(|&which| self.linear(which)).collect()
+    }
 }
 
 /// Keys and values of every layer for the positions seen so far.
@@ -175,80 +179,212 @@ pub struct Llama {
     inv_freq: Tensor,
 }
 
-/// One block's seven effective weights under a form, built before its products (so that a
+/// One block's effective weights under a form, built before its products (so that a
 /// profile can tell the binarised-weight transform from the matrix products).
 struct BlockWeights {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    /// Q, K, V.
+    qkv: SiblingProducts,
     o: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    /// Gate, Up.
+    gate_up: SiblingProducts,
     down: Tensor,
 }
 
-impl BlockWeights {
-    fn from_fn(mut weight: impl FnMut(Which) -> Tensor) -> Self {
-        BlockWeights {
-            q: weight(Which::Q),
-            k: weight(Which::K),
-            v: weight(Which::V),
-            o: weight(Which::O),
-            gate: weight(Which::Gate),
-            up: weight(Which::Up),
-            down: weight(Which::Down),
-        }
-    }
+/// Rows (batch x positions) from which a forward pass multiplies by the concatenated
+/// weights of sibling projections ([`SiblingProducts::Fused`]). Concatenating copies the
+/// weights once per forward pass, which a product over many rows repays (training,
+/// prefill) and one over a few rows does not (a decoding step reads each weight once).
+pub const FUSED_PRODUCTS_MIN_ROWS: i64 = 256;
 
-    /// Every block's weights under `form`. The binary forms are built for one projection of
-    /// all layers at once ([`BlockLinear::stacked`]): the same values from 7 chains of tensor
-    /// ops instead of one per linear (210 for SmolLM2), since each op costs the host about
-    /// as much as the device's work on one weight matrix.
-    fn all(layers: &[Block], form: WeightForm) -> Vec<Self> {
-        let stacked = |which: Which| -> Option<(Which, Vec<Tensor>)> {
-            let linears: Vec<&BlockLinear> = layers.iter().map(|b| b.linear(which)).collect();
-            let weights = BlockLinear::stacked(&linears)?.effective_weight(form);
-            Some((which, weights.unbind(0)))
-        };
-        let per_kind: Option<Vec<(Which, Vec<Tensor>)>> = (BlockLinear::stacks(form)
-            && layers.len() > 1)
-            .then(|| Which::ALL.into_iter().map(stacked).collect())
-            .flatten();
-        match per_kind {
-            Some(per_kind) => (0..layers.len())
-                .map(|layer| {
-                    BlockWeights::from_fn(|which| {
-                        let (_, weights) = per_kind.iter().find(|(w, _)| *w == which).unwrap();
-                        weights[layer].shallow_clone()
-                    })
-                })
-                .collect(),
-            None => layers
+/// The projections that read the same input (Q, K, V; Gate, Up) of one block.
+enum SiblingProducts {
+    /// One product by the effective weights concatenated along the output dimension, split
+    /// afterwards into `widths`. On a 576-wide model each product is small: one
+    /// `[q + 2 kv, hidden]` and one `[2 intermediate, hidden]` matmul launch fewer kernels
+    /// and read the activations once instead of three and two times. The effective weights
+    /// already include every scale of every form, so this is the same arithmetic.
+    Fused {
+        weight: Tensor,
+        bias: Option<Tensor>,
+        widths: Vec<i64>,
+    },
+    /// One product per projection: `(weight, bias)`.
+    Separate(Vec<(Tensor, Option<Tensor>)>),
+}
+
+impl SiblingProducts {
+    /// Each projection's output `[.., out]`, in the order the projections were given.
+    fn apply(&self, x: &Tensor) -> Vec<Tensor> {
+        match self {
+            SiblingProducts::Fused {
+                weight,
+                bias,
+                widths,
+            } => x
+                .linear(weight, bias.as_ref())
+                .split_with_sizes(widths.as_slice(), -1),
+            SiblingProducts::Separate(products) => products
                 .iter()
-                .map(|b| BlockWeights::from_fn(|which| b.linear(which).effective_weight(form)))
+                .map(|(weight, bias)| x.linear(weight, bias.as_ref()))
                 .collect(),
         }
     }
 }
 
-/// `x / sqrt(mean(x^2) + eps) * weight`, computed in f32 as transformers does.
+/// The projections of a [`SiblingProducts`], in their output order.
+const QKV: [Which; 3] = [Which::Q, Which::K, Which::V];
+const GATE_UP: [Which; 2] = [Which::Gate, Which::Up];
+
+/// `tensors` concatenated along `dim` (the tensor itself when there is one: no copy).
+fn concat(tensors: &[Tensor], dim: i64) -> Tensor {
+    match tensors {
+        [one] => one.shallow_clone(),
+        many => Tensor::cat(many, dim),
+    }
+}
+
+/// The biases of `linears` concatenated like their weights, zeros standing in for a linear
+/// without one; None when none has a bias.
+fn concat_bias(linears: &[&BlockLinear]) -> Option<Tensor> {
+    let some = &linears.iter().find_map(|l| l.bias.as_ref())?.tensor;
+    let parts: Vec<Tensor> = linears
+        .iter()
+        .map(|l| match &l.bias {
+            Some(bias) => bias.tensor.shallow_clone(),
+            None => Tensor::zeros([l.out_features()], (some.kind(), some.device())),
+        })
+        .collect();
+    Some(concat(&parts, 0))
+}
+
+impl BlockWeights {
+    /// Every block's weights under `form`, sibling projections concatenated when `fuse`.
+    ///
+    /// The binary forms are built for one projection of all layers at once
+    /// ([`BlockLinear::stacked`]): the same values from 7 chains of tensor ops instead of
+    /// one per linear (210 for SmolLM2), since each op costs the host about as much as the
+    /// device's work on one weight matrix. Fused siblings concatenate their stacked
+    /// `[layers, out, in]` weights before splitting them into layers: two more ops, not
+    /// two per layer.
+    fn all(layers: &[Block], form: WeightForm, fuse: bool) -> Vec<Self> {
+        let stacks = BlockLinear::stacks(form) && layers.len() > 1;
+        // Per layer, the effective weights of `kinds` concatenated along the output
+        // dimension.
+        let concatenated = |kinds: &[Which]| -> Vec<Tensor> {
+            let stacked = |which: Which| {
+                let linears: Vec<&BlockLinear> = layers.iter().map(|b| b.linear(which)).collect();
+                Some(BlockLinear::stacked(&linears)?.effective_weight(form))
+            };
+            let all_stacked: Option<Vec<Tensor>> = stacks
+                .then(|| kinds.iter().map(|&which| stacked(which)).collect())
+                .flatten();
+            match all_stacked {
+                Some(weights) => concat(&weights, 1).unbind(0),
+                None => layers
+                    .iter()
+                    .map(|b| {
+                        let weights: Vec<Tensor> = kinds
+                            .iter()
+                            .map(|&which| b.linear(which).effective_weight(form))
+                            .collect();
+                        concat(&weights, 0)
+                    })
+                    .collect(),
+            }
+        };
+        let siblings = |kinds: &[Which]| -> Vec<SiblingProducts> {
+            if fuse {
+                return concatenated(kinds)
+                    .into_iter()
+                    .zip(layers)
+                    .map(|(weight, block)| {
+                        let linears = block.linears(kinds);
+                        SiblingProducts::Fused {
+                            weight,
+                            bias: concat_bias(&linears),
+                            widths: linears.iter().map(|l| l.out_features()).collect(),
+                        }
+                    })
+                    .collect();
+            }
+            let per_kind: Vec<Vec<Tensor>> = kinds.iter().map(|&w| concatenated(&[w])).collect();
+            layers
+                .iter()
+                .enumerate()
+                .map(|(layer, block)| {
+                    let products = block
+                        .linears(kinds)
+                        .iter()
+                        .zip(&per_kind)
+                        .map(|(linear, weights)| {
+                            let bias = linear.bias.as_ref().map(|b| b.tensor.shallow_clone());
+                            (weights[layer].shallow_clone(), bias)
+                        })
+                        .collect();
+                    SiblingProducts::Separate(products)
+                })
+                .collect()
+        };
+        let single = |which: Which| concatenated(&[which]).into_iter();
+        let (mut o, mut down) = (single(Which::O), single(Which::Down));
+        siblings(&QKV)
+            .into_iter()
+            .zip(siblings(&GATE_UP))
+            .map(|(qkv, gate_up)| BlockWeights {
+                qkv,
+                o: o.next().expect("one weight per layer"),
+                gate_up,
+                down: down.next().expect("one weight per layer"),
+            })
+            .collect()
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * weight`, normalised in f32 (f64 for f64 input) and cast
+/// back to x's type before the weight multiplies it, as transformers does.
+///
+/// libtorch's `rms_norm` does this in one kernel on CUDA, forward and backward, instead of
+/// six elementwise passes. It multiplies by the weight before casting back, and it falls
+/// back to a composition (with a warning) when the weight's type differs from x's, so it
+/// runs only where it computes the same thing: x and the weight both f32 or both f64 (the
+/// training residual stream), the weight one value per element of the last dimension.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let last = x.size()[x.dim() - 1];
+    let same_numerics = matches!(x.kind(), Kind::Float | Kind::Double)
+        && weight.kind() == x.kind()
+        && weight.size() == [last];
+    if same_numerics {
+        x.rms_norm([last], Some(weight), eps)
+    } else {
+        rms_norm_composed(x, weight, eps)
+    }
+}
+
+/// [`rms_norm`] as separate tensor ops, for the types and weight shapes the fused kernel
+/// does not compute alike (bf16 input, a weight broadcast over heads).
+fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     let kind = x.kind();
-    let x32 = x.to_kind(Kind::Float);
-    let variance = x32
+    let compute = if kind == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
+    let upcast = x.to_kind(compute);
+    let variance = upcast
         .pow_tensor_scalar(2)
-        .mean_dim(&[-1i64][..], true, Kind::Float);
-    let normed = x32 * (variance + eps).rsqrt();
+        .mean_dim(&[-1i64][..], true, compute);
+    let normed = upcast * (variance + eps).rsqrt();
     weight * normed.to_kind(kind)
 }
 
-/// Rotary embedding in the rotate-half layout: pairs (i, i + head_dim/2).
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let rotated = Tensor::cat(&[-x2, x1], 3);
-    x * cos + rotated * sin
+/// Rotary embedding in the rotate-half layout, pairs (i, i + head_dim/2), over the last
+/// dimension: `x * cos + [-x2, x1] * sin`. `sin_signed` is the sin table with its first
+/// half negated, so the rotation is a swap of halves, `[x2, x1] * sin_signed`: the same
+/// products (negation is exact) without a pass that negates x2.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let swapped = Tensor::cat(&[x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1);
+    x * cos + swapped * sin_signed
 }
 
 pub fn host_to_tensor(t: &HostTensor, device: Device, kind: Kind) -> Tensor {
@@ -335,13 +471,16 @@ impl Llama {
         self.embed.tensor.kind()
     }
 
-    /// cos and sin tables `[1, 1, len, head_dim]` for positions `start..start+len`,
-    /// computed in f32 like transformers' rotary embedding.
+    /// cos and signed sin tables (see [`apply_rope`]) `[1, 1, len, head_dim]` for positions
+    /// `start..start+len`, computed in f32 like transformers' rotary embedding and cast to
+    /// `kind` once per forward pass.
     fn rope_tables(&self, start: i64, len: i64, kind: Kind) -> (Tensor, Tensor) {
         let positions = Tensor::arange_start(start, start + len, (Kind::Float, self.device()));
         let freqs = positions.unsqueeze(1) * self.inv_freq.unsqueeze(0);
-        let angles = Tensor::cat(&[&freqs, &freqs], 1).view([1, 1, len, -1]);
-        (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+        let (cos, sin) = (freqs.cos(), freqs.sin());
+        let table =
+            |halves: [Tensor; 2]| Tensor::cat(&halves, 1).view([1, 1, len, -1]).to_kind(kind);
+        (table([cos.shallow_clone(), cos]), table([-&sin, sin]))
     }
 
     fn attention(
@@ -357,16 +496,10 @@ impl Llama {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (heads, kv_heads, head_dim) =
             (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
-        let mut q = block.q.apply(x, &weights.q).view([b, t, heads, head_dim]);
-        let mut k = block
-            .k
-            .apply(x, &weights.k)
-            .view([b, t, kv_heads, head_dim]);
-        let v = block
-            .v
-            .apply(x, &weights.v)
-            .view([b, t, kv_heads, head_dim])
-            .transpose(1, 2);
+        let [q, k, v]: [Tensor; 3] = weights.qkv.apply(x).try_into().expect("Q, K and V");
+        let mut q = q.view([b, t, heads, head_dim]);
+        let mut k = k.view([b, t, kv_heads, head_dim]);
+        let v = v.view([b, t, kv_heads, head_dim]).transpose(1, 2);
         if let (Some(qn), Some(kn)) = (&block.q_norm, &block.k_norm) {
             q = rms_norm(&q, &qn.tensor, c.rms_norm_eps);
             k = rms_norm(&k, &kn.tensor, c.rms_norm_eps);
@@ -397,9 +530,8 @@ impl Llama {
     }
 
     fn mlp(&self, block: &Block, weights: &BlockWeights, x: &Tensor) -> Tensor {
-        let gate = block.gate.apply(x, &weights.gate).silu();
-        let up = block.up.apply(x, &weights.up);
-        block.down.apply(&(gate * up), &weights.down)
+        let [gate, up]: [Tensor; 2] = weights.gate_up.apply(x).try_into().expect("Gate and Up");
+        block.down.apply(&(gate.silu() * up), &weights.down)
     }
 
     /// Ends a profiled section (nothing unless `--profile` set a timer).
@@ -456,7 +588,9 @@ impl Llama {
         let rope = self.rope_tables(start, t, h.kind());
         let eps = self.config.rms_norm_eps;
         self.mark("embedding");
-        let all_weights = BlockWeights::all(&self.layers, self.form);
+        let rows = tokens.size()[0] * t;
+        let all_weights =
+            BlockWeights::all(&self.layers, self.form, rows >= FUSED_PRODUCTS_MIN_ROWS);
         self.mark("binarised weights");
         for (i, (block, weights)) in self.layers.iter().zip(&all_weights).enumerate() {
             let slot = cache.as_deref_mut().map(|c| (c, i, start));
@@ -556,5 +690,90 @@ impl Llama {
     /// Moves every parameter to `kind` (e.g. bf16 for inference), without gradients.
     pub fn to_kind(&mut self, kind: Kind) {
         self.map_params(|t| t.detach().to_kind(kind));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.size(), b.size());
+        assert_eq!(a.kind(), b.kind());
+        (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+            .abs()
+            .max()
+            .double_value(&[])
+    }
+
+    #[test]
+    fn model_rms_norm_through_libtorch_matches_the_composition() {
+        tch::manual_seed(1);
+        let x = Tensor::randn([3, 5, 64], (Kind::Double, Device::Cpu)) * 3.0;
+        let weight = Tensor::rand([64], (Kind::Double, Device::Cpu)) + 0.5;
+        let eps = 1e-5;
+
+        // f64: values and both gradients.
+        let grads = |norm: fn(&Tensor, &Tensor, f64) -> Tensor| {
+            let (x, w) = (
+                x.copy().requires_grad_(true),
+                weight.copy().requires_grad_(true),
+            );
+            let y = norm(&x, &w, eps);
+            (&y * &y.sin()).sum(Kind::Double).backward();
+            (y.detach(), x.grad(), w.grad())
+        };
+        let (fused, composed) = (grads(rms_norm), grads(rms_norm_composed));
+        for (what, a, b) in [
+            ("values", &fused.0, &composed.0),
+            ("input gradient", &fused.1, &composed.1),
+            ("weight gradient", &fused.2, &composed.2),
+        ] {
+            let diff = max_abs_diff(a, b);
+            assert!(diff <= 1e-13, "f64 {what} differ by {diff:e}");
+        }
+
+        // f32, as the training residual stream: f32 rounding apart at most.
+        let (x32, w32) = (x.to_kind(Kind::Float), weight.to_kind(Kind::Float));
+        let diff = max_abs_diff(
+            &rms_norm(&x32, &w32, eps),
+            &rms_norm_composed(&x32, &w32, eps),
+        );
+        assert!(diff <= 1e-5, "f32 values differ by {diff:e}");
+        // ... and both within f32 rounding of the f64 result.
+        let diff = max_abs_diff(&rms_norm(&x32, &w32, eps).to_kind(Kind::Double), &fused.0);
+        assert!(diff <= 1e-5, "f32 against f64 differ by {diff:e}");
+
+        // bf16 activations with f32 weights stay with the composition (libtorch's kernel
+        // would return bf16): normalised in f32, rounded to bf16 (relative error at most
+        // 2^-8), multiplied by the f32 weight into an f32 result.
+        let x16 = x.to_kind(Kind::BFloat16);
+        let y = rms_norm(&x16, &w32, eps);
+        assert_eq!(y.kind(), Kind::Float);
+        assert!(y.equal(&rms_norm_composed(&x16, &w32, eps)));
+        let exact = rms_norm_composed(&x16.to_kind(Kind::Double), &weight, eps);
+        let relative = ((y.to_kind(Kind::Double) - &exact).abs() / exact.abs())
+            .max()
+            .double_value(&[]);
+        assert!(
+            relative <= 1.0 / 256.0 + 1e-6,
+            "bf16 relative error {relative:e}"
+        );
+    }
+
+    #[test]
+    fn model_rope_with_a_sign_folded_sin_is_bit_identical_to_rotate_half() {
+        tch::manual_seed(2);
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Double] {
+            let x = Tensor::randn([2, 3, 7, 16], (Kind::Float, Device::Cpu)).to_kind(kind);
+            let angles = Tensor::rand([1, 1, 7, 8], (Kind::Float, Device::Cpu)) * 20.0;
+            let angles = Tensor::cat(&[&angles, &angles], 3);
+            let (cos, sin) = (angles.cos().to_kind(kind), angles.sin().to_kind(kind));
+            let sin_signed = Tensor::cat(&[-sin.narrow(3, 0, 8), sin.narrow(3, 8, 8)], 3);
+            let rotated = Tensor::cat(&[-x.narrow(3, 8, 8), x.narrow(3, 0, 8)], 3);
+            let expected = &x * &cos + rotated * &sin;
+            let got = apply_rope(&x, &cos, &sin_signed);
+            assert!(got.equal(&expected), "{kind:?}: not bit-identical");
+        }
     }
 }
